@@ -1,0 +1,95 @@
+"""Memory estimate for a run config without loading any weights.
+
+The model is built on the meta device from its config alone, so parameters are counted exactly
+(for any architecture transformers knows) and the trainable count follows the method: LoRA's
+``rank * (in + out)`` per adapted linear layer, the chosen blocks for ``freeze``, the prefixes for
+P-tuning. The trainer service uses this to refuse a job that cannot fit before launching it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lorafleet.config import RunConfig
+from lorafleet.errors import ModelLoadError
+from lorafleet.families import detect_family, get_family
+from lorafleet.memory import MemoryEstimate, estimate_training_memory
+from lorafleet.methods import quantization_for
+
+
+def meta_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """The model of ``config.model`` with every tensor on the meta device (no memory, no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = config.model
+    try:
+        hf_config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
+                                               trust_remote_code=m.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # transformers raises OSError / ValueError / KeyError for bad configs
+        raise ModelLoadError(f"model.name_or_path={m.name_or_path!r}: cannot read its config: {e}") from e
+    return model, hf_config
+
+
+def trainable_parameter_count(model: torch.nn.Module, config: RunConfig) -> int:
+    """Parameters the method trains, counted on a (meta) model before any wrapping."""
+    from lorafleet.models import find_layer_prefixes, resolve_lora_targets
+
+    method = config.method
+    if method == "full":
+        return sum(p.numel() for p in model.parameters())
+    if method == "freeze":
+        fz = config.freeze
+        patterns = list(fz.trainable_modules) or find_layer_prefixes(model)[-fz.trainable_layers :]
+        return sum(p.numel() for n, p in model.named_parameters() if any(pat in n for pat in patterns))
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if method == "ptuning":
+        pt = config.ptuning
+        if pt.mode == "prefix":
+            base = pt.num_virtual_tokens * layers * 2 * hidden
+            if pt.prefix_projection:
+                base = pt.num_virtual_tokens * hidden + hidden * pt.encoder_hidden_size * 2 \
+                    + pt.encoder_hidden_size * layers * 2 * hidden
+            return base
+        return pt.num_virtual_tokens * hidden + 2 * hidden * pt.encoder_hidden_size
+    family = detect_family(model.config, config.model.name_or_path) if config.model.family == "auto" \
+        else get_family(config.model.family)
+    targets = set(resolve_lora_targets(model, family, config.lora.target_modules))
+    count = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            count += config.lora.rank * (int(module.in_features) + int(module.out_features))
+    return count
+
+
+def estimate_for_config(config: RunConfig, seq_len: int | None = None, world_size: int | None = None) -> MemoryEstimate:
+    """Estimate per-device and host memory of the run ``config`` describes."""
+    model, hf = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = trainable_parameter_count(model, config)
+    d, t = config.distributed, config.train
+    return estimate_training_memory(
+        total_params=total,
+        trainable_params=trainable,
+        num_layers=int(getattr(hf, "num_hidden_layers", 1) or 1),
+        hidden_size=int(getattr(hf, "hidden_size", 1) or 1),
+        vocab_size=int(getattr(hf, "vocab_size", 1) or 1),
+        method=config.method,
+        dtype=config.model.dtype,
+        quantization=quantization_for(config),
+        batch_size=t.per_device_batch_size,
+        seq_len=seq_len or config.data.max_source_length + config.data.max_target_length,
+        gradient_checkpointing=t.gradient_checkpointing,
+        zero_stage=max(d.deepspeed_stage, 0),
+        world_size=world_size or d.nproc_per_node * d.nnodes,
+        offload_optimizer=d.offload_optimizer,
+        offload_param=d.offload_param,
+        intermediate_size=getattr(hf, "intermediate_size", None),
+        num_heads=getattr(hf, "num_attention_heads", None),
+    )

@@ -1,0 +1,1 @@
+"""Trainer service: the training recipe (``recipe``); the gRPC jobs API comes with the trainer-service issue."""

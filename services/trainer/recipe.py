@@ -1,0 +1,575 @@
+"""The lorafleet training recipe: fine-tune one base model with one method, then publish the result.
+
+Run as:
+    python -m services.trainer.recipe examples/lora.yaml [section.key=value ...]
+    torchrun --nproc_per_node 2 -m services.trainer.recipe examples/lora_zero2.yaml
+    lorafleet train examples/lora.yaml          # launches torchrun / deepspeed per `distributed.*`
+
+One process per device. Without DeepSpeed a multi-process run uses DDP; with
+``distributed.deepspeed_stage`` >= 0 the DeepSpeed engine owns the optimizer step (ZeRO 0/1/2/3,
+optional CPU offload). The loop is deliberately one explicit function: read it top to bottom.
+
+Outputs in ``output.run_dir``: ``config.yaml`` (resolved), ``trainer_log.jsonl`` (one record per
+logging step plus events), ``training_loss.png``, ``final_metrics.json``, ``checkpoints/``; the
+artifact is published atomically to ``<output.adapters_root>/<output.adapter_name>/<version>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lorafleet import __version__, adapters, checkpoint, data, templates
+from lorafleet.config import RunConfig, load_config
+from lorafleet.distributed import (
+    Topology,
+    all_reduce_sum,
+    barrier,
+    destroy_process_group,
+    device_for,
+    ensure_rendezvous_env,
+    gather_objects,
+    init_process_group,
+    topology_from_env,
+)
+from lorafleet.errors import LorafleetError
+from lorafleet.families import detect_family, get_family
+from lorafleet.memory import estimate_training_memory
+from lorafleet.methods import PreparedModel, prepare_model, quantization_for, save_artifact
+from lorafleet.models import base_model_fingerprint, count_parameters, load_model, load_tokenizer
+from lorafleet.runlog import RunRecorder, plot_loss, write_final_metrics
+from lorafleet.scoring import compute_generation_metrics
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    """What one run produced. ``model`` is the trained model as it is at the end of training."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    run_dir: Path
+    metrics: dict[str, Any]
+    published: adapters.PublishedAdapter | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Data:
+    train: list[Any]
+    validation: list[Any]
+    validation_samples: list[Any]
+    stats: dict[str, Any]
+    files: list[str]
+
+
+def run_id_for(config: RunConfig) -> str:
+    """A stable id of this run (run dir + everything that shapes the result), stored in the manifest.
+
+    A restarted run finds its own already-published artifact by this id and never publishes twice.
+    """
+    payload = json.dumps({"run_dir": str(Path(config.output.run_dir).resolve()), "config": config.to_dict()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _load_data(config: RunConfig, tokenizer: Any, template: Any, topo: Topology) -> _Data:
+    """Validate and tokenize the datasets; every rank does it (deterministic, cheap next to training)."""
+    d = config.data
+    train_samples = data.load_dataset(d.train_file, d)
+    files = [d.train_file]
+    if d.validation_file:
+        val_samples = data.load_dataset(d.validation_file, d)
+        files.append(d.validation_file)
+    elif d.validation_split > 0:
+        n_val = max(1, int(len(train_samples) * d.validation_split))
+        # Deterministic split: the same samples are held out on every rank and every restart.
+        order = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(config.train.seed))
+        held = set(order[:n_val].tolist())
+        val_samples = [s for i, s in enumerate(train_samples) if i in held]
+        train_samples = [s for i, s in enumerate(train_samples) if i not in held]
+    else:
+        val_samples = []
+    if d.max_samples is not None:
+        train_samples = train_samples[: d.max_samples]
+    train_examples, train_stats = data.tokenize_samples(train_samples, tokenizer, template, d)
+    val_examples, _ = data.tokenize_samples(val_samples, tokenizer, template, replace(d, packing=False))
+    if not train_examples:
+        raise LorafleetError(f"data.train_file={d.train_file!r}: no sample left to train on after tokenization")
+    if d.packing:
+        train_examples = data.pack_examples(train_examples, d.packing_length)
+    stats = {
+        "train_samples": len(train_samples),
+        "validation_samples": len(val_samples),
+        "train_rows": len(train_examples),
+        **train_stats.to_dict(),
+    }
+    return _Data(train_examples, val_examples, val_samples, stats, files)
+
+
+def _epoch_batches(lengths: list[int], config: RunConfig, epoch: int, topo: Topology) -> list[list[int]]:
+    """This rank's micro-batches for ``epoch``: a function of (seed, epoch) only, so resume replays it."""
+    t = config.train
+    if t.group_by_length:
+        batches = data.length_grouped_batches(lengths, t.per_device_batch_size, t.seed, epoch)
+    else:
+        batches = data.shuffled_batches(len(lengths), t.per_device_batch_size, t.seed, epoch)
+    # Equal count per rank (ZeRO and DDP need every rank to step together); rank r takes every
+    # world_size-th batch so one process with accumulation k sees the same global batches as k ranks.
+    usable = len(batches) - len(batches) % topo.world_size
+    return batches[topo.rank : usable : topo.world_size]
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, kind: str):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def _optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and norms (torch's; DeepSpeed's fused Adam would JIT on CPU)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a micro-batch."""
+    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
+        return int(batch["attention_mask"].sum())
+    return int((batch["input_ids"] != -1).sum())
+
+
+@torch.no_grad()
+def _evaluate_loss(model: torch.nn.Module, examples: list[Any], config: RunConfig, pad_id: int,
+                   topo: Topology, device: torch.device) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the validation examples, across ranks."""
+    if not examples:
+        return {}
+    bs = config.train.per_device_batch_size
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    mine = batches[topo.rank :: topo.world_size]
+    # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
+    n_rounds = math.ceil(len(batches) / topo.world_size)
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0.0
+    for i in range(n_rounds):
+        idx = mine[i] if i < len(mine) else batches[0]
+        batch = _to_device(data.collate([examples[j] for j in idx], pad_id), device)
+        out = model(**batch)
+        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if i < len(mine):
+            total_loss += float(out.loss) * n
+            total_tokens += n
+    if was_training:
+        model.train()
+    loss_sum, tok_sum = all_reduce_sum([total_loss, total_tokens], device)
+    eval_loss = loss_sum / max(tok_sum, 1.0)
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+@torch.no_grad()
+def _generate_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, samples: list[Any],
+                          config: RunConfig, topo: Topology, device: torch.device) -> tuple[list[str], list[str]]:
+    """Greedy answers to the last turn of each validation sample; all ranks generate, rank 0 gets all."""
+    samples = samples[: config.train.max_eval_samples]
+    if not samples:
+        return [], []
+    prompts = [templates.encode_prompt(template, tokenizer, s.turns[:-1], s.turns[-1][0], s.system or
+                                       config.data.system)[-config.data.max_source_length :] for s in samples]
+    refs = [s.turns[-1][1] for s in samples]
+    bs = max(1, config.train.per_device_batch_size)
+    batches = [list(range(i, min(i + bs, len(samples)))) for i in range(0, len(samples), bs)]
+    mine = batches[topo.rank :: topo.world_size]
+    n_rounds = math.ceil(len(batches) / topo.world_size)
+    zero3 = config.distributed.deepspeed_stage == 3 and topo.distributed
+    stop_ids = templates.stop_token_ids(template, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    model.eval()
+    results: list[tuple[int, str]] = []
+    for r in range(n_rounds):
+        idx = mine[r] if r < len(mine) else batches[0]
+        seqs = [prompts[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.train.max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
+        if r < len(mine):
+            for row, i in enumerate(idx):
+                text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                results.append((i, templates.strip_stop_strings(template, tokenizer, text).strip()))
+    everything = sorted(x for part in gather_objects(results) for x in part)
+    return [t for _, t in everything], refs
+
+
+def _gathered_state_dict(engine: Any, model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor] | None:
+    """Under ZeRO-3 parameters are partitioned: gather a full state dict on rank 0 (None elsewhere)."""
+    if engine is None or config.distributed.deepspeed_stage != 3:
+        return None
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.method in ("freeze", "full"):
+        return engine._zero3_consolidated_16bit_state_dict()
+    state: dict[str, torch.Tensor] = {}
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                state[name] = p.detach().cpu().clone()
+    return state
+
+
+def _weights_digest(model: torch.nn.Module, zero3: bool) -> str:
+    """sha256 of this rank's full trainable weights (gathered under ZeRO-3): equal on every rank when in sync."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ctx: Any = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    h = hashlib.sha256()
+    with ctx:
+        for name, p in params:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _find_published(config: RunConfig, run_id: str) -> adapters.PublishedAdapter | None:
+    if not config.output.adapter_name:
+        return None
+    for pub in adapters.list_adapters(config.output.adapters_root):
+        if pub.name == config.output.adapter_name and pub.manifest.run_id == run_id:
+            return pub
+    return None
+
+
+def _publish(config: RunConfig, prepared: PreparedModel, tokenizer: Any, template_name: str, family: str,
+             metrics: dict[str, Any], stats: dict[str, Any], files: list[str], run_id: str,
+             state_dict: dict[str, torch.Tensor] | None) -> adapters.PublishedAdapter:
+    o = config.output
+    staging = adapters.new_staging_dir(o.adapters_root, o.adapter_name)
+    save_artifact(prepared.model, tokenizer, staging, prepared.kind, state_dict=state_dict)
+    manifest = adapters.Manifest(
+        name=o.adapter_name,
+        version=0,
+        kind=prepared.kind,
+        method=config.method,
+        base_model=base_model_fingerprint(config.model.name_or_path, config.model.revision),
+        family=family,
+        template=template_name,
+        hyperparameters={
+            "method_options": prepared.details,
+            "lora": config.to_dict()["lora"] if prepared.kind == "lora" else None,
+            "ptuning": config.to_dict()["ptuning"] if prepared.kind == "ptuning" else None,
+            "freeze": config.to_dict()["freeze"] if config.method == "freeze" else None,
+            "train": config.to_dict()["train"],
+            "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
+            "data": {k: v for k, v in config.to_dict()["data"].items() if k not in ("train_file", "validation_file")},
+            "deepspeed_stage": config.distributed.deepspeed_stage,
+        },
+        dataset={**adapters.dataset_fingerprint(files), **stats},
+        metrics=metrics,
+        created_at=adapters.utc_now(),
+        lorafleet_version=__version__,
+        run_id=run_id,
+    )
+    version = None if o.version == "auto" else int(o.version)
+    return adapters.publish(staging, o.adapters_root, o.adapter_name, manifest, version=version)
+
+
+def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult:
+    """Train per ``config`` and publish; the whole run, on every rank of a distributed launch.
+
+    Raises:
+        LorafleetError: bad data, a model that cannot be loaded, an option the model cannot take.
+    """
+    if config.distributed.deepspeed_stage >= 0:
+        ensure_rendezvous_env()
+    topo = topology_from_env()
+    init_process_group(topo)
+    device = device_for(topo)
+    t = config.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    run_dir = Path(config.output.run_dir)
+    run_id = run_id_for(config)
+    if topo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+        checkpoint.remove_partial(run_dir)
+    barrier()
+    torch.manual_seed(t.seed)
+
+    # ---- model, template, data -------------------------------------------------------------
+    tokenizer = load_tokenizer(config.model)
+    model_cfg = replace(config.model, quantization=quantization_for(config))
+    model = load_model(model_cfg, for_training=True)
+    family = (detect_family(model.config, config.model.name_or_path) if config.model.family == "auto"
+              else get_family(config.model.family))
+    template_name = family.template if config.data.template == "auto" else config.data.template
+    template = templates.get_template(template_name, tokenizer)
+    ds = _load_data(config, tokenizer, template, topo)
+    prepared = prepare_model(model, config, family)
+    model = prepared.model
+    total_params, trainable_params = count_parameters(model)
+
+    # ---- steps, records, memory estimate ---------------------------------------------------
+    lengths = [len(e.input_ids) for e in ds.train]
+    micro_per_epoch = len(_epoch_batches(lengths, config, 0, topo))
+    if micro_per_epoch == 0:
+        raise LorafleetError(f"data.train_file={config.data.train_file!r}: {len(lengths)} rows are fewer than one "
+                             f"batch per process (train.per_device_batch_size={t.per_device_batch_size}, "
+                             f"{topo.world_size} processes)")
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_per_epoch / t.gradient_accumulation_steps))
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = checkpoint.last_checkpoint(run_dir)
+    elif t.resume != "never":
+        resume_from = Path(t.resume)
+    state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainerState(world_size=topo.world_size)
+    recorder = RunRecorder(run_dir, total_steps, is_main=topo.is_main, progress=progress,
+                           resume_step=state.global_step)
+    mcfg = model.config
+    estimate = estimate_training_memory(
+        total_params=total_params, trainable_params=trainable_params,
+        num_layers=getattr(mcfg, "num_hidden_layers", 1), hidden_size=getattr(mcfg, "hidden_size", 1),
+        vocab_size=getattr(mcfg, "vocab_size", 1), method=config.method, dtype=config.model.dtype,
+        quantization=quantization_for(config), batch_size=t.per_device_batch_size,
+        seq_len=max(lengths), gradient_checkpointing=t.gradient_checkpointing,
+        zero_stage=max(config.distributed.deepspeed_stage, 0), world_size=topo.world_size,
+        offload_optimizer=config.distributed.offload_optimizer, offload_param=config.distributed.offload_param,
+        intermediate_size=getattr(mcfg, "intermediate_size", None),
+        num_heads=getattr(mcfg, "num_attention_heads", None),
+    )  # fmt: skip
+    recorder.write_event("run_started", run_id=run_id, world_size=topo.world_size, method=config.method,
+                         template=template_name, family=family.name, total_params=total_params,
+                         trainable_params=trainable_params, total_steps=total_steps, data=ds.stats,
+                         memory_estimate=estimate.to_dict())
+
+    # ---- already published by an earlier attempt of this very run? -------------------------
+    if topo.is_main:
+        done = _find_published(config, run_id)
+        done_flag = [done.version if done else 0]
+    else:
+        done, done_flag = None, [0]
+    done_flag = gather_objects(done_flag[0])[:1]
+    if done_flag[0]:
+        recorder.write_event("already_published", version=done_flag[0])
+        recorder.close()
+        barrier()
+        destroy_process_group()
+        return TrainResult(model, tokenizer, run_dir, {}, done, {"already_published": True})
+
+    # ---- optimizer, scheduler, engine ------------------------------------------------------
+    if quantization_for(config) == "none":
+        model.to(device)  # quantized bases are placed by bitsandbytes at load time
+    optimizer = _optimizer(model, config)
+    warmup = int(total_steps * t.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, t.lr_scheduler))
+    engine: Any = None
+    forward_model: torch.nn.Module = model
+    if config.distributed.deepspeed_stage >= 0:
+        import deepspeed
+
+        from lorafleet.deepspeed_config import build_deepspeed_config
+
+        ds_config = build_deepspeed_config(config, topo.world_size, getattr(mcfg, "hidden_size", 1024))
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=scheduler, config=ds_config)
+        forward_model = engine
+        if topo.is_main:
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    elif topo.distributed:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model)
+
+    if resume_from is not None:
+        if engine is not None:
+            engine.load_checkpoint(str(resume_from / "deepspeed"), tag="state")
+        else:
+            checkpoint.load_plain(resume_from, model, optimizer, scheduler)
+        checkpoint.load_rng(resume_from, topo.rank)
+        recorder.write_event("resumed", step=state.global_step, checkpoint=str(resume_from))
+
+    # ---- the loop --------------------------------------------------------------------------
+    pad_id = tokenizer.pad_token_id
+    collate = data.collate_packed if config.data.packing else data.collate
+    accum = t.gradient_accumulation_steps
+    model.train()
+    window_loss, window_micro, window_tokens = 0.0, 0, 0
+    window_start = time.perf_counter()
+    micro_in_step = 0
+    epoch, done_in_epoch = state.epoch, state.micro_batches_done
+    last_eval: dict[str, float] = {}
+    loop_start, tokens_at_start = time.perf_counter(), state.tokens_seen
+    while state.global_step < total_steps:
+        batches = _epoch_batches(lengths, config, epoch, topo)
+        while done_in_epoch < len(batches) and state.global_step < total_steps:
+            idx = batches[done_in_epoch]
+            done_in_epoch += 1
+            batch = _to_device(collate([ds.train[i] for i in idx], pad_id), device)
+            boundary = micro_in_step + 1 == accum
+            sync = contextlib.nullcontext()
+            if engine is None and topo.distributed and not boundary:
+                sync = forward_model.no_sync()  # type: ignore[operator]
+            with sync:
+                loss = forward_model(**batch).loss
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / accum).backward()
+            window_loss += float(loss.detach())
+            window_micro += 1
+            window_tokens += _count_tokens(batch)
+            micro_in_step += 1
+            if not boundary:
+                continue
+            micro_in_step = 0
+            grad_norm: float | None = None
+            if engine is None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+                grad_norm = float(norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                gn = engine.get_global_grad_norm()
+                grad_norm = float(gn) if gn is not None else None
+            state.global_step += 1
+            state.epoch, state.micro_batches_done = epoch, done_in_epoch
+
+            if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
+                last_eval = _evaluate_loss(forward_model, ds.validation, config, pad_id, topo, device)
+            if state.global_step % t.logging_steps == 0 or state.global_step == total_steps or last_eval:
+                loss_sum, micro_sum, tok_sum = all_reduce_sum([window_loss, window_micro, window_tokens], device)
+                elapsed = time.perf_counter() - window_start
+                state.tokens_seen += int(tok_sum)
+                record: dict[str, Any] = {
+                    "step": state.global_step, "epoch": round(epoch + done_in_epoch / max(len(batches), 1), 4),
+                    "loss": loss_sum / max(micro_sum, 1), "learning_rate": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tok_sum / max(elapsed, 1e-9), "tokens": state.tokens_seen, **last_eval,
+                }  # fmt: skip
+                if grad_norm is not None and math.isfinite(grad_norm):
+                    record["grad_norm"] = grad_norm
+                recorder.log(record)
+                window_loss, window_micro, window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+                last_eval = {}
+            if t.save_steps and state.global_step % t.save_steps == 0 and state.global_step < total_steps:
+                _save_checkpoint(run_dir, state, model, optimizer, scheduler, engine, topo, t.save_total_limit)
+                recorder.write_event("checkpoint_saved", step=state.global_step)
+        if done_in_epoch >= len(batches):
+            epoch, done_in_epoch = epoch + 1, 0
+
+    # ---- final evaluation, generation metrics, publish --------------------------------------
+    runtime = time.perf_counter() - loop_start
+    metrics: dict[str, Any] = {"train_steps": state.global_step, "train_tokens": state.tokens_seen,
+                               "train_runtime_s": runtime,
+                               "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / max(runtime, 1e-9)}
+    metrics.update(_evaluate_loss(forward_model, ds.validation, config, pad_id, topo, device))
+    plain = engine.module if engine is not None else model
+    if t.predict_with_generate and ds.validation_samples:
+        preds, refs = _generate_predictions(plain, tokenizer, template, ds.validation_samples, config, topo, device)
+        if topo.is_main:
+            metrics.update(compute_generation_metrics(preds, refs))
+            with open(run_dir / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
+                for p, r in zip(preds, refs):
+                    f.write(json.dumps({"predict": p, "label": r}, ensure_ascii=False) + "\n")
+    records = [r for r in recorder.records() if "loss" in r]
+    if records:
+        metrics["train_loss"] = records[-1]["loss"]
+    zero3 = engine is not None and config.distributed.deepspeed_stage == 3
+    digests = gather_objects(_weights_digest(plain, zero3))
+    state_dict = _gathered_state_dict(engine, plain, config)
+    published = None
+    if topo.is_main:
+        write_final_metrics(run_dir, metrics)
+        plot_loss(run_dir)
+        if config.output.adapter_name:
+            published = _publish(config, prepared, tokenizer, template_name, family.name, metrics, ds.stats,
+                                 ds.files, run_id, state_dict)
+            recorder.write_event("published", name=published.name, version=published.version,
+                                 path=str(published.path))
+    recorder.write_event("finished", metrics=metrics, weights_digest_per_rank=digests)
+    recorder.close()
+    barrier()
+    destroy_process_group()
+    return TrainResult(plain, tokenizer, run_dir, metrics, published,
+                       {"template": template_name, "family": family.name, "kind": prepared.kind,
+                        "memory_estimate": estimate.to_dict(), "weights_digest_per_rank": digests, **ds.stats})
+
+
+def _save_checkpoint(run_dir: Path, state: checkpoint.TrainerState, model: torch.nn.Module, optimizer: Any,
+                     scheduler: Any, engine: Any, topo: Topology, keep: int) -> None:
+    stage = checkpoint.staging_path(run_dir, state.global_step)
+    if topo.is_main:
+        stage.mkdir(parents=True, exist_ok=True)
+    barrier()
+    checkpoint.save_rank_files(stage, topo.rank)
+    if engine is not None:
+        engine.save_checkpoint(str(stage / "deepspeed"), tag="state")
+    elif topo.is_main:
+        checkpoint.save_plain(stage, model, optimizer, scheduler)
+    barrier()
+    if topo.is_main:
+        checkpoint.finalize(stage, state, keep)
+    barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    try:
+        config = load_config(args[0], args[1:])
+        result = run_training(config)
+    except LorafleetError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e.reason}", file=sys.stderr)
+        return 2
+    if topology_from_env().is_main and not result.details.get("already_published"):
+        print(json.dumps({"metrics": result.metrics,
+                          "published": str(result.published.path) if result.published else None},
+                         ensure_ascii=False, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
