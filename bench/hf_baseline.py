@@ -47,11 +47,21 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = [json.loads(line) for line in Path(args.examples).read_text().splitlines() if line.strip()]
-    train = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]}
-             for r in rows]
+    train = [
+        {"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]), "labels": r["labels"]}
+        for r in rows
+    ]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=args.alpha,
-                                             lora_dropout=args.dropout, target_modules=args.targets.split(",")))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=args.rank,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules=args.targets.split(","),
+        ),
+    )
     tokens = {"n": 0}
 
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -61,10 +71,20 @@ def main() -> None:
         return collator(features)
 
     targs = TrainingArguments(
-        output_dir=str(Path(args.out) / "trainer"), per_device_train_batch_size=args.batch,
-        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.05,
-        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, group_by_length=args.group_by_length,
+        output_dir=str(Path(args.out) / "trainer"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.05,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        group_by_length=args.group_by_length,
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=counting_collator)
@@ -73,9 +93,14 @@ def main() -> None:
     runtime = time.perf_counter() - t0
     model.save_pretrained(str(Path(args.out) / "adapter"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    result = {"train_runtime_s": runtime, "train_tokens": tokens["n"], "tokens_per_s": tokens["n"] / runtime,
-              "train_loss_last": losses[-1] if losses else None, "train_loss_mean": out.training_loss,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {
+        "train_runtime_s": runtime,
+        "train_tokens": tokens["n"],
+        "tokens_per_s": tokens["n"] / runtime,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": out.training_loss,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2))
 
 

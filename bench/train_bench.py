@@ -85,62 +85,122 @@ def main(argv: list[str] | None = None) -> int:
 
     _ensure_assets()
     OUT.mkdir(parents=True, exist_ok=True)
-    overrides = [f"train.max_steps={args.steps}", f"train.per_device_batch_size={args.batch}",
-                 "train.predict_with_generate=false", "train.save_steps=0", "train.eval_steps=0",
-                 "train.logging_steps=5", "train.warmup_ratio=0.05", "train.lr_scheduler=cosine",
-                 f"output.run_dir={OUT / 'lorafleet_run'}", f"output.adapters_root={OUT / 'adapters'}",
-                 "output.adapter_name=bench-lorafleet", "train.resume=never"]
+    overrides = [
+        f"train.max_steps={args.steps}",
+        f"train.per_device_batch_size={args.batch}",
+        "train.predict_with_generate=false",
+        "train.save_steps=0",
+        "train.eval_steps=0",
+        "train.logging_steps=5",
+        "train.warmup_ratio=0.05",
+        "train.lr_scheduler=cosine",
+        f"output.run_dir={OUT / 'lorafleet_run'}",
+        f"output.adapters_root={OUT / 'adapters'}",
+        "output.adapter_name=bench-lorafleet",
+        "train.resume=never",
+    ]
     config = load_config(ROOT / "examples" / "lora.yaml", overrides)
     tokenizer = load_tokenizer(config.model)
     template = templates.get_template("llama2", tokenizer)
-    train, _ = data.tokenize_samples(data.load_dataset(config.data.train_file, config.data), tokenizer, template,
-                                     config.data)
-    val, _ = data.tokenize_samples(data.load_dataset(str(config.data.validation_file), config.data), tokenizer,
-                                   template, config.data)
+    train, _ = data.tokenize_samples(
+        data.load_dataset(config.data.train_file, config.data)[0], tokenizer, template, config.data
+    )
+    val, _ = data.tokenize_samples(
+        data.load_dataset(str(config.data.validation_file), config.data)[0], tokenizer, template, config.data
+    )
     examples_file = OUT / "examples.jsonl"
     with open(examples_file, "w") as f:
         for e in train:
             f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n")
 
     lo = config.lora
-    hf_common = [sys.executable, "-m", "bench.hf_baseline", "--model", config.model.name_or_path,
-                 "--examples", str(examples_file), "--steps", str(args.steps), "--batch", str(args.batch),
-                 "--lr", str(config.train.learning_rate), "--rank", str(lo.rank), "--alpha", str(lo.alpha),
-                 "--dropout", str(lo.dropout), "--seed", str(config.train.seed)]
+    hf_common = [
+        sys.executable,
+        "-m",
+        "bench.hf_baseline",
+        "--model",
+        config.model.name_or_path,
+        "--examples",
+        str(examples_file),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--lr",
+        str(config.train.learning_rate),
+        "--rank",
+        str(lo.rank),
+        "--alpha",
+        str(lo.alpha),
+        "--dropout",
+        str(lo.dropout),
+        "--seed",
+        str(config.train.seed),
+    ]
     runs: dict[str, dict[str, Any]] = {}
 
-    code, rss, wall = _run([sys.executable, "-m", "services.trainer.recipe", str(ROOT / "examples" / "lora.yaml"),
-                            *overrides, "data.template=llama2"], OUT / "lorafleet.log")
+    code, rss, wall = _run(
+        [
+            sys.executable,
+            "-m",
+            "services.trainer.recipe",
+            str(ROOT / "examples" / "lora.yaml"),
+            *overrides,
+            "data.template=llama2",
+        ],
+        OUT / "lorafleet.log",
+    )
     if code != 0:
         raise SystemExit(f"lorafleet run failed; see {OUT / 'lorafleet.log'}")
     final = json.loads((OUT / "lorafleet_run" / "final_metrics.json").read_text())
     published = sorted((OUT / "adapters" / "bench-lorafleet").iterdir(), key=lambda p: int(p.name))[-1]
-    runs["lorafleet"] = {"tokens_per_s": final["train_tokens_per_s"], "train_tokens": final["train_tokens"],
-                         "train_runtime_s": final["train_runtime_s"], "peak_rss_bytes": rss, "wall_s": wall,
-                         "eval_loss": _eval_loss(config.model.name_or_path, published, val)}
+    runs["lorafleet"] = {
+        "tokens_per_s": final["train_tokens_per_s"],
+        "train_tokens": final["train_tokens"],
+        "train_runtime_s": final["train_runtime_s"],
+        "peak_rss_bytes": rss,
+        "wall_s": wall,
+        "eval_loss": _eval_loss(config.model.name_or_path, published, val),
+    }
     for name, extra in (("hf_trainer", []), ("hf_trainer_group_by_length", ["--group-by-length"])):
         out_dir = OUT / name
         code, rss, wall = _run([*hf_common, "--out", str(out_dir), *extra], OUT / f"{name}.log")
         if code != 0:
             raise SystemExit(f"{name} failed; see {OUT / (name + '.log')}")
         res = json.loads((out_dir / "result.json").read_text())
-        runs[name] = {"tokens_per_s": res["tokens_per_s"], "train_tokens": res["train_tokens"],
-                      "train_runtime_s": res["train_runtime_s"], "peak_rss_bytes": rss, "wall_s": wall,
-                      "eval_loss": _eval_loss(config.model.name_or_path, out_dir / "adapter", val)}
+        runs[name] = {
+            "tokens_per_s": res["tokens_per_s"],
+            "train_tokens": res["train_tokens"],
+            "train_runtime_s": res["train_runtime_s"],
+            "peak_rss_bytes": rss,
+            "wall_s": wall,
+            "eval_loss": _eval_loss(config.model.name_or_path, out_dir / "adapter", val),
+        }
 
     lf, hf = runs["lorafleet"], runs["hf_trainer"]
     training = {
         "tokens_per_s_ratio_vs_hf": lf["tokens_per_s"] / hf["tokens_per_s"],
         "peak_rss_ratio_vs_hf": lf["peak_rss_bytes"] / hf["peak_rss_bytes"],
         "final_loss_rel_diff": abs(lf["eval_loss"] - hf["eval_loss"]) / hf["eval_loss"],
-        "tokens_per_s_ratio_vs_hf_group_by_length":
-            lf["tokens_per_s"] / runs["hf_trainer_group_by_length"]["tokens_per_s"],
+        "tokens_per_s_ratio_vs_hf_group_by_length": lf["tokens_per_s"]
+        / runs["hf_trainer_group_by_length"]["tokens_per_s"],
         "runs": runs,
-        "method": {"model": config.model.name_or_path, "steps": args.steps, "batch": args.batch,
-                   "lora_rank": lo.rank, "train_rows": len(train), "eval_rows": len(val),
-                   "torch_threads": torch.get_num_threads()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "method": {
+            "model": config.model.name_or_path,
+            "steps": args.steps,
+            "batch": args.batch,
+            "lora_rank": lo.rank,
+            "train_rows": len(train),
+            "eval_rows": len(val),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -148,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'run':<28}{'tok/s':>10}{'peak RSS MiB':>14}{'eval loss':>11}")
     for name, r in runs.items():
-        print(f"{name:<28}{r['tokens_per_s']:>10.0f}{r['peak_rss_bytes'] / 2**20:>14.0f}{r['eval_loss']:>11.4f}")
-    print(json.dumps({k: v for k, v in training.items() if k.endswith(("_hf", "_diff", "_length"))}, indent=2))
+        print(
+            f"{name:<28}{r['tokens_per_s']:>10.0f}{r['peak_rss_bytes'] / 2**20:>14.0f}{r['eval_loss']:>11.4f}"
+        )
+    print(
+        json.dumps({k: v for k, v in training.items() if k.endswith(("_hf", "_diff", "_length"))}, indent=2)
+    )
     return 0
 
 

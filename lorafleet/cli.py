@@ -88,8 +88,11 @@ def _adapters(args: argparse.Namespace) -> int:
     for pub in list_adapters(args.root):
         m = pub.manifest
         acc = m.metrics.get("accuracy")
-        print(f"{pub.name}@{pub.version}\t{m.method}\t{m.template}\t{m.created_at}"
-              + (f"\taccuracy={acc:.3f}" if isinstance(acc, float) else "") + f"\t{pub.path}")
+        print(
+            f"{pub.name}@{pub.version}\t{m.method}\t{m.template}\t{m.created_at}"
+            + (f"\taccuracy={acc:.3f}" if isinstance(acc, float) else "")
+            + f"\t{pub.path}"
+        )
     return 0
 
 
@@ -100,12 +103,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lorafleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, helptext in (("train", _train, "fine-tune a model"),
-                               ("estimate", _estimate, "memory estimate for a config"),
-                               ("check-data", _check_data, "validate a config's datasets")):
+    for name, fn, helptext in (
+        ("train", _train, "fine-tune a model"),
+        ("estimate", _estimate, "memory estimate for a config"),
+        ("check-data", _check_data, "validate a config's datasets"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -114,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         if name == "check-data":
             p.add_argument("--max-problems", type=int, default=50)
-    p = sub.add_parser("tiny", help="build an offline tiny base model (see `lorafleet tiny --help`)",
-                       add_help=False)
+    p = sub.add_parser(
+        "tiny", help="build an offline tiny base model (see `lorafleet tiny --help`)", add_help=False
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_tiny)
     p = sub.add_parser("data", help="write the bundled datasets")

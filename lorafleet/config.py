@@ -375,17 +375,37 @@ def validate_config(c: RunConfig) -> None:
     m = c.model
     _check(p, bool(m.name_or_path.strip()), "model.name_or_path", m.name_or_path, "must not be empty")
     _check(p, m.dtype in DTYPES, "model.dtype", m.dtype, f"must be one of {list(DTYPES)}")
-    _check(p, m.quantization in QUANTIZATIONS, "model.quantization", m.quantization,
-           f"must be one of {list(QUANTIZATIONS)}")
+    _check(
+        p,
+        m.quantization in QUANTIZATIONS,
+        "model.quantization",
+        m.quantization,
+        f"must be one of {list(QUANTIZATIONS)}",
+    )
     if c.method == "qlora":
-        _check(p, m.quantization in ("none", "nf4"), "model.quantization", m.quantization,
-               "method qlora loads the base in nf4; leave quantization as none or nf4")
+        _check(
+            p,
+            m.quantization in ("none", "nf4"),
+            "model.quantization",
+            m.quantization,
+            "method qlora loads the base in nf4; leave quantization as none or nf4",
+        )
     if c.method == "lora8bit":
-        _check(p, m.quantization in ("none", "int8"), "model.quantization", m.quantization,
-               "method lora8bit loads the base in int8; leave quantization as none or int8")
+        _check(
+            p,
+            m.quantization in ("none", "int8"),
+            "model.quantization",
+            m.quantization,
+            "method lora8bit loads the base in int8; leave quantization as none or int8",
+        )
     if c.method in ("freeze", "full", "ptuning"):
-        _check(p, m.quantization == "none", "model.quantization", m.quantization,
-               f"method {c.method} trains unquantized weights; quantized bases need lora or qlora")
+        _check(
+            p,
+            m.quantization == "none",
+            "model.quantization",
+            m.quantization,
+            f"method {c.method} trains unquantized weights; quantized bases need lora or qlora",
+        )
     _validate_data(c.data, p)
     _validate_methods(c, p)
     _validate_train(c.train, p)
@@ -393,12 +413,21 @@ def validate_config(c: RunConfig) -> None:
     o = c.output
     _check(p, bool(o.run_dir.strip()), "output.run_dir", o.run_dir, "must not be empty")
     if o.adapter_name:
-        _check(p, bool(_NAME_RE.match(o.adapter_name)) and ".." not in o.adapter_name,
-               "output.adapter_name", o.adapter_name,
-               "must be 1-64 characters of letters, digits, '.', '_', '-', start with a letter or digit, no '..'")
+        _check(
+            p,
+            bool(_NAME_RE.fullmatch(o.adapter_name)) and ".." not in o.adapter_name,
+            "output.adapter_name",
+            o.adapter_name,
+            "must be 1-64 characters of letters, digits, '.', '_', '-', start with a letter or digit, no '..'",
+        )
     if o.version != "auto":
-        _check(p, o.version.isdigit() and int(o.version) > 0, "output.version", o.version,
-               "must be 'auto' or a positive integer")
+        _check(
+            p,
+            o.version.isdigit() and int(o.version) > 0,
+            "output.version",
+            o.version,
+            "must be 'auto' or a positive integer",
+        )
     if p:
         raise ConfigError(p)
 
@@ -406,12 +435,14 @@ def validate_config(c: RunConfig) -> None:
 def _validate_data(d: DataConfig, p: list[FieldProblem]) -> None:
     _check(p, bool(d.train_file.strip()), "data.train_file", d.train_file, "must name a JSON or JSONL file")
     _check(p, d.format in FORMATS, "data.format", d.format, f"must be one of {list(FORMATS)}")
-    _check(p, 0.0 <= d.validation_split < 1.0, "data.validation_split", d.validation_split,
-           "must be in [0, 1)")
+    _check(
+        p, 0.0 <= d.validation_split < 1.0, "data.validation_split", d.validation_split, "must be in [0, 1)"
+    )
     _check(p, d.max_source_length > 0, "data.max_source_length", d.max_source_length, "must be > 0")
     _check(p, d.max_target_length > 0, "data.max_target_length", d.max_target_length, "must be > 0")
-    _check(p, 0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", d.max_bad_fraction,
-           "must be in [0, 1]")
+    _check(
+        p, 0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]"
+    )
     _check(p, d.packing_length >= 16, "data.packing_length", d.packing_length, "must be >= 16")
     if d.max_samples is not None:
         _check(p, d.max_samples > 0, "data.max_samples", d.max_samples, "must be > 0 or null")
@@ -426,36 +457,81 @@ def _validate_methods(c: RunConfig, p: list[FieldProblem]) -> None:
         _check(p, lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0")
         _check(p, 0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "must be in [0, 1)")
         if isinstance(lo.target_modules, list):
-            _check(p, len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules,
-                   "must list at least one module, or be 'auto' / 'all-linear'")
+            _check(
+                p,
+                len(lo.target_modules) > 0,
+                "lora.target_modules",
+                lo.target_modules,
+                "must list at least one module, or be 'auto' / 'all-linear'",
+            )
         else:
-            _check(p, lo.target_modules in ("auto", "all-linear"), "lora.target_modules",
-                   lo.target_modules, "must be 'auto', 'all-linear' or a list of module names")
+            _check(
+                p,
+                lo.target_modules in ("auto", "all-linear"),
+                "lora.target_modules",
+                lo.target_modules,
+                "must be 'auto', 'all-linear' or a list of module names",
+            )
     f = c.freeze
     if c.method == "freeze":
-        _check(p, f.trainable_layers >= 1 or bool(f.trainable_modules), "freeze.trainable_layers",
-               f.trainable_layers, "must be >= 1 unless freeze.trainable_modules is set")
+        _check(
+            p,
+            f.trainable_layers >= 1 or bool(f.trainable_modules),
+            "freeze.trainable_layers",
+            f.trainable_layers,
+            "must be >= 1 unless freeze.trainable_modules is set",
+        )
     pt = c.ptuning
     if c.method == "ptuning":
         _check(p, pt.mode in PTUNING_MODES, "ptuning.mode", pt.mode, f"must be one of {list(PTUNING_MODES)}")
-        _check(p, 1 <= pt.num_virtual_tokens <= 512, "ptuning.num_virtual_tokens", pt.num_virtual_tokens,
-               "must be in [1, 512]")
-        _check(p, pt.encoder_hidden_size >= 1, "ptuning.encoder_hidden_size", pt.encoder_hidden_size,
-               "must be >= 1")
-        _check(p, c.distributed.deepspeed_stage != 3, "distributed.deepspeed_stage",
-               c.distributed.deepspeed_stage, "ptuning does not support ZeRO-3 (PEFT prompt learning)")
+        _check(
+            p,
+            1 <= pt.num_virtual_tokens <= 512,
+            "ptuning.num_virtual_tokens",
+            pt.num_virtual_tokens,
+            "must be in [1, 512]",
+        )
+        _check(
+            p,
+            pt.encoder_hidden_size >= 1,
+            "ptuning.encoder_hidden_size",
+            pt.encoder_hidden_size,
+            "must be >= 1",
+        )
+        _check(
+            p,
+            c.distributed.deepspeed_stage != 3,
+            "distributed.deepspeed_stage",
+            c.distributed.deepspeed_stage,
+            "ptuning does not support ZeRO-3 (PEFT prompt learning)",
+        )
 
 
 def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:
     _check(p, t.epochs > 0 or t.max_steps > 0, "train.epochs", t.epochs, "must be > 0 when max_steps is 0")
     _check(p, t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
-    _check(p, 1 <= t.per_device_batch_size <= 4096, "train.per_device_batch_size",
-           t.per_device_batch_size, "must be in [1, 4096]")
-    _check(p, t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
-           t.gradient_accumulation_steps, "must be >= 1")
+    _check(
+        p,
+        1 <= t.per_device_batch_size <= 4096,
+        "train.per_device_batch_size",
+        t.per_device_batch_size,
+        "must be in [1, 4096]",
+    )
+    _check(
+        p,
+        t.gradient_accumulation_steps >= 1,
+        "train.gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "must be >= 1",
+    )
     _check(p, 0 < t.learning_rate < 1, "train.learning_rate", t.learning_rate, "must be in (0, 1)")
-    _check(p, t.lr_scheduler in SCHEDULERS, "train.lr_scheduler", t.lr_scheduler,
-           f"must be one of {list(SCHEDULERS)}")
+    _check(
+        p,
+        t.lr_scheduler in SCHEDULERS,
+        "train.lr_scheduler",
+        t.lr_scheduler,
+        f"must be one of {list(SCHEDULERS)}",
+    )
     _check(p, 0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
     _check(p, t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     _check(p, t.max_grad_norm >= 0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0")
@@ -463,8 +539,13 @@ def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:
     _check(p, t.eval_steps >= 0, "train.eval_steps", t.eval_steps, "must be >= 0")
     _check(p, t.save_steps >= 0, "train.save_steps", t.save_steps, "must be >= 0")
     _check(p, t.save_total_limit >= 1, "train.save_total_limit", t.save_total_limit, "must be >= 1")
-    _check(p, t.resume in ("auto", "never") or Path(t.resume).is_dir(), "train.resume", t.resume,
-           "must be 'auto', 'never' or an existing checkpoint directory")
+    _check(
+        p,
+        t.resume in ("auto", "never") or Path(t.resume).is_dir(),
+        "train.resume",
+        t.resume,
+        "must be 'auto', 'never' or an existing checkpoint directory",
+    )
     _check(p, 1 <= t.max_new_tokens <= 4096, "train.max_new_tokens", t.max_new_tokens, "must be in [1, 4096]")
     _check(p, t.max_eval_samples >= 0, "train.max_eval_samples", t.max_eval_samples, "must be >= 0")
     _check(p, t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
@@ -472,22 +553,45 @@ def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:
 
 def _validate_distributed(c: RunConfig, p: list[FieldProblem]) -> None:
     d = c.distributed
-    _check(p, d.deepspeed_stage in ZERO_STAGES, "distributed.deepspeed_stage", d.deepspeed_stage,
-           "must be -1 (no DeepSpeed) or a ZeRO stage 0, 1, 2, 3")
-    _check(p, d.launcher in LAUNCHERS, "distributed.launcher", d.launcher, f"must be one of {list(LAUNCHERS)}")
+    _check(
+        p,
+        d.deepspeed_stage in ZERO_STAGES,
+        "distributed.deepspeed_stage",
+        d.deepspeed_stage,
+        "must be -1 (no DeepSpeed) or a ZeRO stage 0, 1, 2, 3",
+    )
+    _check(
+        p, d.launcher in LAUNCHERS, "distributed.launcher", d.launcher, f"must be one of {list(LAUNCHERS)}"
+    )
     _check(p, d.nproc_per_node >= 1, "distributed.nproc_per_node", d.nproc_per_node, "must be >= 1")
     _check(p, d.nnodes >= 1, "distributed.nnodes", d.nnodes, "must be >= 1")
-    _check(p, 0 <= d.node_rank < max(d.nnodes, 1), "distributed.node_rank", d.node_rank,
-           "must be in [0, nnodes)")
+    _check(
+        p, 0 <= d.node_rank < max(d.nnodes, 1), "distributed.node_rank", d.node_rank, "must be in [0, nnodes)"
+    )
     _check(p, 1 <= d.master_port <= 65535, "distributed.master_port", d.master_port, "must be a TCP port")
     if d.offload_optimizer:
-        _check(p, d.deepspeed_stage in (1, 2, 3), "distributed.offload_optimizer", d.offload_optimizer,
-               "needs ZeRO stage 1, 2 or 3")
+        _check(
+            p,
+            d.deepspeed_stage in (1, 2, 3),
+            "distributed.offload_optimizer",
+            d.offload_optimizer,
+            "needs ZeRO stage 1, 2 or 3",
+        )
     if d.offload_param:
         _check(p, d.deepspeed_stage == 3, "distributed.offload_param", d.offload_param, "needs ZeRO stage 3")
     if d.deepspeed_config:
-        _check(p, Path(d.deepspeed_config).is_file(), "distributed.deepspeed_config", d.deepspeed_config,
-               "file not found")
+        _check(
+            p,
+            Path(d.deepspeed_config).is_file(),
+            "distributed.deepspeed_config",
+            d.deepspeed_config,
+            "file not found",
+        )
     if c.method in ("qlora", "lora8bit"):
-        _check(p, d.deepspeed_stage != 3 or c.model.dtype != "fp32", "model.dtype", c.model.dtype,
-               "ZeRO-3 with a quantized base needs bf16 or fp16 storage")
+        _check(
+            p,
+            d.deepspeed_stage != 3 or c.model.dtype != "fp32",
+            "model.dtype",
+            c.model.dtype,
+            "ZeRO-3 with a quantized base needs bf16 or fp16 storage",
+        )

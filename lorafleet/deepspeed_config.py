@@ -50,7 +50,9 @@ def build_deepspeed_config(config: RunConfig, world_size: int, hidden_size: int)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError([FieldProblem("distributed.deepspeed_config", str(path), f"unreadable: {e}")]) from e
+        raise ConfigError(
+            [FieldProblem("distributed.deepspeed_config", str(path), f"unreadable: {e}")]
+        ) from e
     values: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.per_device_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -65,8 +67,15 @@ def build_deepspeed_config(config: RunConfig, world_size: int, hidden_size: int)
     missing: list[str] = []
     filled = _fill(raw, values, "", missing)
     if missing:
-        raise ConfigError([FieldProblem("distributed.deepspeed_config", str(path),
-                                        f"'auto' has no derivation for: {', '.join(missing)}")])
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "distributed.deepspeed_config",
+                    str(path),
+                    f"'auto' has no derivation for: {', '.join(missing)}",
+                )
+            ]
+        )
     zero = filled.setdefault("zero_optimization", {})
     if not d.deepspeed_config:
         zero["stage"] = d.deepspeed_stage

@@ -60,6 +60,30 @@ def topology_from_env() -> Topology:
     )
 
 
+def die_with_launcher() -> bool:
+    """Make this rank die with its launcher (Linux ``PR_SET_PDEATHSIG``); True when armed.
+
+    torchrun starts every worker in a session of its own, so a launcher killed with SIGKILL (an
+    out-of-memory kill, a cancel) leaves its ranks running: they keep the GPU, and may even finish
+    and publish after the job was cancelled. Only ranks started by a launcher are armed.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent or parent == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def ensure_rendezvous_env() -> None:
     """Let a lone process (no launcher) start a one-rank process group, as DeepSpeed requires.
 
@@ -73,8 +97,14 @@ def ensure_rendezvous_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
 
 
 def device_for(topology: Topology) -> torch.device:

@@ -26,8 +26,9 @@ def meta_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
 
     m = config.model
     try:
-        hf_config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
-                                               trust_remote_code=m.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(
+            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=m.trust_remote_code)
     except Exception as e:  # transformers raises OSError / ValueError / KeyError for bad configs
@@ -53,12 +54,18 @@ def trainable_parameter_count(model: torch.nn.Module, config: RunConfig) -> int:
         if pt.mode == "prefix":
             base = pt.num_virtual_tokens * layers * 2 * hidden
             if pt.prefix_projection:
-                base = pt.num_virtual_tokens * hidden + hidden * pt.encoder_hidden_size * 2 \
+                base = (
+                    pt.num_virtual_tokens * hidden
+                    + hidden * pt.encoder_hidden_size * 2
                     + pt.encoder_hidden_size * layers * 2 * hidden
+                )
             return base
         return pt.num_virtual_tokens * hidden + 2 * hidden * pt.encoder_hidden_size
-    family = detect_family(model.config, config.model.name_or_path) if config.model.family == "auto" \
+    family = (
+        detect_family(model.config, config.model.name_or_path)
+        if config.model.family == "auto"
         else get_family(config.model.family)
+    )
     targets = set(resolve_lora_targets(model, family, config.lora.target_modules))
     count = 0
     for name, module in model.named_modules():
@@ -68,28 +75,64 @@ def trainable_parameter_count(model: torch.nn.Module, config: RunConfig) -> int:
     return count
 
 
-def estimate_for_config(config: RunConfig, seq_len: int | None = None, world_size: int | None = None) -> MemoryEstimate:
-    """Estimate per-device and host memory of the run ``config`` describes."""
-    model, hf = meta_model(config)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = trainable_parameter_count(model, config)
+def model_dims(hf_config: Any) -> dict[str, int | None]:
+    """Sizes from a model config under every spelling in use (ChatGLM ``num_layers``, GPT-2 ``n_embd``...)."""
+
+    def pick(*names: str) -> int | None:
+        for name in names:
+            value = getattr(hf_config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    return {
+        "num_layers": pick("num_hidden_layers", "num_layers", "n_layer"),
+        "hidden_size": pick("hidden_size", "d_model", "n_embd"),
+        "vocab_size": pick("vocab_size", "padded_vocab_size"),
+        "intermediate_size": pick("intermediate_size", "ffn_hidden_size", "n_inner"),
+        "num_heads": pick("num_attention_heads", "n_head", "num_heads"),
+    }
+
+
+def estimate_run(
+    config: RunConfig, hf_config: Any, total_params: int, trainable_params: int, seq_len: int, world_size: int
+) -> MemoryEstimate:
+    """Estimate memory for ``config`` given the parameter counts (counted, or measured on a loaded model)."""
     d, t = config.distributed, config.train
+    dims = model_dims(hf_config)
     return estimate_training_memory(
-        total_params=total,
-        trainable_params=trainable,
-        num_layers=int(getattr(hf, "num_hidden_layers", 1) or 1),
-        hidden_size=int(getattr(hf, "hidden_size", 1) or 1),
-        vocab_size=int(getattr(hf, "vocab_size", 1) or 1),
+        total_params=total_params,
+        trainable_params=trainable_params,
+        num_layers=dims["num_layers"] or 1,
+        hidden_size=dims["hidden_size"] or 1,
+        vocab_size=dims["vocab_size"] or 1,
         method=config.method,
         dtype=config.model.dtype,
         quantization=quantization_for(config),
         batch_size=t.per_device_batch_size,
-        seq_len=seq_len or config.data.max_source_length + config.data.max_target_length,
+        seq_len=seq_len,
         gradient_checkpointing=t.gradient_checkpointing,
         zero_stage=max(d.deepspeed_stage, 0),
-        world_size=world_size or d.nproc_per_node * d.nnodes,
+        world_size=world_size,
         offload_optimizer=d.offload_optimizer,
         offload_param=d.offload_param,
-        intermediate_size=getattr(hf, "intermediate_size", None),
-        num_heads=getattr(hf, "num_attention_heads", None),
+        intermediate_size=dims["intermediate_size"],
+        num_heads=dims["num_heads"],
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
+def estimate_for_config(
+    config: RunConfig, seq_len: int | None = None, world_size: int | None = None
+) -> MemoryEstimate:
+    """Estimate per-device and host memory of the run ``config`` describes, without loading weights."""
+    model, hf = meta_model(config)
+    d = config.distributed
+    return estimate_run(
+        config,
+        hf,
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=trainable_parameter_count(model, config),
+        seq_len=seq_len or config.data.max_source_length + config.data.max_target_length,
+        world_size=world_size or d.nproc_per_node * d.nnodes,
     )

@@ -28,7 +28,8 @@ PEFT_METHODS = ("lora", "qlora", "lora8bit", "ptuning")
 
 @dataclass
 class PreparedModel:
-    model: torch.nn.Module
+    model: Any
+    """The model to train (a PeftModel for PEFT methods)."""
     kind: str
     """Artifact kind for the manifest: lora, ptuning or full_model."""
     details: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +84,7 @@ def _prepare_lora(model: torch.nn.Module, config: RunConfig, family: Family) -> 
     peft_config = PeftLoraConfig(
         task_type="CAUSAL_LM",
         r=lo.rank,
-        lora_alpha=lo.alpha,
+        lora_alpha=lo.alpha,  # type: ignore[arg-type]  # PEFT takes any number: scale = alpha / r
         lora_dropout=lo.dropout,
         target_modules=targets,
         modules_to_save=lo.modules_to_save or None,
@@ -115,20 +116,32 @@ def _prepare_ptuning(model: torch.nn.Module, config: RunConfig) -> PreparedModel
     return PreparedModel(get_peft_model(model, peft_config), "ptuning", {"mode": pt.mode})
 
 
-def _prepare_freeze(model: torch.nn.Module, config: RunConfig) -> PreparedModel:
+def _prepare_freeze(model: Any, config: RunConfig) -> PreparedModel:
     fz = config.freeze
     names = [n for n, _ in model.named_parameters()]
     if fz.trainable_modules:
         patterns = list(fz.trainable_modules)
         unmatched = [pat for pat in patterns if not any(pat in n for n in names)]
         if unmatched:
-            raise ConfigError([FieldProblem("freeze.trainable_modules", unmatched,
-                                            f"match no parameter; e.g. {names[:3]} ...")])
+            raise ConfigError(
+                [
+                    FieldProblem(
+                        "freeze.trainable_modules", unmatched, f"match no parameter; e.g. {names[:3]} ..."
+                    )
+                ]
+            )
     else:
         prefixes = find_layer_prefixes(model)
         if fz.trainable_layers > len(prefixes):
-            raise ConfigError([FieldProblem("freeze.trainable_layers", fz.trainable_layers,
-                                            f"the model has only {len(prefixes)} layers")])
+            raise ConfigError(
+                [
+                    FieldProblem(
+                        "freeze.trainable_layers",
+                        fz.trainable_layers,
+                        f"the model has only {len(prefixes)} layers",
+                    )
+                ]
+            )
         patterns = prefixes[-fz.trainable_layers :]
     trained = 0
     for name, p in model.named_parameters():
@@ -144,7 +157,7 @@ def _prepare_freeze(model: torch.nn.Module, config: RunConfig) -> PreparedModel:
 
 
 def save_artifact(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: Any,
     out_dir: Path,
     kind: str,
@@ -161,8 +174,9 @@ def save_artifact(
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind in ("lora", "ptuning"):
         # Given a gathered full state dict, PEFT keeps only this adapter's keys itself.
-        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True,
-                              save_embedding_layers=False)
+        model.save_pretrained(
+            str(out_dir), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+        )
     else:
         model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))

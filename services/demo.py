@@ -31,11 +31,15 @@ ADAPTERS = ROOT / ".cache" / "adapters"
 
 
 @torch.no_grad()
-def answer_all(model: Any, tokenizer: Any, template: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+def answer_all(
+    model: Any, tokenizer: Any, template: Any, prompts: list[str], max_new_tokens: int
+) -> list[str]:
     """Greedy answers, 16 prompts per batch, left-padded."""
     from lorafleet import templates
+    from services.trainer.recipe import strip_stop_strings
 
     stop_ids = templates.stop_token_ids(template, tokenizer)
+    stops = templates.stop_strings(template, tokenizer)
     answers: list[str] = []
     model.eval()
     for i in range(0, len(prompts), 16):
@@ -43,11 +47,17 @@ def answer_all(model: Any, tokenizer: Any, template: Any, prompts: list[str], ma
         width = max(len(s) for s in seqs)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs])
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids,
+        )
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(templates.strip_stop_strings(template, tokenizer, text).strip())
+            answers.append(strip_stop_strings(text, stops).strip())
     return answers
 
 
@@ -80,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   data in {DATA}, base model in {TINY}")
 
     print("== 2/4 fine-tuning with LoRA (examples/lora.yaml)")
-    overrides = ["output.run_dir=runs/demo", f"output.adapters_root={ADAPTERS}", "output.adapter_name=demo-cblue",
-                 "train.resume=never", "train.save_steps=0"]
+    overrides = [
+        "output.run_dir=runs/demo",
+        f"output.adapters_root={ADAPTERS}",
+        "output.adapter_name=demo-cblue",
+        "train.resume=never",
+        "train.save_steps=0",
+    ]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     config = load_config(ROOT / "examples" / "lora.yaml", overrides)
@@ -89,20 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     pub = result.published
     assert pub is not None
     print(f"== 3/4 published {pub.name}@{pub.version} -> {pub.path}")
-    print(f"   template {pub.manifest.template}, method {pub.manifest.method}, "
-          f"train loss {result.metrics.get('train_loss', float('nan')):.3f}, "
-          f"eval loss {result.metrics.get('eval_loss', float('nan')):.3f}")
+    print(
+        f"   template {pub.manifest.template}, method {pub.manifest.method}, "
+        f"train loss {result.metrics.get('train_loss', float('nan')):.3f}, "
+        f"eval loss {result.metrics.get('eval_loss', float('nan')):.3f}"
+    )
 
     print("== 4/4 held-out questions: base model vs adapter")
     tokenizer = load_tokenizer(config.model)
     template = templates.get_template(pub.manifest.template, tokenizer)
-    held_out = data.load_dataset(str(config.data.validation_file), config.data)
+    held_out, _ = data.load_dataset(str(config.data.validation_file), config.data)
     prompts = [s.turns[-1][0] for s in held_out]
     golds = [s.turns[-1][1] for s in held_out]
     base = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32)
     base_answers = answer_all(base, tokenizer, template, prompts, config.train.max_new_tokens)
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32),
-                                      str(pub.path))
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32), str(pub.path)
+    )
     tuned_answers = answer_all(tuned, tokenizer, template, prompts, config.train.max_new_tokens)
     base_acc = sum(exact_match(a, g) for a, g in zip(base_answers, golds)) / len(golds)
     tuned_acc = sum(exact_match(a, g) for a, g in zip(tuned_answers, golds)) / len(golds)
@@ -110,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     for p, g, b, a in list(zip(prompts, golds, base_answers, tuned_answers))[: args.show]:
         sentence = p.split("\n")[1] if "\n" in p else p
         mark = "ok" if exact_match(a, g) else "x"
-        print(f"{_short(sentence, 40):<42} {_short(g, 10):<10} {_short(b, 20):<22} {_short(a, 12):<12} {mark}")
-    print(f"\nheld-out accuracy over {len(golds)} questions: base model {base_acc:.1%}   adapter {tuned_acc:.1%}")
+        print(
+            f"{_short(sentence, 40):<42} {_short(g, 10):<10} {_short(b, 20):<22} {_short(a, 12):<12} {mark}"
+        )
+    print(
+        f"\nheld-out accuracy over {len(golds)} questions: base model {base_acc:.1%}   adapter {tuned_acc:.1%}"
+    )
     print(f"run records: {result.run_dir}/trainer_log.jsonl, loss plot {result.run_dir}/training_loss.png")
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return 0 if tuned_acc > base_acc else 1

@@ -17,6 +17,7 @@ artifact is published atomically to ``<output.adapters_root>/<output.adapter_nam
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -38,14 +39,15 @@ from lorafleet.distributed import (
     barrier,
     destroy_process_group,
     device_for,
+    die_with_launcher,
     ensure_rendezvous_env,
     gather_objects,
     init_process_group,
     topology_from_env,
 )
 from lorafleet.errors import LorafleetError
+from lorafleet.estimate import estimate_run, model_dims
 from lorafleet.families import detect_family, get_family
-from lorafleet.memory import estimate_training_memory
 from lorafleet.methods import PreparedModel, prepare_model, quantization_for, save_artifact
 from lorafleet.models import base_model_fingerprint, count_parameters, load_model, load_tokenizer
 from lorafleet.runlog import RunRecorder, plot_loss, write_final_metrics
@@ -80,56 +82,91 @@ def run_id_for(config: RunConfig) -> str:
 
     A restarted run finds its own already-published artifact by this id and never publishes twice.
     """
-    payload = json.dumps({"run_dir": str(Path(config.output.run_dir).resolve()), "config": config.to_dict()},
-                         sort_keys=True)
+    payload = json.dumps(
+        {"run_dir": str(Path(config.output.run_dir).resolve()), "config": config.to_dict()}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _load_data(config: RunConfig, tokenizer: Any, template: Any, topo: Topology) -> _Data:
-    """Validate and tokenize the datasets; every rank does it (deterministic, cheap next to training)."""
+def _load_file(path: str, config: RunConfig) -> tuple[list[Any], list[Any]]:
+    samples, problems = data.load_samples(path, config.data)
+    return samples, problems
+
+
+def _load_data(config: RunConfig, tokenizer: Any, template: Any) -> _Data:
+    """Validate and tokenize the datasets; every rank does it (deterministic, cheap next to training).
+
+    Rows that fail to parse and samples left with no answer token after truncation both count as bad;
+    above ``data.max_bad_fraction`` the run refuses with one error quoting the first problems.
+    """
     d = config.data
-    train_samples = data.load_dataset(d.train_file, d)
+    train_samples, train_problems = _load_file(d.train_file, config)
     files = [d.train_file]
+    val_samples: list[Any] = []
+    val_problems: list[Any] = []
     if d.validation_file:
-        val_samples = data.load_dataset(d.validation_file, d)
+        val_samples, val_problems = _load_file(d.validation_file, config)
         files.append(d.validation_file)
     elif d.validation_split > 0:
-        n_val = max(1, int(len(train_samples) * d.validation_split))
-        # Deterministic split: the same samples are held out on every rank and every restart.
-        order = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(config.train.seed))
-        held = set(order[:n_val].tolist())
-        val_samples = [s for i, s in enumerate(train_samples) if i in held]
-        train_samples = [s for i, s in enumerate(train_samples) if i not in held]
-    else:
-        val_samples = []
+        train_samples, val_samples = data.split_samples(train_samples, d.validation_split, config.train.seed)
     if d.max_samples is not None:
         train_samples = train_samples[: d.max_samples]
     train_examples, train_stats = data.tokenize_samples(train_samples, tokenizer, template, d)
-    val_examples, _ = data.tokenize_samples(val_samples, tokenizer, template, replace(d, packing=False))
+    val_examples, val_stats = data.tokenize_samples(
+        val_samples, tokenizer, template, replace(d, packing=False)
+    )
+    for path, samples, load_problems, tok_stats in (
+        (d.train_file, train_samples, train_problems, train_stats),
+        (d.validation_file, val_samples, val_problems, val_stats),
+    ):
+        if path:
+            total = len(samples) + data.count_bad_rows(load_problems)
+            data.check_bad_rows(path, total, [*load_problems, *tok_stats.problems], d.max_bad_fraction)
     if not train_examples:
-        raise LorafleetError(f"data.train_file={d.train_file!r}: no sample left to train on after tokenization")
+        raise LorafleetError(
+            f"data.train_file={d.train_file!r}: no sample left to train on after tokenization"
+        )
+    rows: list[Any] = list(train_examples)
     if d.packing:
-        train_examples = data.pack_examples(train_examples, d.packing_length)
+        rows = data.pack_examples(train_examples, d.packing_length)
     stats = {
         "train_samples": len(train_samples),
         "validation_samples": len(val_samples),
-        "train_rows": len(train_examples),
-        **train_stats.to_dict(),
+        "train_rows": len(rows),
+        "bad_rows": data.count_bad_rows(train_problems),
+        "truncated_samples": train_stats.truncated,
+        "dropped_samples": train_stats.dropped,
+        "train_tokens_per_epoch": train_stats.tokens,
+        "target_tokens_per_epoch": train_stats.target_tokens,
     }
-    return _Data(train_examples, val_examples, val_samples, stats, files)
+    return _Data(rows, val_examples, val_samples, stats, files)
 
 
 def _epoch_batches(lengths: list[int], config: RunConfig, epoch: int, topo: Topology) -> list[list[int]]:
-    """This rank's micro-batches for ``epoch``: a function of (seed, epoch) only, so resume replays it."""
+    """This rank's micro-batches for ``epoch``: a function of (seed, epoch) only, so resume replays it.
+
+    Every rank gets the same count (ZeRO and DDP step together); rank r takes every world_size-th
+    batch, so one process with accumulation k sees the same global batches as k ranks.
+    """
     t = config.train
     if t.group_by_length:
-        batches = data.length_grouped_batches(lengths, t.per_device_batch_size, t.seed, epoch)
-    else:
-        batches = data.shuffled_batches(len(lengths), t.per_device_batch_size, t.seed, epoch)
-    # Equal count per rank (ZeRO and DDP need every rank to step together); rank r takes every
-    # world_size-th batch so one process with accumulation k sees the same global batches as k ranks.
-    usable = len(batches) - len(batches) % topo.world_size
-    return batches[topo.rank : usable : topo.world_size]
+        return data.length_grouped_batches(
+            lengths, t.per_device_batch_size, t.seed, epoch, topo.rank, topo.world_size
+        )
+    return data.shuffled_batches(
+        len(lengths), t.per_device_batch_size, t.seed, epoch, topo.rank, topo.world_size
+    )
+
+
+def strip_stop_strings(text: str, stops: list[str]) -> str:
+    """Cut generated text at the first stop string (a template's end-of-turn marker)."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
 
 
 def _lr_lambda(total_steps: int, warmup_steps: int, kind: str):
@@ -149,12 +186,15 @@ def _lr_lambda(total_steps: int, warmup_steps: int, kind: str):
 
 def _optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """AdamW with no weight decay on biases and norms (torch's; DeepSpeed's fused Adam would JIT on CPU)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.learning_rate)
 
 
@@ -162,16 +202,15 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens in a micro-batch."""
-    if "attention_mask" in batch and batch["attention_mask"].dim() == 2:
-        return int(batch["attention_mask"].sum())
-    return int((batch["input_ids"] != -1).sum())
-
-
 @torch.no_grad()
-def _evaluate_loss(model: torch.nn.Module, examples: list[Any], config: RunConfig, pad_id: int,
-                   topo: Topology, device: torch.device) -> dict[str, float]:
+def _evaluate_loss(
+    model: torch.nn.Module,
+    examples: list[Any],
+    config: RunConfig,
+    pad_id: int,
+    topo: Topology,
+    device: torch.device,
+) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over the validation examples, across ranks."""
     if not examples:
         return {}
@@ -187,7 +226,7 @@ def _evaluate_loss(model: torch.nn.Module, examples: list[Any], config: RunConfi
     for i in range(n_rounds):
         idx = mine[i] if i < len(mine) else batches[0]
         batch = _to_device(data.collate([examples[j] for j in idx], pad_id), device)
-        out = model(**batch)
+        out = model(**batch, use_cache=False)
         n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if i < len(mine):
             total_loss += float(out.loss) * n
@@ -200,14 +239,25 @@ def _evaluate_loss(model: torch.nn.Module, examples: list[Any], config: RunConfi
 
 
 @torch.no_grad()
-def _generate_predictions(model: torch.nn.Module, tokenizer: Any, template: Any, samples: list[Any],
-                          config: RunConfig, topo: Topology, device: torch.device) -> tuple[list[str], list[str]]:
+def _generate_predictions(
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    samples: list[Any],
+    config: RunConfig,
+    topo: Topology,
+    device: torch.device,
+) -> tuple[list[str], list[str]]:
     """Greedy answers to the last turn of each validation sample; all ranks generate, rank 0 gets all."""
     samples = samples[: config.train.max_eval_samples]
     if not samples:
         return [], []
-    prompts = [templates.encode_prompt(template, tokenizer, s.turns[:-1], s.turns[-1][0], s.system or
-                                       config.data.system)[-config.data.max_source_length :] for s in samples]
+    prompts = [
+        templates.encode_prompt(
+            template, tokenizer, s.turns[:-1], s.turns[-1][0], s.system or config.data.system
+        )[-config.data.max_source_length :]
+        for s in samples
+    ]
     refs = [s.turns[-1][1] for s in samples]
     bs = max(1, config.train.per_device_batch_size)
     batches = [list(range(i, min(i + bs, len(samples)))) for i in range(0, len(samples), bs)]
@@ -215,6 +265,7 @@ def _generate_predictions(model: torch.nn.Module, tokenizer: Any, template: Any,
     n_rounds = math.ceil(len(batches) / topo.world_size)
     zero3 = config.distributed.deepspeed_stage == 3 and topo.distributed
     stop_ids = templates.stop_token_ids(template, tokenizer)
+    stops = templates.stop_strings(template, tokenizer)
     pad_id = tokenizer.pad_token_id
     model.eval()
     results: list[tuple[int, str]] = []
@@ -225,17 +276,26 @@ def _generate_predictions(model: torch.nn.Module, tokenizer: Any, template: Any,
         # Left padding: every prompt ends where generation starts.
         ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.train.max_new_tokens,
-                             do_sample=False, pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=config.train.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=stop_ids,
+            synced_gpus=zero3,
+        )
         if r < len(mine):
             for row, i in enumerate(idx):
                 text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-                results.append((i, templates.strip_stop_strings(template, tokenizer, text).strip()))
+                results.append((i, strip_stop_strings(text, stops).strip()))
     everything = sorted(x for part in gather_objects(results) for x in part)
     return [t for _, t in everything], refs
 
 
-def _gathered_state_dict(engine: Any, model: torch.nn.Module, config: RunConfig) -> dict[str, torch.Tensor] | None:
+def _gathered_state_dict(
+    engine: Any, model: torch.nn.Module, config: RunConfig
+) -> dict[str, torch.Tensor] | None:
     """Under ZeRO-3 parameters are partitioned: gather a full state dict on rank 0 (None elsewhere)."""
     if engine is None or config.distributed.deepspeed_stage != 3:
         return None
@@ -277,9 +337,18 @@ def _find_published(config: RunConfig, run_id: str) -> adapters.PublishedAdapter
     return None
 
 
-def _publish(config: RunConfig, prepared: PreparedModel, tokenizer: Any, template_name: str, family: str,
-             metrics: dict[str, Any], stats: dict[str, Any], files: list[str], run_id: str,
-             state_dict: dict[str, torch.Tensor] | None) -> adapters.PublishedAdapter:
+def _publish(
+    config: RunConfig,
+    prepared: PreparedModel,
+    tokenizer: Any,
+    template_name: str,
+    family: str,
+    metrics: dict[str, Any],
+    stats: dict[str, Any],
+    files: list[str],
+    run_id: str,
+    state_dict: dict[str, torch.Tensor] | None,
+) -> adapters.PublishedAdapter:
     o = config.output
     staging = adapters.new_staging_dir(o.adapters_root, o.adapter_name)
     save_artifact(prepared.model, tokenizer, staging, prepared.kind, state_dict=state_dict)
@@ -298,7 +367,11 @@ def _publish(config: RunConfig, prepared: PreparedModel, tokenizer: Any, templat
             "freeze": config.to_dict()["freeze"] if config.method == "freeze" else None,
             "train": config.to_dict()["train"],
             "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
-            "data": {k: v for k, v in config.to_dict()["data"].items() if k not in ("train_file", "validation_file")},
+            "data": {
+                k: v
+                for k, v in config.to_dict()["data"].items()
+                if k not in ("train_file", "validation_file")
+            },
             "deepspeed_stage": config.distributed.deepspeed_stage,
         },
         dataset={**adapters.dataset_fingerprint(files), **stats},
@@ -317,6 +390,7 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     Raises:
         LorafleetError: bad data, a model that cannot be loaded, an option the model cannot take.
     """
+    die_with_launcher()
     if config.distributed.deepspeed_stage >= 0:
         ensure_rendezvous_env()
     topo = topology_from_env()
@@ -329,7 +403,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     run_id = run_id_for(config)
     if topo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        )
         checkpoint.remove_partial(run_dir)
     barrier()
     torch.manual_seed(t.seed)
@@ -338,47 +414,59 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     tokenizer = load_tokenizer(config.model)
     model_cfg = replace(config.model, quantization=quantization_for(config))
     model = load_model(model_cfg, for_training=True)
-    family = (detect_family(model.config, config.model.name_or_path) if config.model.family == "auto"
-              else get_family(config.model.family))
+    family = (
+        detect_family(model.config, config.model.name_or_path)
+        if config.model.family == "auto"
+        else get_family(config.model.family)
+    )
     template_name = family.template if config.data.template == "auto" else config.data.template
     template = templates.get_template(template_name, tokenizer)
-    ds = _load_data(config, tokenizer, template, topo)
+    ds = _load_data(config, tokenizer, template)
     prepared = prepare_model(model, config, family)
     model = prepared.model
+    compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    # Packing must be proven to keep samples apart on this very model, before any wrapping.
+    packing_mode = data.detect_packing_mode(model) if config.data.packing else "none"
     total_params, trainable_params = count_parameters(model)
 
     # ---- steps, records, memory estimate ---------------------------------------------------
     lengths = [len(e.input_ids) for e in ds.train]
     micro_per_epoch = len(_epoch_batches(lengths, config, 0, topo))
     if micro_per_epoch == 0:
-        raise LorafleetError(f"data.train_file={config.data.train_file!r}: {len(lengths)} rows are fewer than one "
-                             f"batch per process (train.per_device_batch_size={t.per_device_batch_size}, "
-                             f"{topo.world_size} processes)")
+        raise LorafleetError(
+            f"data.train_file={config.data.train_file!r}: {len(lengths)} rows are fewer than one "
+            f"batch per process (train.per_device_batch_size={t.per_device_batch_size}, "
+            f"{topo.world_size} processes)"
+        )
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_per_epoch / t.gradient_accumulation_steps))
     resume_from = None
     if t.resume == "auto":
         resume_from = checkpoint.last_checkpoint(run_dir)
     elif t.resume != "never":
         resume_from = Path(t.resume)
-    state = checkpoint.read_state(resume_from) if resume_from else checkpoint.TrainerState(world_size=topo.world_size)
-    recorder = RunRecorder(run_dir, total_steps, is_main=topo.is_main, progress=progress,
-                           resume_step=state.global_step)
+    state = (
+        checkpoint.read_state(resume_from)
+        if resume_from
+        else checkpoint.TrainerState(world_size=topo.world_size)
+    )
+    recorder = RunRecorder(
+        run_dir, total_steps, is_main=topo.is_main, progress=progress, resume_step=state.global_step
+    )
     mcfg = model.config
-    estimate = estimate_training_memory(
-        total_params=total_params, trainable_params=trainable_params,
-        num_layers=getattr(mcfg, "num_hidden_layers", 1), hidden_size=getattr(mcfg, "hidden_size", 1),
-        vocab_size=getattr(mcfg, "vocab_size", 1), method=config.method, dtype=config.model.dtype,
-        quantization=quantization_for(config), batch_size=t.per_device_batch_size,
-        seq_len=max(lengths), gradient_checkpointing=t.gradient_checkpointing,
-        zero_stage=max(config.distributed.deepspeed_stage, 0), world_size=topo.world_size,
-        offload_optimizer=config.distributed.offload_optimizer, offload_param=config.distributed.offload_param,
-        intermediate_size=getattr(mcfg, "intermediate_size", None),
-        num_heads=getattr(mcfg, "num_attention_heads", None),
-    )  # fmt: skip
-    recorder.write_event("run_started", run_id=run_id, world_size=topo.world_size, method=config.method,
-                         template=template_name, family=family.name, total_params=total_params,
-                         trainable_params=trainable_params, total_steps=total_steps, data=ds.stats,
-                         memory_estimate=estimate.to_dict())
+    estimate = estimate_run(config, mcfg, total_params, trainable_params, max(lengths), topo.world_size)
+    recorder.write_event(
+        "run_started",
+        run_id=run_id,
+        world_size=topo.world_size,
+        method=config.method,
+        template=template_name,
+        family=family.name,
+        total_params=total_params,
+        trainable_params=trainable_params,
+        total_steps=total_steps,
+        data=ds.stats,
+        memory_estimate=estimate.to_dict(),
+    )
 
     # ---- already published by an earlier attempt of this very run? -------------------------
     if topo.is_main:
@@ -407,9 +495,10 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
 
         from lorafleet.deepspeed_config import build_deepspeed_config
 
-        ds_config = build_deepspeed_config(config, topo.world_size, getattr(mcfg, "hidden_size", 1024))
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                               lr_scheduler=scheduler, config=ds_config)
+        ds_config = build_deepspeed_config(config, topo.world_size, model_dims(mcfg)["hidden_size"] or 1024)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         forward_model = engine
         if topo.is_main:
             (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -426,7 +515,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
 
     # ---- the loop --------------------------------------------------------------------------
     pad_id = tokenizer.pad_token_id
-    collate = data.collate_packed if config.data.packing else data.collate
+    collate: Any = data.collate
+    if config.data.packing:
+        collate = functools.partial(data.collate_packed, mode=packing_mode, mask_dtype=compute_dtype)
     accum = t.gradient_accumulation_steps
     model.train()
     window_loss, window_micro, window_tokens = 0.0, 0, 0
@@ -446,7 +537,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
             if engine is None and topo.distributed and not boundary:
                 sync = forward_model.no_sync()  # type: ignore[operator]
             with sync:
-                loss = forward_model(**batch).loss
+                # use_cache=False: with a cache transformers skips packed-sequence detection and
+                # packed samples would silently attend to each other.
+                loss = forward_model(**batch, use_cache=False).loss
                 if engine is not None:
                     engine.backward(loss)
                     engine.step()
@@ -454,7 +547,7 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
                     (loss / accum).backward()
             window_loss += float(loss.detach())
             window_micro += 1
-            window_tokens += _count_tokens(batch)
+            window_tokens += sum(len(ds.train[i].input_ids) for i in idx)  # real tokens, no padding
             micro_in_step += 1
             if not boundary:
                 continue
@@ -462,7 +555,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
             grad_norm: float | None = None
             if engine is None:
                 params = [p for p in model.parameters() if p.requires_grad]
-                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+                norm = torch.nn.utils.clip_grad_norm_(
+                    params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+                )
                 grad_norm = float(norm)
                 optimizer.step()
                 scheduler.step()
@@ -476,7 +571,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
             if t.eval_steps and state.global_step % t.eval_steps == 0 and state.global_step < total_steps:
                 last_eval = _evaluate_loss(forward_model, ds.validation, config, pad_id, topo, device)
             if state.global_step % t.logging_steps == 0 or state.global_step == total_steps or last_eval:
-                loss_sum, micro_sum, tok_sum = all_reduce_sum([window_loss, window_micro, window_tokens], device)
+                loss_sum, micro_sum, tok_sum = all_reduce_sum(
+                    [window_loss, window_micro, window_tokens], device
+                )
                 elapsed = time.perf_counter() - window_start
                 state.tokens_seen += int(tok_sum)
                 record: dict[str, Any] = {
@@ -491,20 +588,27 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
                 window_start = time.perf_counter()
                 last_eval = {}
             if t.save_steps and state.global_step % t.save_steps == 0 and state.global_step < total_steps:
-                _save_checkpoint(run_dir, state, model, optimizer, scheduler, engine, topo, t.save_total_limit)
+                _save_checkpoint(
+                    run_dir, state, model, optimizer, scheduler, engine, topo, t.save_total_limit
+                )
                 recorder.write_event("checkpoint_saved", step=state.global_step)
         if done_in_epoch >= len(batches):
             epoch, done_in_epoch = epoch + 1, 0
 
     # ---- final evaluation, generation metrics, publish --------------------------------------
     runtime = time.perf_counter() - loop_start
-    metrics: dict[str, Any] = {"train_steps": state.global_step, "train_tokens": state.tokens_seen,
-                               "train_runtime_s": runtime,
-                               "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / max(runtime, 1e-9)}
+    metrics: dict[str, Any] = {
+        "train_steps": state.global_step,
+        "train_tokens": state.tokens_seen,
+        "train_runtime_s": runtime,
+        "train_tokens_per_s": (state.tokens_seen - tokens_at_start) / max(runtime, 1e-9),
+    }
     metrics.update(_evaluate_loss(forward_model, ds.validation, config, pad_id, topo, device))
     plain = engine.module if engine is not None else model
     if t.predict_with_generate and ds.validation_samples:
-        preds, refs = _generate_predictions(plain, tokenizer, template, ds.validation_samples, config, topo, device)
+        preds, refs = _generate_predictions(
+            plain, tokenizer, template, ds.validation_samples, config, topo, device
+        )
         if topo.is_main:
             metrics.update(compute_generation_metrics(preds, refs))
             with open(run_dir / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
@@ -521,21 +625,52 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
         write_final_metrics(run_dir, metrics)
         plot_loss(run_dir)
         if config.output.adapter_name:
-            published = _publish(config, prepared, tokenizer, template_name, family.name, metrics, ds.stats,
-                                 ds.files, run_id, state_dict)
-            recorder.write_event("published", name=published.name, version=published.version,
-                                 path=str(published.path))
+            published = _publish(
+                config,
+                prepared,
+                tokenizer,
+                template_name,
+                family.name,
+                metrics,
+                ds.stats,
+                ds.files,
+                run_id,
+                state_dict,
+            )
+            recorder.write_event(
+                "published", name=published.name, version=published.version, path=str(published.path)
+            )
     recorder.write_event("finished", metrics=metrics, weights_digest_per_rank=digests)
     recorder.close()
     barrier()
     destroy_process_group()
-    return TrainResult(plain, tokenizer, run_dir, metrics, published,
-                       {"template": template_name, "family": family.name, "kind": prepared.kind,
-                        "memory_estimate": estimate.to_dict(), "weights_digest_per_rank": digests, **ds.stats})
+    return TrainResult(
+        plain,
+        tokenizer,
+        run_dir,
+        metrics,
+        published,
+        {
+            "template": template_name,
+            "family": family.name,
+            "kind": prepared.kind,
+            "memory_estimate": estimate.to_dict(),
+            "weights_digest_per_rank": digests,
+            **ds.stats,
+        },
+    )
 
 
-def _save_checkpoint(run_dir: Path, state: checkpoint.TrainerState, model: torch.nn.Module, optimizer: Any,
-                     scheduler: Any, engine: Any, topo: Topology, keep: int) -> None:
+def _save_checkpoint(
+    run_dir: Path,
+    state: checkpoint.TrainerState,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    engine: Any,
+    topo: Topology,
+    keep: int,
+) -> None:
     stage = checkpoint.staging_path(run_dir, state.global_step)
     if topo.is_main:
         stage.mkdir(parents=True, exist_ok=True)
@@ -565,9 +700,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.reason}", file=sys.stderr)
         return 2
     if topology_from_env().is_main and not result.details.get("already_published"):
-        print(json.dumps({"metrics": result.metrics,
-                          "published": str(result.published.path) if result.published else None},
-                         ensure_ascii=False, indent=2))
+        print(
+            json.dumps(
+                {
+                    "metrics": result.metrics,
+                    "published": str(result.published.path) if result.published else None,
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
     return 0
 
 
