@@ -34,7 +34,7 @@ COMPLETE_MARKER = ".lorafleet_tiny_complete"
 """Written last: a directory without it is an unfinished build."""
 ARCHS = ("llama", "qwen2", "gpt_neox")
 """Architectures ``build_tiny_model`` can build."""
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 1 + 1  # bumped: CJK-per-character pre-tokenizer
 
 # Markers of every prompt template (ChatML, Llama 3, ChatGLM2/3, Baichuan/Baichuan2...) become single
 # ids, as in the real tokenizers; templates.py is the one source of the list.
@@ -51,6 +51,10 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """Qwen-style ChatML chat template given to tiny tokenizers."""
+
+
+# CJK ideographs, CJK punctuation and full-width forms.
+_CJK_CHAR = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
 
 
 def train_tokenizer(
@@ -71,13 +75,21 @@ def train_tokenizer(
         A fast tokenizer with bos ``<s>``, eos ``</s>``, pad ``<pad>``, unk ``<unk>``, the markers as
         additional special tokens, and a ChatML ``chat_template``.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     names = list(dict.fromkeys([*DEFAULT_SPECIAL_TOKENS, *(special_tokens or [])]))
     # "sop" is plain letters: single_word keeps it from matching inside words such as "Aesop".
     added = [AddedToken(t, special=True, normalized=False, single_word=t.isalnum()) for t in names]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each CJK character (and full-width punctuation) is its own pre-token, as BERT and most Chinese
+    # tokenizers do. Without it BPE happily merges whole memorised Chinese sentences into one token,
+    # and a model trained on them cannot generalise to a sentence it has not seen.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CJK_CHAR), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

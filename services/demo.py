@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=None, help="override train.epochs")
     ap.add_argument("--show", type=int, default=10, help="held-out questions printed side by side")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="directory for the run and the published adapter (default: runs/demo and .cache/adapters)",
+    )
     args = ap.parse_args(argv)
 
     from peft import PeftModel
@@ -90,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   data in {DATA}, base model in {TINY}")
 
     print("== 2/4 fine-tuning with LoRA (examples/lora.yaml)")
+    out = Path(args.out).resolve() if args.out else None
     overrides = [
-        "output.run_dir=runs/demo",
-        f"output.adapters_root={ADAPTERS}",
+        f"output.run_dir={out / 'run' if out else 'runs/demo'}",
+        f"output.adapters_root={out / 'adapters' if out else ADAPTERS}",
         "output.adapter_name=demo-cblue",
         "train.resume=never",
         "train.save_steps=0",

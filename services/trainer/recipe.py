@@ -78,12 +78,21 @@ class _Data:
 
 
 def run_id_for(config: RunConfig) -> str:
-    """A stable id of this run (run dir + everything that shapes the result), stored in the manifest.
+    """A stable id of this run, stored in the manifest.
 
-    A restarted run finds its own already-published artifact by this id and never publishes twice.
+    It covers the run dir, the resolved config and the *contents* of the base model and data files,
+    so a restarted run finds its own already-published artifact and never publishes twice, while a
+    rebuilt base model or an edited dataset under the same paths is a new run.
     """
+    files = [config.data.train_file] + ([config.data.validation_file] if config.data.validation_file else [])
     payload = json.dumps(
-        {"run_dir": str(Path(config.output.run_dir).resolve()), "config": config.to_dict()}, sort_keys=True
+        {
+            "run_dir": str(Path(config.output.run_dir).resolve()),
+            "config": config.to_dict(),
+            "base_model": base_model_fingerprint(config.model.name_or_path, config.model.revision),
+            "data": adapters.dataset_fingerprint([f for f in files if Path(f).is_file()])["sha256"],
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
