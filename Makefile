@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test test-unit demo proto quality bench clean help
+.PHONY: setup assets tools test test-unit demo proto quality bench clean help
 
 help:
 	@echo "make demo | test | quality | bench | proto | setup | clean"
@@ -27,7 +27,12 @@ assets: setup
 	$(PY) -m lorafleet.cli data --out .cache/data
 	$(PY) -m lorafleet.cli tiny --arch llama --out .cache/tiny/llama
 
-test: setup
+# Real prometheus + promtool (Debian's 2.42, unpacked into .cache/prometheus/bin; no service started)
+# for the metrics tests: promtool lints the trainer's metric names, Prometheus scrapes it.
+tools:
+	bash scripts/install_prometheus.sh
+
+test: setup tools
 	$(PY) -m pytest -m "not gpu" -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-unit: setup
@@ -36,11 +41,9 @@ test-unit: setup
 demo: setup
 	$(PY) -m lorafleet.cli demo
 
-# No .proto files yet: the trainer and inference APIs arrive with their services.
+# gRPC stubs: proto/lorafleet/v1/*.proto -> lorafleet/v1/*_pb2*.py (committed; `make quality` checks they are fresh).
 proto: setup
-	@if ls proto/lorafleet/v1/*.proto >/dev/null 2>&1; then \
-	  $(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/lorafleet/v1/*.proto; \
-	else echo "proto: no .proto files yet (see proto/README.md)"; fi
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/lorafleet/v1/*.proto
 
 quality: setup
 	$(VENV)/bin/ruff check .

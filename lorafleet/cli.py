@@ -8,6 +8,11 @@ Run as:
     lorafleet data --out data/                             write the bundled datasets
     lorafleet adapters [--root DIR]                        list published adapters
     lorafleet demo                                         the end-to-end demo (what `make demo` runs)
+    lorafleet trainer-server [--port 50051 ...]            run the trainer gRPC service
+    lorafleet submit CONFIG.yaml [overrides] [--addr A]    submit a job to the trainer service, watch it
+    lorafleet jobs [--state running]                       list jobs
+    lorafleet watch JOB                                    follow a job (progress bar with loss)
+    lorafleet cancel JOB                                   cancel a job
 """
 
 from __future__ import annotations
@@ -102,6 +107,18 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args.rest)
 
 
+def _client(args: argparse.Namespace) -> int:
+    from services.trainer.client import main as client_main
+
+    return client_main(args.command, args.rest)
+
+
+def _trainer_server(args: argparse.Namespace) -> int:
+    from services.trainer.server import main as server_main
+
+    return server_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,11 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end demo on the embedded defaults", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("trainer-server", help="run the trainer gRPC service", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_trainer_server)
+    for name, helptext in (
+        ("submit", "submit a job to the trainer service"),
+        ("jobs", "list the trainer service's jobs"),
+        ("watch", "follow a job until it ends"),
+        ("cancel", "cancel a job"),
+    ):
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=_client)
     return parser
 
 
+_PASS_THROUGH = {"submit": _client, "jobs": _client, "watch": _client, "cancel": _client,
+                 "trainer-server": _trainer_server}  # fmt: skip
+"""Commands with parsers of their own: everything after the command name goes to them unparsed."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _PASS_THROUGH:
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], fn=_PASS_THROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except LorafleetError as e:

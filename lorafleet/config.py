@@ -448,6 +448,10 @@ def _validate_data(d: DataConfig, p: list[FieldProblem]) -> None:
         _check(p, d.max_samples > 0, "data.max_samples", d.max_samples, "must be > 0 or null")
     _check(p, bool(d.prompt_column), "data.prompt_column", d.prompt_column, "must not be empty")
     _check(p, bool(d.response_column), "data.response_column", d.response_column, "must not be empty")
+    from lorafleet.templates import TEMPLATES
+
+    known = ["auto", "tokenizer", *TEMPLATES]
+    _check(p, d.template in known, "data.template", d.template, f"must be one of {known}")
 
 
 def _validate_methods(c: RunConfig, p: list[FieldProblem]) -> None:

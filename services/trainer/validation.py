@@ -1,0 +1,155 @@
+"""Everything checked before a job is accepted: nothing runs on a spec that would fail for a known reason.
+
+One ``ConfigError`` lists every problem by spec field, so a client fixes its spec in one round trip.
+Checks, cheapest first: the spec maps to a valid run config (types, ranges, method options together);
+the adapter name is safe; the model is an existing directory or a well-formed hub id, and remote code
+only for allow-listed models; resources fit the launcher; the datasets exist and pass the core's
+row validation (first bad rows quoted); the memory estimate fits a process's memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafleet import data
+from lorafleet.adapters import validate_adapter_name
+from lorafleet.config import RunConfig
+from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
+from lorafleet.jobspec import spec_to_config
+from lorafleet.memory import MemoryEstimate
+from lorafleet.v1 import trainer_pb2 as pb
+from services.trainer.launchers.base import Capacity
+
+_GIB = 1024**3
+
+
+@dataclass
+class Accepted:
+    config: RunConfig
+    estimate: MemoryEstimate | None
+
+
+def _check_resources(
+    spec: pb.JobSpec, config: RunConfig, cap: Capacity, problems: list[FieldProblem]
+) -> None:
+    d, r = config.distributed, spec.resources
+    if d.nnodes > cap.max_nodes:
+        problems.append(FieldProblem("spec.resources.nodes", d.nnodes,
+                                     f"this launcher runs at most {cap.max_nodes} node(s) per job"))  # fmt: skip
+    if d.nproc_per_node > cap.max_processes_per_node:
+        problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
+                                     f"at most {cap.max_processes_per_node} process(es) per node here"))  # fmt: skip
+    if r.HasField("gpus_per_node"):
+        if r.gpus_per_node < 0 or r.gpus_per_node > cap.max_gpus_per_node:
+            problems.append(FieldProblem("spec.resources.gpus_per_node", r.gpus_per_node,
+                                         f"must be in [0, {cap.max_gpus_per_node}] on this launcher"))  # fmt: skip
+        elif r.gpus_per_node and d.nproc_per_node != r.gpus_per_node:
+            problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
+                                         f"must equal gpus_per_node ({r.gpus_per_node}): one process per GPU"))  # fmt: skip
+
+
+def _check_model(spec: pb.JobSpec, config: RunConfig, allow: list[str], problems: list[FieldProblem]) -> bool:
+    from lorafleet.models import _is_local
+
+    name = config.model.name_or_path
+    try:
+        _is_local(name)
+    except ModelLoadError as e:
+        problems.append(FieldProblem("spec.model.name_or_path", name, e.reason.split(": ", 1)[-1]))
+        return False
+    if config.model.trust_remote_code and not _remote_code_allowed(name, allow):
+        problems.append(FieldProblem("spec.model.trust_remote_code", True,
+                                     f"remote code is not allowed for {name!r}: the server's allow-list is "
+                                     f"{allow or 'empty'} (--allow-remote-code)"))  # fmt: skip
+    return True
+
+
+def _remote_code_allowed(name: str, allow: list[str]) -> bool:
+    """An allow-list entry matches the hub id, a path, or a prefix ending in ``/`` (an organisation)."""
+    resolved = str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
+    for entry in allow:
+        if entry.endswith("/") and (name.startswith(entry) or resolved.startswith(entry)):
+            return True
+        if entry in (name, resolved):
+            return True
+    return False
+
+
+def _check_data(config: RunConfig, problems: list[FieldProblem]) -> None:
+    d = config.data
+    for field_name, path in (("train_file", d.train_file), ("validation_file", d.validation_file)):
+        if not path:
+            continue
+        spec_field = f"spec.dataset.{field_name}"
+        if not Path(path).is_file():
+            problems.append(FieldProblem(spec_field, path, "file not found on the server"))
+            continue
+        try:
+            data.load_dataset(path, d)
+        except DatasetError as e:
+            problems.append(FieldProblem(spec_field, path, e.reason))
+
+
+def _check_memory(config: RunConfig, cap: Capacity, problems: list[FieldProblem]) -> MemoryEstimate | None:
+    from lorafleet.estimate import estimate_for_config
+
+    try:
+        estimate = estimate_for_config(config)
+    except (LorafleetError, OSError, ValueError) as e:
+        reason = e.reason if isinstance(e, LorafleetError) else str(e)
+        problems.append(FieldProblem("spec.model.name_or_path", config.model.name_or_path,
+                                     f"cannot read the model config to estimate memory: {reason}"))  # fmt: skip
+        return None
+    if cap.memory_bytes_per_process and estimate.device_total_bytes > cap.memory_bytes_per_process:
+        problems.append(FieldProblem(
+            "spec.hyperparameters.per_device_batch_size", config.train.per_device_batch_size,
+            f"the run needs about {estimate.device_total_bytes / _GIB:.1f} GiB per process, over the "
+            f"{cap.memory_bytes_per_process / _GIB:.1f} GiB available; lower the batch size or sequence "
+            "lengths, use qlora, gradient checkpointing or ZeRO-3 offload",
+        ))  # fmt: skip
+    return estimate
+
+
+def validate_submission(
+    spec: pb.JobSpec,
+    capacity: Capacity,
+    server_fields: dict[str, Any],
+    remote_code_allow: list[str] | None = None,
+    check_memory: bool = True,
+) -> Accepted:
+    """Accept ``spec`` or raise one ``ConfigError`` listing every problem found.
+
+    Args:
+        spec: the submitted spec.
+        capacity: the launcher's limits.
+        server_fields: run-config paths the server sets (run dir, adapters root).
+        remote_code_allow: models that may use ``trust_remote_code``.
+        check_memory: estimate memory and refuse runs that cannot fit.
+    """
+    problems: list[FieldProblem] = []
+    if spec.adapter_name:
+        try:
+            validate_adapter_name(spec.adapter_name)
+        except LorafleetError as e:
+            problems.append(FieldProblem("spec.adapter_name", spec.adapter_name, e.reason.split(": ", 1)[-1]))
+    if spec.HasField("max_attempts") and not 1 <= spec.max_attempts <= 20:
+        problems.append(FieldProblem("spec.max_attempts", spec.max_attempts, "must be in [1, 20]"))
+    try:
+        config = spec_to_config(spec, server_fields)
+    except ConfigError as e:
+        # The name's own check already said it; don't say it twice.
+        problems += [p for p in e.problems if not (p.field == "spec.adapter_name" and problems)]
+        raise ConfigError(problems, context="invalid job spec") from None
+    if problems:
+        raise ConfigError(problems, context="invalid job spec")
+    _check_resources(spec, config, capacity, problems)
+    model_ok = _check_model(spec, config, remote_code_allow or [], problems)
+    _check_data(config, problems)
+    estimate = None
+    if model_ok and check_memory and not problems and Path(config.model.name_or_path).expanduser().is_dir():
+        estimate = _check_memory(config, capacity, problems)
+    if problems:
+        raise ConfigError(problems, context="invalid job spec")
+    return Accepted(config, estimate)

@@ -1,0 +1,135 @@
+"""Helpers for trainer-service tests: a real server process on a loopback port, and job specs.
+
+The server runs as ``python -m services.trainer.server`` in its own process, so tests can SIGKILL it
+and start a new one on the same state directory, exactly as an operator's crash would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from lorafleet.v1 import trainer_pb2 as pb
+from lorafleet.v1 import trainer_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+
+@dataclass
+class TrainerProcess:
+    state_dir: Path
+    adapters_root: Path
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+    address: str = ""
+    metrics_url: str = ""
+    channel: grpc.Channel | None = None
+    stub: Any = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 60.0) -> TrainerProcess:
+        self.log_path = self.state_dir.parent / f"trainer-server-{time.time_ns()}.log"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "services.trainer.server", "--port", "0",
+             "--state-dir", str(self.state_dir), "--adapters-root", str(self.adapters_root),
+             "--poll-interval", "0.2", "--cancel-grace", "5", *self.extra],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.log_path.read_text()
+            found = re.search(r"listening on ([\d.]+:\d+)", text)
+            if found:
+                self.address = found.group(1)
+                metrics = re.search(r"metrics on (http://\S+)", text)
+                self.metrics_url = metrics.group(1) if metrics else ""
+                self.channel = grpc.insecure_channel(self.address)
+                self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"trainer server exited:\n{text}")
+            time.sleep(0.1)
+        raise TimeoutError(f"trainer server did not start:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (its training processes live on in their own sessions)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        if self.channel:
+            self.channel.close()
+
+    def stop(self) -> None:
+        if self.channel:
+            self.channel.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def server_log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def wait_for(self, job_id: str, states: tuple[int, ...] = TERMINAL, timeout: float = 300) -> pb.Job:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.stub.GetJob(pb.GetJobRequest(job_id=job_id))
+            if job.state in states:
+                return job
+            time.sleep(0.2)
+        raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)}:\n{self.server_log()[-3000:]}")
+
+
+def lora_spec(model: Path, datasets: dict[str, Path], **hyper: Any) -> pb.JobSpec:
+    """A short LoRA job on the tiny model and the PromptCBLUE-like data."""
+    h = {"max_steps": 12, "per_device_batch_size": 8, "learning_rate": 1e-2, "lr_scheduler": "constant",
+         "logging_steps": 2, "predict_with_generate": False, "num_threads": 1, **hyper}  # fmt: skip
+    return pb.JobSpec(
+        model=pb.ModelSpec(name_or_path=str(model)),
+        dataset=pb.DatasetSpec(
+            train_file=str(datasets["cblue_train"]),
+            validation_file=str(datasets["cblue_validation"]),
+            format="columns",
+            max_source_length=96,
+            max_target_length=8,
+            max_samples=160,
+        ),
+        method="lora",
+        lora=pb.LoraOptions(rank=8, alpha=16, dropout=0.0),
+        hyperparameters=pb.Hyperparameters(**h),
+        adapter_name="svc-lora",
+    )
+
+
+def processes_with_env(key: str, value: str) -> list[psutil.Process]:
+    """Live processes whose environment has ``key=value`` (every process of one job's attempts)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(key) == value and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def watch_all(stub: Any, job_id: str, timeout: float = 300) -> Iterator[pb.JobEvent]:
+    yield from stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout)
