@@ -76,7 +76,9 @@ def main() -> None:
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
+        warmup_steps=int(
+            args.steps * 0.05
+        ),  # transformers 5 dropped warmup_ratio; same rounding as lorafleet
         logging_steps=5,
         save_strategy="no",
         report_to=[],
@@ -84,7 +86,9 @@ def main() -> None:
         seed=args.seed,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        group_by_length=args.group_by_length,
+        train_sampling_strategy="group_by_length"
+        if args.group_by_length
+        else "random",  # transformers 5 name
         disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=counting_collator)

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.models import load_tokenizer
 
     _ensure_assets()
+    # A fresh directory: the recipe would otherwise find its own earlier adapter (same run id) and
+    # skip training, and the "measurement" would be a stale file.
+    shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True, exist_ok=True)
     overrides = [
         f"train.max_steps={args.steps}",

@@ -202,7 +202,7 @@ def launch_command(cfg: DistributedConfig, script_args: list[str]) -> list[str]:
             *module[1:],
         ]  # fmt: skip
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "lorafleet.torchrun",
         "--nnodes", str(cfg.nnodes), "--nproc_per_node", str(cfg.nproc_per_node),
         "--node_rank", str(cfg.node_rank), "--master_addr", cfg.master_addr,
         "--master_port", str(cfg.master_port), *module,

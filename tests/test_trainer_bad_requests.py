@@ -96,6 +96,12 @@ CASES: list[tuple[str, Callable[[pb.JobSpec], None], grpc.StatusCode, list[str]]
     ),
     ("unknown method", _set("method", "dpo"), INVALID, ["spec.method", "'dpo'"]),
     ("lora rank 0", _set("lora.rank", 0), INVALID, ["spec.lora.rank=0", "[1, 1024]"]),
+    (
+        "target module not in the model",
+        _set("lora.target_modules", ["nope_proj"]),
+        INVALID,
+        ["spec.lora.target_modules", "nope_proj", "q_proj"],
+    ),
     ("lora dropout 1", _set("lora.dropout", 1.0), INVALID, ["spec.lora.dropout=1.0"]),
     (
         "negative learning rate",

@@ -62,7 +62,7 @@ def _recipe_processes(job_id: str):
     found = []
     for p in processes_with_env("LORAFLEET_JOB_ID", job_id):
         cmd = " ".join(p.cmdline())
-        if "services.trainer.recipe" in cmd and "supervise" not in cmd and "torch.distributed.run" not in cmd:
+        if "services.trainer.recipe" in cmd and "supervise" not in cmd and "lorafleet.torchrun" not in cmd:
             found.append(p)
     return found
 
@@ -318,3 +318,28 @@ def test_prometheus_scrapes_job_counters(trainer, tiny_llama, bundled_data, tmp_
     body = urllib.request.urlopen(t.metrics_url, timeout=5).read()
     code, output = promtool_check_metrics(body)
     assert code == 0, output
+
+
+def test_invalid_job_found_at_run_time_is_not_retried(
+    trainer, tiny_llama, bundled_data, tmp_path: Path
+) -> None:
+    """The dataset is spoiled after the job was accepted: the recipe exits 2 (through torchrun too),
+    and the job fails at once instead of being retried like a crash."""
+    import shutil
+
+    t = trainer()
+    blocker = t.stub.SubmitJob(pb.SubmitJobRequest(spec=lora_spec(tiny_llama, bundled_data, max_steps=5000)))
+    data = dict(bundled_data)
+    data["cblue_train"] = tmp_path / "train.jsonl"
+    shutil.copy(bundled_data["cblue_train"], data["cblue_train"])
+    spec = lora_spec(tiny_llama, data)
+    spec.resources.processes_per_node = 2
+    spec.max_attempts = 3
+    job = t.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))
+    assert job.state == pb.JOB_STATE_QUEUED
+    data["cblue_train"].write_text("{broken\n" * 50)
+    t.stub.CancelJob(pb.CancelJobRequest(job_id=blocker.id))
+    final = t.wait_for(job.id, timeout=180)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert len(final.attempts) == 1 and final.attempts[0].exit_code == 2, final.attempts
+    assert final.reason.startswith("invalid job") and "train.jsonl" in final.reason, final.reason

@@ -302,7 +302,10 @@ class JobManager:
         for job in self.store.list_jobs([st.RUNNING], limit=10_000):
             if job.cancel_requested or not job.attempts:
                 continue
-            self._drive(job)
+            try:
+                self._drive(job)
+            except Exception:  # e.g. the Kubernetes API is briefly unreachable: try again next tick
+                log.exception("job %s: could not read its attempt's status", job.id)
         self._start_queued()
         self._update_gauges()
 

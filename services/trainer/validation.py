@@ -17,7 +17,7 @@ from lorafleet import data
 from lorafleet.adapters import validate_adapter_name
 from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
-from lorafleet.jobspec import spec_to_config
+from lorafleet.jobspec import spec_field, spec_to_config
 from lorafleet.memory import MemoryEstimate
 from lorafleet.v1 import trainer_pb2 as pb
 from services.trainer.launchers.base import Capacity
@@ -97,6 +97,9 @@ def _check_memory(config: RunConfig, cap: Capacity, problems: list[FieldProblem]
 
     try:
         estimate = estimate_for_config(config)
+    except ConfigError as e:  # e.g. target modules the model does not have
+        problems += [FieldProblem(spec_field(p.field), p.value, p.message) for p in e.problems]
+        return None
     except (LorafleetError, OSError, ValueError) as e:
         reason = e.reason if isinstance(e, LorafleetError) else str(e)
         problems.append(FieldProblem("spec.model.name_or_path", config.model.name_or_path,
