@@ -158,6 +158,8 @@ class TrainConfig:
     """Recompute activations in the backward pass to save memory."""
     group_by_length: bool = True
     """Batch samples of similar length together to waste less compute on padding."""
+    label_only_logits: bool = True
+    """Run the output head only where a label is trained: the same loss, less compute and memory."""
     logging_steps: int = 5
     """Write a metrics record every N optimizer steps."""
     eval_steps: int = 0

@@ -21,6 +21,7 @@ import torch
 from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.families import Family
+from lorafleet.fastpath import use_fast_lora_dropout
 from lorafleet.models import find_layer_prefixes, resolve_lora_targets
 
 PEFT_METHODS = ("lora", "qlora", "lora8bit", "ptuning")
@@ -92,6 +93,7 @@ def _prepare_lora(model: torch.nn.Module, config: RunConfig, family: Family) -> 
         use_rslora=lo.use_rslora,
     )
     peft_model = get_peft_model(model, peft_config)
+    use_fast_lora_dropout(peft_model)
     return PreparedModel(peft_model, "lora", {"target_modules": sorted(targets)})
 
 

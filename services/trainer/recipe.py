@@ -48,6 +48,7 @@ from lorafleet.distributed import (
 from lorafleet.errors import LorafleetError
 from lorafleet.estimate import estimate_run, model_dims
 from lorafleet.families import detect_family, get_family
+from lorafleet.fastpath import causal_lm_loss, supports_label_logits
 from lorafleet.methods import PreparedModel, prepare_model, quantization_for, save_artifact
 from lorafleet.models import base_model_fingerprint, count_parameters, load_model, load_tokenizer
 from lorafleet.runlog import RunRecorder, plot_loss, write_final_metrics
@@ -229,16 +230,17 @@ def _evaluate_loss(
     mine = batches[topo.rank :: topo.world_size]
     # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively).
     n_rounds = math.ceil(len(batches) / topo.world_size)
+    label_logits = config.train.label_only_logits and supports_label_logits(model)
     was_training = model.training
     model.eval()
     total_loss, total_tokens = 0.0, 0.0
     for i in range(n_rounds):
         idx = mine[i] if i < len(mine) else batches[0]
         batch = _to_device(data.collate([examples[j] for j in idx], pad_id), device)
-        out = model(**batch, use_cache=False)
+        loss = causal_lm_loss(model, batch, label_logits)
         n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if i < len(mine):
-            total_loss += float(out.loss) * n
+            total_loss += float(loss) * n
             total_tokens += n
     if was_training:
         model.train()
@@ -528,6 +530,7 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     if config.data.packing:
         collate = functools.partial(data.collate_packed, mode=packing_mode, mask_dtype=compute_dtype)
     accum = t.gradient_accumulation_steps
+    label_logits = t.label_only_logits and supports_label_logits(forward_model)
     model.train()
     window_loss, window_micro, window_tokens = 0.0, 0, 0
     window_start = time.perf_counter()
@@ -546,9 +549,9 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
             if engine is None and topo.distributed and not boundary:
                 sync = forward_model.no_sync()  # type: ignore[operator]
             with sync:
-                # use_cache=False: with a cache transformers skips packed-sequence detection and
-                # packed samples would silently attend to each other.
-                loss = forward_model(**batch, use_cache=False).loss
+                # use_cache=False (inside): with a cache transformers skips packed-sequence
+                # detection and packed samples would silently attend to each other.
+                loss = causal_lm_loss(forward_model, batch, label_logits)
                 if engine is not None:
                     engine.backward(loss)
                     engine.step()
