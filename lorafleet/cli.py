@@ -13,6 +13,11 @@ Run as:
     lorafleet jobs [--state running]                       list jobs
     lorafleet watch JOB                                    follow a job (progress bar with loss)
     lorafleet cancel JOB                                   cancel a job
+    lorafleet inference-server --model NAME=PATH [...]     run the inference gRPC service
+    lorafleet chat [--adapter NAME[@V]] [--message TEXT]   chat with a base model or adapter, streamed
+    lorafleet generate PROMPT [--adapter NAME[@V]]         complete a raw prompt, streamed
+    lorafleet models                                       base models and adapters of the service
+    lorafleet load NAME[@V] / lorafleet unload NAME[@V]    load or unload an adapter explicitly
 """
 
 from __future__ import annotations
@@ -119,6 +124,27 @@ def _trainer_server(args: argparse.Namespace) -> int:
     return server_main(args.rest)
 
 
+def _inference_server(args: argparse.Namespace) -> int:
+    from services.inference.server import main as server_main
+
+    return server_main(args.rest)
+
+
+def _inference_client(args: argparse.Namespace) -> int:
+    from services.inference.client import main as client_main
+
+    return client_main(args.command, args.rest)
+
+
+_INFERENCE_CLIENT_COMMANDS = (
+    ("chat", "chat with a base model or an adapter (REPL, or --message), streamed"),
+    ("generate", "complete a raw prompt, streamed"),
+    ("models", "list the inference service's base models and adapters"),
+    ("load", "load an adapter into the inference service"),
+    ("unload", "unload an adapter from the inference service"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafleet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,11 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=_client)
+    p = sub.add_parser("inference-server", help="run the inference gRPC service", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_inference_server)
+    for name, helptext in _INFERENCE_CLIENT_COMMANDS:
+        p = sub.add_parser(name, help=helptext, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=_inference_client)
     return parser
 
 
 _PASS_THROUGH = {"submit": _client, "jobs": _client, "watch": _client, "cancel": _client,
-                 "trainer-server": _trainer_server}  # fmt: skip
+                 "trainer-server": _trainer_server, "inference-server": _inference_server,
+                 **{name: _inference_client for name, _ in _INFERENCE_CLIENT_COMMANDS}}  # fmt: skip
 """Commands with parsers of their own: everything after the command name goes to them unparsed."""
 
 

@@ -111,7 +111,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AdapterStatus(_message.Message):
-    __slots__ = ("name", "version", "ref", "base_model", "state", "reason", "rank", "template", "method")
+    __slots__ = ("name", "version", "ref", "base_model", "state", "reason", "rank", "template", "method", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class AdapterStatus(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ref: str
@@ -130,7 +131,8 @@ class AdapterStatus(_message.Message):
     rank: int
     template: str
     method: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., base_model: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rank: _Optional[int] = ..., template: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., base_model: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rank: _Optional[int] = ..., template: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class BaseModelStatus(_message.Message):
     __slots__ = ("name", "path", "dtype", "quantization", "state", "reason", "template", "max_context")

@@ -139,12 +139,18 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
 
 
-def channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
-    """A client channel: TLS when a CA file is given, plaintext otherwise."""
+def channel(
+    address: str, tls_ca: str | None = None, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """A client channel: TLS when a CA file is given, plaintext otherwise.
+
+    Args:
+        options: gRPC channel arguments, e.g. ``[("grpc.max_reconnect_backoff_ms", 2000)]``.
+    """
     if tls_ca:
         creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-        return grpc.secure_channel(address, creds)
-    return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, creds, options=options)
+    return grpc.insecure_channel(address, options=options)
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:

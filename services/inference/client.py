@@ -1,0 +1,319 @@
+"""Client of the inference service: :class:`InferenceClient` and the command line
+``lorafleet chat | generate | models | load | unload``.
+
+    lorafleet chat [--adapter NAME[@V]] [--system TEXT]        interactive REPL, tokens streamed
+    lorafleet chat --message "How are you?" [--adapter A]      one question, streamed, then exit
+    lorafleet generate "Once upon a time" [--adapter A]        one raw prompt (no template), streamed
+    lorafleet models                                           base models and adapters with state
+    lorafleet load NAME[@V] | lorafleet unload NAME[@V]        explicit adapter load / unload
+
+The address, token and TLS CA come from flags or LORAFLEET_INFERENCE_ADDR, LORAFLEET_INFERENCE_TOKEN,
+LORAFLEET_INFERENCE_TLS_CA (like the trainer client). Sampling flags left unset take the server's
+defaults; ``--temperature 0`` is greedy. Errors print the server's status code and message (which
+names the field and value) and exit with 2; a REPL turn that fails prints the error and goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import grpc
+
+from lorafleet.v1 import inference_pb2 as pb
+from lorafleet.v1 import inference_pb2_grpc
+from services.common.grpc_util import channel
+
+_FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
+ROLES = ("system", "user", "assistant")
+
+
+def finish_name(reason: int) -> str:
+    return _FINISH_NAMES.get(reason, str(reason))
+
+
+@dataclass
+class StreamResult:
+    """A whole streamed answer: text, token ids, and the usage of the last chunk."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    usage: pb.Usage | None = None
+
+
+class InferenceClient:
+    """A small wrapper over the stub: bearer token on LoadAdapter/UnloadAdapter, optional TLS, and
+    a default deadline per call (``timeout``; None = none).
+
+    Example::
+
+        with InferenceClient("127.0.0.1:50052") as client:
+            for chunk in client.chat_stream([("user", "hi")], adapter="support@2"):
+                print(chunk.text, end="", flush=True)
+    """
+
+    def __init__(self, addr: str, token: str = "", tls_ca: str = "", timeout: float | None = 300.0) -> None:
+        self.addr = addr
+        self.channel = channel(addr, tls_ca or None)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout = timeout
+
+    # -- requests ----------------------------------------------------------------------------
+
+    @staticmethod
+    def messages(items: Sequence[tuple[str, str]]) -> list[pb.ChatMessage]:
+        return [pb.ChatMessage(role=role, content=content) for role, content in items]
+
+    def generate(
+        self, prompt: str, adapter: str = "", model: str = "", sampling: pb.SamplingParams | None = None
+    ) -> pb.GenerateResponse:
+        request = pb.GenerateRequest(model=model, adapter=adapter, prompt=prompt, sampling=sampling)
+        return self.stub.Generate(request, timeout=self.timeout)
+
+    def generate_stream(
+        self, prompt: str, adapter: str = "", model: str = "", sampling: pb.SamplingParams | None = None
+    ) -> Iterator[pb.GenerateChunk]:
+        request = pb.GenerateRequest(model=model, adapter=adapter, prompt=prompt, sampling=sampling)
+        yield from self._stream(self.stub.GenerateStream(request, timeout=self.timeout))
+
+    def chat(
+        self,
+        messages: Sequence[tuple[str, str]],
+        adapter: str = "",
+        model: str = "",
+        sampling: pb.SamplingParams | None = None,
+    ) -> pb.GenerateResponse:
+        request = pb.ChatRequest(
+            model=model, adapter=adapter, messages=self.messages(messages), sampling=sampling
+        )
+        return self.stub.Chat(request, timeout=self.timeout)
+
+    def chat_stream(
+        self,
+        messages: Sequence[tuple[str, str]],
+        adapter: str = "",
+        model: str = "",
+        sampling: pb.SamplingParams | None = None,
+    ) -> Iterator[pb.GenerateChunk]:
+        request = pb.ChatRequest(
+            model=model, adapter=adapter, messages=self.messages(messages), sampling=sampling
+        )
+        yield from self._stream(self.stub.ChatStream(request, timeout=self.timeout))
+
+    @staticmethod
+    def _stream(call: Any) -> Iterator[pb.GenerateChunk]:
+        """Yield the chunks; cancel the call when the consumer stops early (frees the server's slot)."""
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+
+    def load_adapter(self, adapter: str, model: str = "") -> pb.AdapterStatus:
+        request = pb.LoadAdapterRequest(model=model, adapter=adapter)
+        return self.stub.LoadAdapter(request, timeout=self.timeout, metadata=self.metadata)
+
+    def unload_adapter(self, adapter: str, model: str = "") -> pb.AdapterStatus:
+        request = pb.UnloadAdapterRequest(model=model, adapter=adapter)
+        return self.stub.UnloadAdapter(request, timeout=self.timeout, metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def print_stream(chunks: Iterator[pb.GenerateChunk], out: IO[str]) -> StreamResult:
+    """Write each text delta to ``out`` as it arrives; returns the whole answer."""
+    result = StreamResult()
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+        result.text += chunk.text
+        result.token_ids.extend(chunk.token_ids)
+        if chunk.HasField("usage"):
+            result.usage = chunk.usage
+    out.write("\n")
+    out.flush()
+    return result
+
+
+def usage_line(usage: pb.Usage | None) -> str:
+    if usage is None:
+        return "[no usage: the stream ended early]"
+    adapter = usage.adapter or "base model"
+    template = f", template {usage.template}" if usage.template else ""
+    return (
+        f"[{adapter}{template}: {usage.prompt_tokens} prompt + {usage.generated_tokens} generated tokens, "
+        f"finish {finish_name(usage.finish_reason)}, first token {usage.time_to_first_token_s * 1000:.0f} ms, "
+        f"total {usage.total_time_s:.2f} s]"
+    )
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def add_connection_args(ap: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    ap.add_argument("--target", "--addr", dest="target", default=env("LORAFLEET_INFERENCE_ADDR", "127.0.0.1:50052"),
+                    help="HOST:PORT of the inference service (env LORAFLEET_INFERENCE_ADDR)")  # fmt: skip
+    ap.add_argument("--token", default=env("LORAFLEET_INFERENCE_TOKEN", ""),
+                    help="bearer token for load/unload (env LORAFLEET_INFERENCE_TOKEN)")  # fmt: skip
+    ap.add_argument("--tls-ca", default=env("LORAFLEET_INFERENCE_TLS_CA", ""),
+                    help="PEM CA of a TLS server (env LORAFLEET_INFERENCE_TLS_CA)")  # fmt: skip
+    ap.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
+    ap.add_argument("--model", default="", help="base model name (optional when the server has one)")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--adapter", default="", help="NAME or NAME@VERSION; empty = the base model")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server default)")
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--repetition-penalty", type=float, default=None)
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--quiet", "-q", action="store_true", help="print only the answer, no usage line")
+
+
+def sampling_from_args(args: argparse.Namespace) -> pb.SamplingParams:
+    """The flags the user set; unset ones stay unset so the server's defaults apply."""
+    s = pb.SamplingParams(stop=args.stop)
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                 "no_repeat_ngram_size", "seed"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, value)
+    return s
+
+
+def _print_models(response: pb.ListModelsResponse, out: IO[str]) -> None:
+    out.write(
+        f"{'MODEL':<16} {'STATE':<8} {'QUANT':<6} {'DTYPE':<5} {'CONTEXT':>7}  {'TEMPLATE':<10} REASON\n"
+    )
+    for m in response.models:
+        out.write(
+            f"{m.name:<16} {m.state:<8} {m.quantization:<6} {m.dtype:<5} {m.max_context:>7}  "
+            f"{m.template:<10} {m.reason}\n"
+        )
+    out.write(
+        f"\n{'ADAPTER':<28} {'MODEL':<12} {'STATE':<10} {'RANK':>4}  {'METHOD':<7} {'TEMPLATE':<10} REASON\n"
+    )
+    for a in sorted(response.adapters, key=lambda a: (a.model, a.name, a.version)):
+        out.write(
+            f"{a.ref:<28} {a.model:<12} {a.state:<10} {a.rank:>4}  {a.method:<7} {a.template:<10} "
+            f"{a.reason}\n"
+        )
+
+
+def _print_status(status: pb.AdapterStatus, out: IO[str]) -> None:
+    reason = f" ({status.reason})" if status.reason else ""
+    out.write(f"{status.ref} on {status.model}: {status.state}{reason}\n")
+
+
+def _repl(
+    client: InferenceClient, args: argparse.Namespace, sampling: pb.SamplingParams, inp: IO[str], out: IO[str]
+) -> int:
+    """Read a line, stream the answer, keep the conversation; ``/reset`` clears it, ``/exit`` or EOF
+    ends. A failed turn prints the error and is dropped from the history."""
+    history: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    who = args.adapter or "base model"
+    out.write(
+        f"chatting with {who} at {client.addr}; /reset clears the conversation, /exit or Ctrl-D quits\n"
+    )
+    while True:
+        out.write("> ")
+        out.flush()
+        line = inp.readline()
+        if not line:
+            out.write("\n")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            history = history[:1] if args.system else []
+            out.write("(conversation cleared)\n")
+            continue
+        turn = [*history, ("user", text)]
+        try:
+            result = print_stream(client.chat_stream(turn, args.adapter, args.model, sampling), out)
+        except grpc.RpcError as e:
+            out.write(f"\nerror: {e.code().name}: {e.details()}\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (the call is cancelled), not the REPL
+            out.write("\n(interrupted)\n")
+            continue
+        if not args.quiet:
+            out.write(usage_line(result.usage) + "\n")
+        history = [*turn, ("assistant", result.text)]
+
+
+def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
+    """``lorafleet chat | generate | models | load | unload``; returns the exit status."""
+    inp = sys.stdin if inp is None else inp
+    out = sys.stdout if out is None else out
+    ap = argparse.ArgumentParser(prog=f"lorafleet {command}")
+    add_connection_args(ap)
+    if command == "chat":
+        add_sampling_args(ap)
+        ap.add_argument("--message", "-m", default=None, help="ask one question, print the answer, exit")
+        ap.add_argument("--system", default="", help="system message")
+    elif command == "generate":
+        add_sampling_args(ap)
+        ap.add_argument("prompt", help="the raw prompt (no chat template); '-' reads it from stdin")
+    elif command in ("load", "unload"):
+        ap.add_argument("adapter", help="NAME or NAME@VERSION")
+    elif command != "models":
+        raise ValueError(f"unknown inference client command {command!r}")
+    args = ap.parse_args(argv)
+    client = InferenceClient(args.target, args.token, args.tls_ca, args.timeout)
+    try:
+        if command == "models":
+            _print_models(client.list_models(), out)
+            return 0
+        if command == "load":
+            _print_status(client.load_adapter(args.adapter, args.model), out)
+            return 0
+        if command == "unload":
+            _print_status(client.unload_adapter(args.adapter, args.model), out)
+            return 0
+        sampling = sampling_from_args(args)
+        if command == "generate":
+            prompt = inp.read() if args.prompt == "-" else args.prompt
+            result = print_stream(client.generate_stream(prompt, args.adapter, args.model, sampling), out)
+        elif args.message is not None:
+            messages = [("system", args.system)] if args.system else []
+            messages.append(("user", args.message))
+            result = print_stream(client.chat_stream(messages, args.adapter, args.model, sampling), out)
+        else:
+            return _repl(client, args, sampling, inp, out)
+        if not args.quiet:
+            print(usage_line(result.usage), file=sys.stderr)
+        return 0 if result.usage is not None else 1
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+__all__ = ["InferenceClient", "StreamResult", "finish_name", "main", "print_stream", "usage_line"]

@@ -1,0 +1,962 @@
+"""The generation engine: continuous batching of requests for many LoRA adapters over one base model.
+
+One background thread owns the model and runs the decode loop. Each iteration:
+
+1. drops rows whose request was cancelled (their adapter slot was already released by ``cancel``);
+2. admits waiting requests, round-robin over the adapters that have requests waiting (so a burst
+   for one adapter cannot starve the others), while the batch has room and an adapter slot can be
+   found; loads adapters into free slots (least recently used slot first);
+3. prefills the admitted prompts together (left-padded) and emits their first token;
+4. merges their KV cache into the running batch and runs ONE decode step for every row, rows of
+   different adapters and base rows in the same forward (``LoraSlots`` applies each row's delta);
+5. emits tokens, and removes finished rows from the batch.
+
+KV cache layout: one transformers ``DynamicCache`` for the running batch, every row right-aligned
+(left padding). Joining pads the shorter side on the left with zeros and concatenates on the batch
+dimension; leaving selects the remaining rows and trims columns that are padding in every row. Each
+row keeps its own length, from which the attention mask (padding masked) and position ids (the
+row's own token count) are built, so every row computes what it would compute alone.
+
+Adapter slots are reference-counted by in-flight requests: a slot holding ``a@1`` stays until its
+last request finishes, even when ``a@2`` arrives (``a@2`` gets another slot; slots are keyed by
+``AdapterWeights.ref``). A slot whose count is 0 keeps its weights for reuse until another adapter
+needs it. When no slot can be had, the request waits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.inference.lora_batch import AdapterWeights, LoraSlots, Mode
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+_BASE_KEY = ""  # waiting-queue key of base-model requests
+
+
+class EngineError(Exception):
+    """Base class of the engine's errors."""
+
+
+class QueueFull(EngineError):
+    """``submit`` refused a request: ``max_queued`` requests are already waiting."""
+
+
+class PromptTooLong(EngineError, ValueError):
+    """The prompt leaves no room for a generated token within the model's context length."""
+
+
+class EngineClosed(EngineError):
+    """The engine was closed before the request could finish."""
+
+
+class RequestFailed(EngineError):
+    """The request failed inside the engine (bad adapter, model error); others keep running."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; the semantics follow HF ``generate``.
+
+    Attributes:
+        max_new_tokens: generated-token limit (finish reason ``length``).
+        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling mass (1 = off).
+        top_k: keep the k most likely tokens (0 = off).
+        repetition_penalty: HF/CTRL penalty over prompt and generated tokens (1 = off).
+        no_repeat_ngram_size: forbid repeating any n-gram of the sequence (0 = off).
+        stop_token_ids: tokens that end generation (finish reason ``stop``; the token is returned).
+        stop_strings: texts that end generation; the returned text is cut before them.
+        seed: seed of this request's own ``torch.Generator``; None draws one from torch's default.
+        ignore_eos: do not stop at the model's eos token.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append("max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            problems.append("repetition_penalty must be > 0")
+        if self.no_repeat_ngram_size < 0:
+            problems.append("no_repeat_ngram_size must be >= 0")
+        if any(not s for s in self.stop_strings):
+            problems.append("stop_strings must not be empty strings")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt token ids, the adapter (None = base model) and sampling params.
+
+    ``detokenize=False`` skips incremental detokenization (events then carry no text) unless stop
+    strings need it; useful for token-only clients and benchmarks.
+    """
+
+    prompt_ids: Sequence[int]
+    adapter: AdapterWeights | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+    detokenize: bool = True
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one step produced for a request: new token ids and the text they completed.
+
+    ``text`` can be empty while a multi-byte character or a possible stop string is incomplete; the
+    held-back text comes with a later event.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    ttft_s: float | None
+    e2e_s: float
+
+
+class EngineObserver:
+    """Hooks the engine calls from its loop thread; override what you need (the server turns them
+    into Prometheus metrics). Defaults do nothing. Exceptions raised here are logged and ignored, so
+    metrics can never stall generation. Keep them fast: they run between decode steps."""
+
+    def on_step(self, batch_size: int, adapters_in_batch: int, prefill_tokens: int, seconds: float) -> None:
+        """After each loop iteration that ran the model; ``prefill_tokens`` is 0 for pure decode."""
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        """After each iteration: requests waiting for admission, and rows in the batch."""
+
+    def on_first_token(self, ttft_s: float, queue_s: float) -> None:
+        """A request's first token; ``queue_s`` is the part of ``ttft_s`` spent waiting."""
+
+    def on_token(self, inter_token_s: float) -> None:
+        """Each later token of a request: time since its previous token."""
+
+    def on_finish(self, reason: str, prompt_tokens: int, generated_tokens: int, e2e_s: float) -> None:
+        """A request ended (``stop``, ``length``, ``cancelled`` or ``error``)."""
+
+    def on_adapter_load(self, ref: str, seconds: float, ok: bool) -> None:
+        """An adapter was copied into a slot (or failed to)."""
+
+
+_END = object()
+
+
+class RequestHandle:
+    """The caller's side of a submitted request; all methods are thread-safe.
+
+    Iterate it to stream ``TokenEvent``s as they are generated (iteration ends when the request
+    finishes and raises its error if it failed), or call ``result()`` to wait for the whole answer.
+    Both can be used together: ``result()`` does not consume the stream.
+    """
+
+    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._tokens: list[int] = []
+        self._text = ""
+        self._finish_reason: str | None = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            event = self._events.get()
+            if event is _END:
+                self._events.put(_END)  # a second iteration also ends
+                if self._error is not None:
+                    raise self._error
+                return
+            yield event
+
+    def cancel(self) -> None:
+        """Stop generating; the adapter slot is released before this returns. No-op once done."""
+        self._engine._cancel(self)
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the request to finish and return it.
+
+        Raises:
+            TimeoutError: not finished within ``timeout`` seconds.
+            RequestFailed / EngineClosed: the request failed.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._finish_reason is not None and self.finished_at is not None
+        return GenerationResult(
+            request_id=self.request_id,
+            token_ids=list(self._tokens),
+            text=self._text,
+            finish_reason=self._finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            ttft_s=self.ttft_s,
+            e2e_s=self.finished_at - self.submitted_at,
+        )
+
+    @property
+    def done(self) -> bool:
+        """True once finished, cancelled or failed."""
+        return self._done.is_set()
+
+    @property
+    def finish_reason(self) -> str | None:
+        """``stop``, ``length``, ``cancelled``, ``error``; None while running."""
+        return self._finish_reason
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from ``submit`` to the first token (None before it)."""
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Tokens generated so far (a copy)."""
+        return list(self._tokens)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the request failed, if it did."""
+        return self._error
+
+    # Called by the engine only.
+    def _emit(self, token_ids: tuple[int, ...], text: str) -> None:
+        self._tokens.extend(token_ids)
+        self._text += text
+        self._events.put(TokenEvent(token_ids, text))
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self._finish_reason = reason
+        self._error = error
+        self.finished_at = time.monotonic()
+        self._events.put(_END)
+        self._done.set()
+
+
+class _Detokenizer:
+    """Incremental detokenization with stop-string hold-back.
+
+    Decodes a window of recent tokens and emits only text that is final: not ending in an
+    incomplete UTF-8 sequence (byte-level BPE yields U+FFFD until the character is complete) and not
+    a possible beginning of a stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = stop_strings
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # all final text so far
+        self.emitted = 0  # characters of ``text`` already emitted
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns ``(text to emit now, whether a stop string matched)``."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop_strings:
+            start = max(0, self.emitted - max(len(s) for s in self.stop_strings))
+            hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self._take(len(self.text)), True
+            return self._take(len(self.text) - self._held_back()), False
+        return self._take(len(self.text)), False
+
+    def flush(self) -> str:
+        """Everything not emitted yet (at the end of the request)."""
+        return self._take(len(self.text))
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that could still grow into a stop string."""
+        best = 0
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self.emitted)
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out
+
+
+class _Seq:
+    """Engine-side state of one request."""
+
+    def __init__(self, handle: RequestHandle, request: GenerationRequest, stop_ids: frozenset[int]) -> None:
+        self.handle = handle
+        self.prompt = [int(t) for t in request.prompt_ids]
+        self.adapter = request.adapter
+        self.key = request.adapter.ref if request.adapter is not None else _BASE_KEY
+        self.params = request.params
+        self.stop_ids = stop_ids
+        self.generated: list[int] = []
+        self.slot = -1
+        self.slot_held = False
+        self.cancelled = False
+        self.length = 0  # tokens in the KV cache for this row
+        self.last_token_at = 0.0
+        self.admitted_at = 0.0
+        self.generator: torch.Generator | None = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator()
+            seed = request.params.seed
+            self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        self.detok: _Detokenizer | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+class Engine:
+    """Continuous-batching generation over one base model with many LoRA adapters.
+
+    Args:
+        model: a transformers causal LM (fp32/bf16/fp16 or bitsandbytes 4/8-bit); put in eval mode.
+        tokenizer: for text deltas and stop strings; None = token ids only.
+        num_slots: adapters resident at once (see ``LoraSlots``).
+        max_rank: the largest adapter rank accepted.
+        target_modules: linear layers adapters may adapt; None = all but the output head.
+        max_batch_size: rows decoded together.
+        max_queued: requests waiting for admission before ``submit`` raises ``QueueFull``.
+        max_context: tokens a sequence (prompt + generated) may hold; None = the model's
+            ``max_position_embeddings``.
+        max_prefill_tokens: prompt tokens prefilled per iteration (at least one request is always
+            admitted); bounds how long one iteration stalls the running rows.
+        lora_dtype: dtype of the slot tables (float32 matches PEFT).
+        lora_mode: ``auto``, ``group`` or ``gather`` (see ``lora_batch``).
+        observer: metric hooks.
+        start: start the loop thread now (else call ``start()``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any | None = None,
+        *,
+        num_slots: int = 8,
+        max_rank: int = 64,
+        target_modules: Sequence[str] | None = None,
+        max_batch_size: int = 32,
+        max_queued: int = 1024,
+        max_context: int | None = None,
+        max_prefill_tokens: int = 4096,
+        lora_dtype: torch.dtype = torch.float32,
+        lora_mode: Mode = "auto",
+        observer: EngineObserver | None = None,
+        start: bool = True,
+    ) -> None:
+        if max_batch_size < 1 or max_queued < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queued >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        from transformers import PreTrainedConfig
+
+        config = getattr(model, "config", None)
+        # The KV cache is built from the config (layer types: full or sliding-window attention).
+        self._model_config: PreTrainedConfig | None = config if isinstance(config, PreTrainedConfig) else None
+        model_ctx = getattr(config, "max_position_embeddings", None)
+        if max_context is None and model_ctx is None:
+            raise ValueError("the model config has no max_position_embeddings; pass max_context")
+        self.max_context = int(min(x for x in (max_context, model_ctx) if x is not None))
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+        vocab = getattr(embeddings, "num_embeddings", None) or getattr(config, "vocab_size", None)
+        if not isinstance(vocab, int):
+            raise ValueError("cannot tell the model's vocabulary size (no input embeddings, no vocab_size)")
+        self.vocab_size = vocab
+        self.slots = LoraSlots(model, target_modules, num_slots, max_rank, lora_dtype, lora_mode)
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens
+        self.observer = observer or EngineObserver()
+        self.device = next(model.parameters()).device
+        gen_config = getattr(model, "generation_config", None)
+        eos = getattr(gen_config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        pad = getattr(gen_config, "pad_token_id", None)
+        self._pad_id = int(pad) if isinstance(pad, int) else (min(self.eos_ids) if self.eos_ids else 0)
+
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[_Seq]] = OrderedDict()
+        self._rr_order: list[str] = []  # adapter keys in round-robin order
+        self._rr_next = 0
+        self._num_waiting = 0
+        self._cancelled: list[_Seq] = []
+        self._closed = False
+        # Slot bookkeeping (guarded by _cond): which ref each slot holds, in-flight users, last use.
+        self._slot_ref: list[str | None] = [None] * num_slots
+        self._slot_users = [0] * num_slots
+        self._slot_used_at = [0.0] * num_slots
+        self._ref_slot: dict[str, int] = {}
+        # Loop-thread state.
+        self._running: list[_Seq] = []
+        self._cache: Any = None
+        self._ids = itertools.count()
+        self._counters = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "prefills": 0}
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------------------------------
+    # Public API
+
+    def start(self) -> None:
+        """Start the decode loop thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lorafleet-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; returns at once with its handle.
+
+        Raises:
+            PromptTooLong: empty prompt, or no room for one generated token within ``max_context``.
+            ValueError: a prompt token id outside the vocabulary (it would fail the whole batch's
+                forward, not just this request), or the adapter does not fit this engine (rank,
+                modules, shapes).
+            QueueFull: ``max_queued`` requests are waiting.
+            EngineClosed: after ``close()``.
+        """
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise PromptTooLong("the prompt is empty; give at least one token")
+        if n >= self.max_context:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; the model's context is {self.max_context} tokens, so a prompt "
+                f"may have at most {self.max_context - 1}"
+            )
+        bad = [t for t in request.prompt_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt_ids holds {len(bad)} token id(s) outside the vocabulary [0, {self.vocab_size}), "
+                f"e.g. {bad[0]}"
+            )
+        if request.adapter is not None:
+            self.slots.validate(request.adapter)
+        stop_ids = frozenset(request.params.stop_token_ids) | (
+            frozenset() if request.params.ignore_eos else self.eos_ids
+        )
+        rid = request.request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(self, rid, n)
+        seq = _Seq(handle, request, stop_ids)
+        if self.tokenizer is not None and (request.detokenize or request.params.stop_strings):
+            seq.detok = _Detokenizer(self.tokenizer, request.params.stop_strings)
+        elif request.params.stop_strings:
+            raise ValueError("stop_strings need an engine with a tokenizer")
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._num_waiting >= self.max_queued:
+                raise QueueFull(f"{self._num_waiting} requests are waiting (max_queued={self.max_queued})")
+            if seq.key not in self._waiting:
+                self._waiting[seq.key] = deque()
+                self._rr_order.append(seq.key)
+            self._waiting[seq.key].append(seq)
+            self._num_waiting += 1
+            self._cond.notify_all()
+        return handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Submit and wait (convenience for tests and scripts)."""
+        return self.submit(request).result(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests not finished fail with ``EngineClosed``. Unhooks the model."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            leftovers = [s for p in self._waiting.values() for s in p] + self._running
+            self._waiting.clear()
+            self._num_waiting = 0
+            self._running = []
+        for seq in leftovers:
+            seq.handle._finish(FINISH_ERROR, EngineClosed("the engine was closed"))
+        self.slots.remove()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: counters, queue sizes, and per slot its adapter ref and in-flight users."""
+        with self._cond:
+            return {
+                **self._counters,
+                "waiting": self._num_waiting,
+                "running": len(self._running),
+                "slots": [
+                    {"ref": ref, "users": users}
+                    for ref, users in zip(self._slot_ref, self._slot_users, strict=True)
+                ],
+            }
+
+    # ------------------------------------------------------------------------------------------
+    # Slots and admission (called with _cond held)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cond:
+            if handle.done:
+                return
+            for key, pending in self._waiting.items():
+                for seq in pending:
+                    if seq.handle is handle:
+                        pending.remove(seq)
+                        self._num_waiting -= 1
+                        self._drop_key_if_empty(key)
+                        self._finish(seq, FINISH_CANCELLED)
+                        return
+            for seq in self._running:
+                if seq.handle is handle and not seq.cancelled:
+                    seq.cancelled = True
+                    self._release_slot(seq)  # the loop drops the row before it loads any adapter
+                    self._cancelled.append(seq)
+                    self._finish(seq, FINISH_CANCELLED)
+                    self._cond.notify_all()
+                    return
+
+    def _drop_key_if_empty(self, key: str) -> None:
+        if not self._waiting.get(key):
+            self._waiting.pop(key, None)
+            idx = self._rr_order.index(key)
+            self._rr_order.pop(idx)
+            if idx < self._rr_next:
+                self._rr_next -= 1
+
+    def _acquire_slot(self, seq: _Seq) -> bool:
+        """Give ``seq`` a slot for its adapter; False when every slot is busy with other adapters."""
+        if seq.adapter is None:
+            seq.slot = -1
+            return True
+        ref = seq.adapter.ref
+        slot = self._ref_slot.get(ref)
+        if slot is None:
+            free = [s for s in range(self.slots.num_slots) if self._slot_users[s] == 0]
+            if not free:
+                return False
+            slot = min(free, key=lambda s: (self._slot_ref[s] is not None, self._slot_used_at[s]))
+            old = self._slot_ref[slot]
+            if old is not None:
+                del self._ref_slot[old]
+            began = time.perf_counter()
+            try:
+                self.slots.load(slot, seq.adapter)
+            except Exception as e:  # a bad adapter fails its request only
+                self._slot_ref[slot] = None
+                self.slots.clear(slot)
+                self._notify("on_adapter_load", ref, time.perf_counter() - began, False)
+                raise RequestFailed(f"cannot load adapter {ref!r}: {e}") from e
+            self._notify("on_adapter_load", ref, time.perf_counter() - began, True)
+            self._slot_ref[slot] = ref
+            self._ref_slot[ref] = slot
+        self._slot_users[slot] += 1
+        self._slot_used_at[slot] = time.monotonic()
+        seq.slot, seq.slot_held = slot, True
+        return True
+
+    def _release_slot(self, seq: _Seq) -> None:
+        if seq.slot_held:
+            self._slot_users[seq.slot] -= 1
+            self._slot_used_at[seq.slot] = time.monotonic()
+            seq.slot_held = False
+
+    def _admit(self) -> list[_Seq]:
+        """Pick waiting requests round-robin over adapter keys while the batch has room."""
+        room = self.max_batch_size - len(self._running)
+        admitted: list[_Seq] = []
+        budget = self.max_prefill_tokens
+        blocked: set[str] = set()
+        while room > 0 and self._rr_order and len(blocked) < len(self._rr_order):
+            if self._rr_next >= len(self._rr_order):
+                self._rr_next = 0
+            key = self._rr_order[self._rr_next]
+            pending = self._waiting[key]
+            seq = pending[0]
+            if key in blocked or (admitted and len(seq.prompt) > budget):
+                blocked.add(key)
+                self._rr_next += 1
+                continue
+            try:
+                got = self._acquire_slot(seq)
+            except RequestFailed as e:
+                pending.popleft()
+                self._num_waiting -= 1
+                self._finish(seq, FINISH_ERROR, e)
+                got = None
+            if got is False:
+                blocked.add(key)
+                self._rr_next += 1
+                continue
+            if got:
+                pending.popleft()
+                self._num_waiting -= 1
+                admitted.append(seq)
+                room -= 1
+                budget -= len(seq.prompt)
+            if not pending:
+                self._drop_key_if_empty(key)  # the next key slides into _rr_next
+            else:
+                self._rr_next += 1
+        return admitted
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._running and not self._num_waiting:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    cancelled, self._cancelled = self._cancelled, []
+                    if cancelled:
+                        self._remove_rows([s for s in self._running if s.cancelled])
+                    admitted = self._admit()
+                    waiting = self._num_waiting
+                if not admitted and not self._running:
+                    # Everything waiting is blocked on slots held by nobody running: cannot happen
+                    # unless all waiting requests failed; loop again to re-check.
+                    self._notify("on_queue", waiting, 0)
+                    time.sleep(0.001)
+                    continue
+                began = time.perf_counter()
+                prefill_tokens = sum(len(s.prompt) for s in admitted)
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._running:
+                        self._decode_step()
+                except Exception as e:  # a model error fails the batch, not the engine
+                    logger.exception("generation step failed; failing %d requests", len(self._running))
+                    with self._cond:
+                        failed = self._running + [s for s in admitted if s not in self._running]
+                        self._running, self._cache = [], None
+                        for seq in failed:
+                            self._release_slot(seq)
+                            self._finish(seq, FINISH_ERROR, RequestFailed(f"generation failed: {e}"))
+                    continue
+                self._counters["steps"] += 1
+                adapters = len({s.slot for s in self._running if s.slot >= 0})
+                self._notify(
+                    "on_step", len(self._running), adapters, prefill_tokens, time.perf_counter() - began
+                )
+                self._notify("on_queue", waiting, len(self._running))
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> Any:
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out
+
+    def _prefill(self, admitted: list[_Seq]) -> None:
+        """Prefill new prompts as one left-padded batch, emit first tokens, merge survivors."""
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt) for s in admitted)
+        n = len(admitted)
+        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, seq in enumerate(admitted):
+            ids[i, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
+            mask[i, width - len(seq.prompt) :] = 1
+            seq.length = len(seq.prompt)
+            seq.admitted_at = time.monotonic()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.slots.set_rows(torch.tensor([s.slot for s in admitted]))
+        cache = DynamicCache(config=self._model_config)
+        out = self._forward(ids, mask, positions, cache)
+        self._counters["prefills"] += 1
+        if n > 1 and bool((mask == 0).any()):
+            # Padded positions hold keys/values of pad tokens; zero them so nothing non-finite can
+            # leak through a masked attention weight.
+            keep = mask.bool().to(self.device)[:, None, :, None]
+            for layer in self._layers(cache):
+                layer.keys = torch.where(keep, layer.keys, 0.0)
+                layer.values = torch.where(keep, layer.values, 0.0)
+        tokens = self._sample(admitted, out.logits[:, -1, :])
+        survivors = [
+            i for i, (seq, tok) in enumerate(zip(admitted, tokens, strict=True)) if not self._accept(seq, tok)
+        ]
+        if len(survivors) < n:
+            with self._cond:
+                for i in range(n):
+                    if i not in survivors:
+                        self._release_slot(admitted[i])
+            if not survivors:
+                return
+            sel = torch.tensor(survivors, device=self.device)
+            for layer in self._layers(cache):
+                layer.keys = layer.keys.index_select(0, sel)
+                layer.values = layer.values.index_select(0, sel)
+        self._join([admitted[i] for i in survivors], cache)
+
+    def _layers(self, cache: Any) -> list[Any]:
+        layers = list(cache.layers)
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise NotImplementedError("sliding-window or non-dynamic KV caches are not supported")
+        return layers
+
+    def _join(self, seqs: list[_Seq], cache: Any) -> None:
+        """Append rows (with their cache) to the running batch, left-padding the narrower side."""
+        with self._cond:
+            if not self._running:
+                self._running, self._cache = list(seqs), cache
+                self._trim()
+                return
+            old_layers, new_layers = self._layers(self._cache), self._layers(cache)
+            t_old, t_new = old_layers[0].keys.shape[-2], new_layers[0].keys.shape[-2]
+            width = max(t_old, t_new)
+            for old, new in zip(old_layers, new_layers, strict=True):
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            self._running.extend(seqs)
+
+    def _remove_rows(self, leaving: list[_Seq]) -> None:
+        """Drop rows from the batch and its cache (slots are released by the caller)."""
+        if not leaving:
+            return
+        gone = {id(s) for s in leaving}
+        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
+        self._running = [self._running[i] for i in keep]
+        if not self._running:
+            self._cache = None
+            return
+        sel = torch.tensor(keep, device=self.device)
+        for layer in self._layers(self._cache):
+            layer.keys = layer.keys.index_select(0, sel)
+            layer.values = layer.values.index_select(0, sel)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading cache columns that are padding in every row."""
+        layers = self._layers(self._cache)
+        width = layers[0].keys.shape[-2]
+        needed = max(s.length for s in self._running)
+        if needed < width:
+            for layer in layers:
+                layer.keys = layer.keys[:, :, width - needed :, :]
+                layer.values = layer.values[:, :, width - needed :, :]
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        width = self._layers(self._cache)[0].keys.shape[-2]
+        lengths = torch.tensor([s.length for s in rows])
+        ids = torch.tensor([[s.generated[-1]] for s in rows])
+        mask = (torch.arange(width + 1)[None, :] >= (width - lengths)[:, None]).long()
+        positions = lengths[:, None]
+        self.slots.set_rows(torch.tensor([s.slot for s in rows]))
+        out = self._forward(ids, mask, positions, self._cache)
+        for seq in rows:
+            seq.length += 1
+        tokens = self._sample(rows, out.logits[:, -1, :])
+        finished = [seq for seq, tok in zip(rows, tokens, strict=True) if self._accept(seq, tok)]
+        if finished:
+            with self._cond:
+                for seq in finished:
+                    self._release_slot(seq)
+                self._remove_rows(finished)
+
+    # ------------------------------------------------------------------------------------------
+    # Tokens
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """Pick the next token of each row: HF's processors (repetition penalty, no-repeat n-gram),
+        then greedy, or temperature / top-k / top-p sampling with the request's own generator."""
+        scores = logits.float()
+        plain_greedy = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.temperature == 0
+            and s.params.repetition_penalty == 1
+            and not s.params.no_repeat_ngram_size
+        ]
+        picks: list[int] = [0] * len(seqs)
+        if plain_greedy:
+            idx = torch.tensor(plain_greedy, device=scores.device)
+            for i, tok in zip(plain_greedy, scores.index_select(0, idx).argmax(-1).tolist(), strict=True):
+                picks[i] = int(tok)
+        done = set(plain_greedy)
+        for i, seq in enumerate(seqs):
+            if i in done:
+                continue
+            row = scores[i].clone()
+            p = seq.params
+            if p.repetition_penalty != 1:
+                seen = torch.tensor(seq.all_ids, device=row.device)
+                picked = row.gather(0, seen)
+                picked = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
+                row.scatter_(0, seen, picked)
+            if p.no_repeat_ngram_size:
+                banned = self._banned(seq)
+                if banned:
+                    row[torch.tensor(sorted(banned), device=row.device)] = -float("inf")
+            if p.temperature == 0:
+                picks[i] = int(row.argmax())
+                continue
+            row = row / p.temperature
+            if p.top_k:
+                kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+                row = row.masked_fill(row < kth, -float("inf"))
+            if p.top_p < 1:
+                sorted_logits, order = torch.sort(row, descending=False)
+                cum = sorted_logits.softmax(-1).cumsum(-1)
+                remove = cum <= (1 - p.top_p)
+                remove[-1] = False  # keep at least the most likely token
+                row = row.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+            probs = row.softmax(-1)
+            picks[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator).item())
+        return picks
+
+    @staticmethod
+    def _banned(seq: _Seq) -> set[int]:
+        """Tokens that would repeat an n-gram of the sequence (HF ``no_repeat_ngram_size``)."""
+        n = seq.params.no_repeat_ngram_size
+        ids = seq.all_ids
+        if len(ids) + 1 < n:
+            return set()
+        if not seq.ngrams:  # build once from the prompt and what came before
+            for j in range(len(ids) - n + 1):
+                seq.ngrams.setdefault(tuple(ids[j : j + n - 1]), set()).add(ids[j + n - 1])
+        return seq.ngrams.get(tuple(ids[len(ids) - n + 1 :]) if n > 1 else (), set())
+
+    def _accept(self, seq: _Seq, token: int) -> bool:
+        """Record a generated token, stream it, and say whether the request is finished."""
+        if seq.cancelled:
+            return True  # cancelled during this step: drop the row, emit nothing
+        now = time.monotonic()
+        handle = seq.handle
+        if not seq.generated:
+            handle.first_token_at = now
+            self._notify("on_first_token", now - handle.submitted_at, seq.admitted_at - handle.submitted_at)
+        else:
+            self._notify("on_token", now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.generated.append(token)
+        self._counters["tokens_generated"] += 1
+        n = seq.params.no_repeat_ngram_size
+        if n and seq.ngrams:
+            ids = seq.all_ids
+            seq.ngrams.setdefault(tuple(ids[len(ids) - n : -1]), set()).add(token)
+        text, stop_string = seq.detok.add(token) if seq.detok is not None else ("", False)
+        reason = None
+        if stop_string or token in seq.stop_ids:
+            reason = FINISH_STOP
+        elif (
+            len(seq.generated) >= seq.params.max_new_tokens
+            or len(seq.prompt) + len(seq.generated) >= self.max_context
+        ):
+            reason = FINISH_LENGTH
+        if reason is not None and seq.detok is not None:
+            text += seq.detok.flush()
+        handle._emit((token,), text)
+        if reason is None:
+            return False
+        with self._cond:
+            self._finish(seq, reason)
+        return True
+
+    def _finish(self, seq: _Seq, reason: str, error: BaseException | None = None) -> None:
+        if seq.handle.done:
+            return
+        seq.handle._finish(reason, error)
+        self._counters["requests_finished"] += 1
+        self._notify(
+            "on_finish",
+            reason,
+            len(seq.prompt),
+            len(seq.generated),
+            time.monotonic() - seq.handle.submitted_at,
+        )
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, hook)(*args)
+        except Exception:
+            logger.exception("engine observer %s failed", hook)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a ``[batch, heads, seq, dim]`` tensor with zeros to ``width`` positions."""
+    missing = width - t.shape[-2]
+    if missing <= 0:
+        return t
+    pad = torch.zeros(*t.shape[:-2], missing, t.shape[-1], dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=-2)

@@ -1,0 +1,703 @@
+"""The inference plane: base models, their engines and adapter registries, and request validation.
+
+It knows nothing of gRPC (the servicer in ``server.py`` converts protobuf to the dataclasses here and
+back). One :class:`BaseModelHost` per configured base owns a tokenizer, the model, one
+:class:`~services.inference.engine.Engine` and one
+:class:`~services.inference.registry.AdapterRegistry`. :class:`InferencePlane` routes a request to
+its host, validates it (every problem at once, each naming the field and the value), resolves and
+pins the adapter (``name`` -> a concrete ``name@version``), renders chat messages with the template
+the adapter was trained with, and submits to the engine. The returned :class:`Generation` streams
+:class:`Chunk`s and ends with a :class:`Usage`; ``close()`` cancels it and frees its batch row and
+its adapter pin at once (the servicer calls it when the client goes away or the deadline passes).
+
+Errors, and the status codes ``server.py`` maps them to: :class:`InvalidRequestError` (a
+``ConfigError``) INVALID_ARGUMENT; :class:`ModelNotFoundError` NOT_FOUND; :class:`ModelNotReadyError`
+UNAVAILABLE; the registry's adapter errors as documented in ``registry.py``; the engine's
+``QueueFull`` RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet import templates
+from lorafleet.config import ModelConfig
+from lorafleet.errors import ConfigError, FieldProblem, LorafleetError, show_value
+from lorafleet.models import base_model_fingerprint, load_model, load_tokenizer
+from services.inference.engine import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    Engine,
+    EngineObserver,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+)
+from services.inference.lora_batch import adapter_weights_from_peft_dir
+from services.inference.registry import (
+    AdapterIncompatibleError,
+    AdapterRegistry,
+    AdapterStatus,
+    RegistryEvent,
+)
+from services.inference.settings import InferenceSettings, ModelSettings
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MAX_TEMPERATURE = 100.0
+MAX_NO_REPEAT_NGRAM = 64
+MAX_PROMPT_CHARS = 1_000_000
+"""Prompts longer than this are refused before tokenizing (a tokenizer call is not free)."""
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+class InvalidRequestError(ConfigError):
+    """A request field is invalid; lists every problem, each naming the field and the value."""
+
+    def __init__(self, problems: list[FieldProblem]) -> None:
+        super().__init__(problems, "invalid request")
+
+
+class ModelNotFoundError(LorafleetError):
+    """The request names a base model this server does not serve."""
+
+
+class ModelNotReadyError(LorafleetError):
+    """The base model is still loading (or failed to load); retry later."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling fields as the client sent them; None = unset (the server default applies)."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a finished request cost and why it ended."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    """``stop`` (eos, a template end marker or a stop sequence) or ``length``."""
+    time_to_first_token_s: float
+    total_time_s: float
+    adapter: str
+    """``name@version`` that served the request; empty for the base model."""
+    template: str
+    """Chat template used (empty for plain-prompt requests)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer; ``usage`` is set on the last one only."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer (unary calls)."""
+
+    text: str
+    token_ids: list[int]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """One base model as ListModels reports it."""
+
+    name: str
+    path: str
+    dtype: str
+    quantization: str
+    state: str
+    reason: str
+    template: str
+    max_context: int
+
+
+@dataclass
+class HostedAdapterStatus:
+    """An adapter version and the base model (of this server) whose registry reports it."""
+
+    model: str
+    status: AdapterStatus
+
+
+class Generation:
+    """A submitted request: iterate for chunks, or call :meth:`result`; :meth:`close` always.
+
+    ``close`` is idempotent and thread-safe: it cancels the engine request (its batch row and adapter
+    slot are free when ``cancel`` returns) and drops the registry pin of the adapter.
+    """
+
+    def __init__(
+        self,
+        handle: RequestHandle,
+        release: Callable[[], None],
+        adapter_ref: str,
+        template: str,
+    ) -> None:
+        self.handle = handle
+        self.adapter_ref = adapter_ref
+        self.template = template
+        self._release = release
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for event in self.handle:
+            yield Chunk(event.text, event.token_ids)
+        yield Chunk("", (), self.usage())
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the whole answer.
+
+        Raises:
+            TimeoutError: not finished in ``timeout`` seconds.
+            RequestFailed / EngineClosed: the engine failed the request.
+        """
+        done = self.handle.result(timeout)
+        return Completion(done.text, list(done.token_ids), self.usage())
+
+    def usage(self) -> Usage:
+        h = self.handle
+        finished = h.finished_at if h.finished_at is not None else time.monotonic()
+        return Usage(
+            prompt_tokens=h.prompt_tokens,
+            generated_tokens=len(h.token_ids),
+            finish_reason=h.finish_reason or "",
+            time_to_first_token_s=h.ttft_s or 0.0,
+            total_time_s=finished - h.submitted_at,
+            adapter=self.adapter_ref,
+            template=self.template,
+        )
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.finish_reason == FINISH_CANCELLED
+
+    def close(self) -> None:
+        """Cancel if still running and release the adapter pin (once)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.handle.cancel()
+        finally:
+            self._release()
+
+
+class BaseModelHost:
+    """One base model: tokenizer, model, engine, adapter registry, and its load state."""
+
+    def __init__(
+        self,
+        model_settings: ModelSettings,
+        settings: InferenceSettings,
+        observer: EngineObserver | None = None,
+        on_registry_event: Callable[[RegistryEvent], None] | None = None,
+    ) -> None:
+        self.settings = model_settings
+        self.server_settings = settings
+        self.name = model_settings.name
+        self.state = LOADING
+        self.reason = ""
+        self.template_name = ""
+        self.template: templates.Template | None = None
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.engine: Engine | None = None
+        self.registry: AdapterRegistry | None = None
+        self.max_context = 0
+        self._observer = observer
+        self._on_registry_event = on_registry_event
+
+    def load(self) -> None:
+        """Load everything and run a one-token warm-up; sets ``state`` to ready or failed."""
+        m, s = self.settings, self.server_settings
+        started = time.perf_counter()
+        try:
+            cfg = ModelConfig(
+                name_or_path=m.path, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
+                trust_remote_code=m.trust_remote_code,
+            )  # fmt: skip
+            self.tokenizer = load_tokenizer(cfg)
+            self.model = load_model(cfg, for_training=False).eval()
+            self.template_name = self._resolve_template()
+            self.template = templates.get_template(self.template_name, self.tokenizer)
+            self.engine = Engine(
+                self.model, self.tokenizer, num_slots=s.num_slots, max_rank=s.max_rank,
+                max_batch_size=s.max_batch_size, max_queued=s.max_queued, observer=self._observer,
+            )  # fmt: skip
+            self.max_context = self.engine.max_context
+            model = self.model
+            self.registry = AdapterRegistry(
+                Path(m.adapters_root or s.adapters_root), m.path, base_model_fingerprint(m.path, m.revision),
+                [n for n, _ in model.named_modules()], max_rank=s.max_rank, capacity=s.adapter_capacity,
+                loader=lambda path, ref: adapter_weights_from_peft_dir(path, ref, model),
+                memory_budget_bytes=s.memory_budget_bytes, on_event=self._on_registry_event,
+            )  # fmt: skip
+            self.registry.start_watcher(s.scan_interval_s)
+            self._warm_up()
+        except Exception as e:
+            self.state, self.reason = FAILED, getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+            logger.exception("base model %s (%s) failed to load", self.name, m.path)
+            return
+        self.state = READY
+        logger.info("base model %s ready in %.1f s", self.name, time.perf_counter() - started)
+
+    def _resolve_template(self) -> str:
+        if self.settings.template != "auto":
+            return self.settings.template
+        from lorafleet.families import detect_family
+
+        try:
+            return detect_family(self.model.config, self.settings.path).template
+        except ConfigError:
+            return "auto"
+
+    def _warm_up(self) -> None:
+        """Generate one real token: readiness means the whole path works, not just that weights loaded."""
+        assert self.engine is not None
+        ids = list(self.tokenizer.encode("Hello", add_special_tokens=True)) or [self.engine._pad_id]
+        request = GenerationRequest(ids, params=SamplingParams(max_new_tokens=1), request_id="warm-up")
+        result = self.engine.generate(request, timeout=self.server_settings.warmup_timeout_s)
+        if len(result.token_ids) != 1:
+            raise RuntimeError(f"warm-up produced {len(result.token_ids)} tokens instead of 1")
+
+    def info(self) -> BaseModelInfo:
+        m = self.settings
+        return BaseModelInfo(
+            name=self.name, path=m.path, dtype=m.dtype, quantization=m.quantization, state=self.state,
+            reason=self.reason, template=self.template_name, max_context=self.max_context,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self.registry is not None:
+            self.registry.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+@dataclass
+class _Prepared:
+    host: BaseModelHost
+    params: SamplingParams
+    problems: list[FieldProblem] = field(default_factory=list)
+
+
+class InferencePlane:
+    """Every base model of the server, and the request path over them. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        observer_for: Callable[[str], EngineObserver] | None = None,
+        on_registry_event: Callable[[str, RegistryEvent], None] | None = None,
+    ) -> None:
+        self.settings = settings.validate()
+        self.hosts: dict[str, BaseModelHost] = {}
+        for m in settings.models:
+            callback = None
+            if on_registry_event is not None:
+                callback = _bind_event(on_registry_event, m.name)
+            self.hosts[m.name] = BaseModelHost(
+                m, settings, observer_for(m.name) if observer_for else None, callback
+            )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def load_all(self) -> bool:
+        """Load every base model in turn; True when all are ready."""
+        for host in self.hosts.values():
+            host.load()
+        return self.ready
+
+    @property
+    def ready(self) -> bool:
+        return all(h.state == READY for h in self.hosts.values())
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+
+    # -- request path ---------------------------------------------------------------------------
+
+    def host(self, model: str) -> BaseModelHost:
+        """The host a request's ``model`` field names (may be empty when there is one base).
+
+        Raises:
+            InvalidRequestError: empty ``model`` while several bases are served.
+            ModelNotFoundError: no such base model.
+        """
+        if not model:
+            if len(self.hosts) == 1:
+                return next(iter(self.hosts.values()))
+            raise InvalidRequestError(
+                [FieldProblem("model", model, f"required: this server serves {sorted(self.hosts)}")]
+            )
+        host = self.hosts.get(model)
+        if host is None:
+            raise ModelNotFoundError(
+                f"model={show_value(model)}: no such base model; this server serves {sorted(self.hosts)}"
+            )
+        return host
+
+    def ready_host(self, model: str) -> BaseModelHost:
+        """Like :meth:`host`, and the base must be ready.
+
+        Raises:
+            ModelNotReadyError: still loading, or failed to load.
+        """
+        host = self.host(model)
+        if host.state != READY:
+            why = (
+                "is still loading; retry shortly"
+                if host.state == LOADING
+                else f"failed to load: {host.reason}"
+            )
+            raise ModelNotReadyError(f"model {host.name!r} {why}")
+        return host
+
+    def generate(self, model: str, adapter: str, prompt: str, sampling: Sampling) -> Generation:
+        """Submit a plain-prompt request (no template).
+
+        Raises:
+            InvalidRequestError, ModelNotFoundError, ModelNotReadyError, AdapterError subclasses,
+            QueueFull: see the module docstring.
+        """
+        prepared = self._prepare(model, sampling)
+        host = prepared.host
+        problems = prepared.problems
+        if not prompt:
+            problems.append(FieldProblem("prompt", prompt, "must not be empty"))
+        elif len(prompt) > MAX_PROMPT_CHARS:
+            problems.append(
+                FieldProblem("prompt", f"<{len(prompt)} characters>", f"longer than {MAX_PROMPT_CHARS}")
+            )
+        ids: list[int] = []
+        if not problems:
+            ids = list(host.tokenizer.encode(prompt, add_special_tokens=True))
+            self._check_length(host, ids, "prompt", problems)
+        if problems:
+            raise InvalidRequestError(problems)
+        return self._submit(host, adapter, prepared.params, lambda _template: (ids, "", ()))
+
+    def chat(self, model: str, adapter: str, messages: list[Message], sampling: Sampling) -> Generation:
+        """Submit a chat request rendered with the adapter's training template (or the base's).
+
+        Raises:
+            The same errors as :meth:`generate`.
+        """
+        prepared = self._prepare(model, sampling)
+        host = prepared.host
+        problems = prepared.problems
+        system, turns, query = self._split_messages(messages, problems)
+        if problems:
+            raise InvalidRequestError(problems)
+
+        def render(template_name: str) -> tuple[list[int], str, tuple[int, ...]]:
+            template = templates.get_template(template_name, host.tokenizer)
+            ids = templates.encode_prompt(template, host.tokenizer, turns, query, system)
+            length_problems: list[FieldProblem] = []
+            self._check_length(host, ids, "messages", length_problems)
+            if length_problems:
+                raise InvalidRequestError(length_problems)
+            return ids, template_name, tuple(templates.stop_token_ids(template, host.tokenizer))
+
+        return self._submit(host, adapter, prepared.params, render)
+
+    def _prepare(self, model: str, sampling: Sampling) -> _Prepared:
+        host = self.ready_host(model)
+        problems: list[FieldProblem] = []
+        params = self._sampling_params(sampling, host, problems)
+        return _Prepared(host, params or SamplingParams(), problems)
+
+    def _submit(
+        self,
+        host: BaseModelHost,
+        adapter: str,
+        params: SamplingParams,
+        render: Callable[[str], tuple[list[int], str, tuple[int, ...]]],
+    ) -> Generation:
+        """Resolve and pin the adapter, render, submit; the pin is dropped on any failure."""
+        assert host.registry is not None and host.engine is not None
+        registry = host.registry
+        resolved = registry.acquire(adapter) if adapter else None
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if resolved is not None and not released:
+                released = True
+                registry.release(resolved)
+
+        try:
+            template_name = (resolved.template if resolved is not None else "") or host.template_name
+            ids, used_template, stop_ids = render(template_name)
+            if stop_ids:
+                params = _with_stop_ids(params, stop_ids)
+            weights = resolved.weights if resolved is not None else None
+            if weights is not None:
+                try:
+                    host.engine.slots.validate(weights)
+                except ValueError as e:
+                    raise AdapterIncompatibleError(f"adapter {resolved.ref if resolved else ''}: {e}") from e
+            handle = host.engine.submit(GenerationRequest(ids, adapter=weights, params=params))
+        except BaseException:
+            release()
+            raise
+        return Generation(handle, release, resolved.ref if resolved is not None else "", used_template)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _sampling_params(
+        self, s: Sampling, host: BaseModelHost, problems: list[FieldProblem]
+    ) -> SamplingParams | None:
+        cfg = self.settings
+        before = len(problems)
+        cap = cfg.max_new_tokens_cap
+        max_new = min(cfg.default_max_new_tokens, cap) if s.max_new_tokens is None else s.max_new_tokens
+        if s.max_new_tokens is not None and not 1 <= s.max_new_tokens <= cap:
+            problems.append(
+                FieldProblem(
+                    "sampling.max_new_tokens", s.max_new_tokens, f"must be in [1, {cap}] (the server cap)"
+                )
+            )
+        temperature = 0.0 if s.temperature is None else s.temperature
+        if not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+            problems.append(
+                FieldProblem(
+                    "sampling.temperature", s.temperature, f"must be in [0, {MAX_TEMPERATURE}]; 0 = greedy"
+                )
+            )
+        top_p = 1.0 if s.top_p is None else s.top_p
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            problems.append(FieldProblem("sampling.top_p", s.top_p, "must be in (0, 1]"))
+        top_k = 0 if s.top_k is None else s.top_k
+        if top_k < 0:
+            problems.append(FieldProblem("sampling.top_k", s.top_k, "must be >= 0; 0 = off"))
+        penalty = 1.0 if s.repetition_penalty is None else s.repetition_penalty
+        if not math.isfinite(penalty) or penalty <= 0:
+            problems.append(
+                FieldProblem("sampling.repetition_penalty", s.repetition_penalty, "must be > 0; 1 = off")
+            )
+        ngram = 0 if s.no_repeat_ngram_size is None else s.no_repeat_ngram_size
+        if not 0 <= ngram <= MAX_NO_REPEAT_NGRAM:
+            problems.append(
+                FieldProblem(
+                    "sampling.no_repeat_ngram_size",
+                    s.no_repeat_ngram_size,
+                    f"must be in [0, {MAX_NO_REPEAT_NGRAM}]",
+                )
+            )
+        if len(s.stop) > cfg.max_stop_sequences:
+            problems.append(
+                FieldProblem(
+                    "sampling.stop", list(s.stop), f"at most {cfg.max_stop_sequences} stop sequences"
+                )
+            )
+        for i, stop in enumerate(s.stop):
+            if not stop:
+                problems.append(FieldProblem(f"sampling.stop[{i}]", stop, "must not be empty"))
+            elif len(stop) > cfg.max_stop_length:
+                problems.append(
+                    FieldProblem(f"sampling.stop[{i}]", stop, f"longer than {cfg.max_stop_length} characters")
+                )
+        if len(problems) > before:
+            return None
+        return SamplingParams(
+            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=penalty, no_repeat_ngram_size=ngram, stop_strings=tuple(s.stop), seed=s.seed,
+        )  # fmt: skip
+
+    def _split_messages(
+        self, messages: list[Message], problems: list[FieldProblem]
+    ) -> tuple[str | None, list[tuple[str, str]], str]:
+        """``(system, history turns, final query)`` from messages: an optional leading system
+        message, then user/assistant alternating, ending with a user message."""
+        if not messages:
+            problems.append(FieldProblem("messages", [], "give at least one user message"))
+            return None, [], ""
+        if len(messages) > self.settings.max_messages:
+            problems.append(
+                FieldProblem(
+                    "messages", f"<{len(messages)} messages>", f"at most {self.settings.max_messages}"
+                )
+            )
+            return None, [], ""
+        system: str | None = None
+        rest = list(enumerate(messages))
+        if messages[0].role == "system":
+            system = messages[0].content
+            rest = rest[1:]
+        expected = "user"
+        turns: list[tuple[str, str]] = []
+        query = ""
+        for i, msg in rest:
+            if msg.role not in ROLES:
+                problems.append(
+                    FieldProblem(f"messages[{i}].role", msg.role, f"must be one of {list(ROLES)}")
+                )
+                continue
+            if msg.role != expected:
+                why = "only the first message may be a system message" if msg.role == "system" else (
+                    f"expected a {expected} message here: user and assistant messages alternate, starting with user"
+                )  # fmt: skip
+                problems.append(FieldProblem(f"messages[{i}].role", msg.role, why))
+                continue
+            if msg.role == "user" and not msg.content:
+                problems.append(
+                    FieldProblem(f"messages[{i}].content", msg.content, "a user message must not be empty")
+                )
+            if len(msg.content) > MAX_PROMPT_CHARS:
+                problems.append(
+                    FieldProblem(f"messages[{i}].content", f"<{len(msg.content)} characters>", "too long")
+                )
+            if msg.role == "user":
+                query = msg.content
+                expected = "assistant"
+            else:
+                turns.append((query, msg.content))
+                expected = "user"
+        if not problems and expected != "assistant":
+            last = len(messages) - 1
+            problems.append(
+                FieldProblem(
+                    f"messages[{last}].role", messages[last].role, "the last message must be a user message"
+                )
+            )
+        return system, turns, query
+
+    @staticmethod
+    def _check_length(host: BaseModelHost, ids: list[int], name: str, problems: list[FieldProblem]) -> None:
+        limit = host.max_context - 1
+        if len(ids) > limit:
+            problems.append(
+                FieldProblem(
+                    name,
+                    f"<{len(ids)} tokens>",
+                    f"longer than the model's context allows ({limit} prompt tokens)",
+                )
+            )
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def list_models(self) -> tuple[list[BaseModelInfo], list[HostedAdapterStatus]]:
+        """Every base model with its state, and every published adapter version per base."""
+        infos = [h.info() for h in self.hosts.values()]
+        adapters = [
+            HostedAdapterStatus(h.name, status)
+            for h in self.hosts.values()
+            if h.registry is not None
+            for status in h.registry.statuses()
+        ]
+        return infos, adapters
+
+    def load_adapter(self, model: str, adapter: str) -> HostedAdapterStatus:
+        """Validate and load an adapter (idempotent).
+
+        Raises:
+            InvalidRequestError: empty ``adapter``; plus the registry's errors.
+        """
+        host = self.ready_host(model)
+        assert host.registry is not None
+        if not adapter:
+            raise InvalidRequestError([FieldProblem("adapter", adapter, "name the adapter to load")])
+        resolved = host.registry.load(adapter)
+        return HostedAdapterStatus(host.name, self._status(host, resolved.ref))
+
+    def unload_adapter(self, model: str, adapter: str) -> HostedAdapterStatus:
+        """Unload ``name`` (every version) or ``name@version``; idempotent for published adapters.
+
+        Raises:
+            InvalidRequestError: empty ``adapter``.
+            AdapterError: a malformed reference.
+            AdapterNotFoundError: nothing by that name was ever published.
+        """
+        from lorafleet.adapters import parse_adapter_ref
+        from lorafleet.errors import AdapterNotFoundError
+
+        host = self.ready_host(model)
+        assert host.registry is not None
+        if not adapter:
+            raise InvalidRequestError([FieldProblem("adapter", adapter, "name the adapter to unload")])
+        name, version = parse_adapter_ref(adapter)
+        host.registry.unload(adapter)
+        known = [s for s in host.registry.statuses() if s.name == name]
+        if version is not None:
+            known = [s for s in known if s.version == version]
+        if not known:
+            raise AdapterNotFoundError(f"adapter={show_value(adapter)}: no such adapter is published")
+        return HostedAdapterStatus(host.name, max(known, key=lambda s: s.version))
+
+    @staticmethod
+    def _status(host: BaseModelHost, ref: str) -> AdapterStatus:
+        assert host.registry is not None
+        for status in host.registry.statuses():
+            if status.ref == ref:
+                return status
+        name, _, version = ref.partition("@")
+        return AdapterStatus(name, int(version), ref, "", "loaded", "", None, "", "")
+
+
+def _bind_event(
+    callback: Callable[[str, RegistryEvent], None], model: str
+) -> Callable[[RegistryEvent], None]:
+    return lambda event: callback(model, event)
+
+
+def _with_stop_ids(params: SamplingParams, stop_ids: tuple[int, ...]) -> SamplingParams:
+    from dataclasses import replace
+
+    merged = tuple(dict.fromkeys((*params.stop_token_ids, *stop_ids)))
+    return replace(params, stop_token_ids=merged)
+
+
+__all__ = [
+    "FINISH_ERROR",
+    "BaseModelHost",
+    "BaseModelInfo",
+    "Chunk",
+    "Completion",
+    "Generation",
+    "HostedAdapterStatus",
+    "InferencePlane",
+    "InvalidRequestError",
+    "Message",
+    "ModelNotFoundError",
+    "ModelNotReadyError",
+    "Sampling",
+    "Usage",
+]

@@ -1,0 +1,504 @@
+"""The inference gRPC service (``lorafleet.v1.InferenceService``): a thin layer over ``InferencePlane``.
+
+Run as:
+    python -m services.inference.server --model tiny=.cache/tiny/llama [--model other=PATH:nf4 ...]
+        [--adapters-root .cache/adapters] [--port 50052] [--metrics-port 9102] [--config serve.yaml]
+        [--max-new-tokens-cap 512] [--max-batch-size 32] [--max-queued 256] [--adapter-capacity 16]
+        [--auth-token TOKEN] [--tls-cert F --tls-key F] [--shutdown-grace-s 30]
+    (or ``lorafleet inference-server ...``)
+
+Every flag also reads an environment variable (LORAFLEET_INFERENCE_<FLAG>, e.g.
+LORAFLEET_INFERENCE_PORT; models as a comma-separated LORAFLEET_INFERENCE_MODEL). A YAML file
+(``--config``, see ``settings.py``) gives the same settings; flags override it. Prints
+``listening on HOST:PORT`` at once and ``ready`` once every base model has loaded and generated a
+token; grpc.health.v1 says NOT_SERVING until then, and requests get UNAVAILABLE.
+
+A client that cancels or disconnects, or whose deadline passes, frees its batch row and adapter pin
+at once (``context.add_callback``).
+
+SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new RPCs are refused (UNAVAILABLE), in-flight
+requests and streams run to completion for up to ``--shutdown-grace-s`` seconds, then the rest are
+cancelled and the process exits 0. A second signal cancels the in-flight requests at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+
+from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.v1 import inference_pb2 as pb
+from lorafleet.v1 import inference_pb2_grpc
+from services.common import grpc_util
+from services.inference import settings as settings_module
+from services.inference.engine import EngineClosed, PromptTooLong, QueueFull, RequestFailed
+from services.inference.metrics import InferenceMetrics
+from services.inference.plane import (
+    Completion,
+    Generation,
+    HostedAdapterStatus,
+    InferencePlane,
+    Message,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    Sampling,
+    Usage,
+)
+from services.inference.registry import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger("lorafleet.inference")
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MUTATING = [f"/{SERVICE}/LoadAdapter", f"/{SERVICE}/UnloadAdapter"]
+
+grpc_util.register_error(ModelNotFoundError, grpc.StatusCode.NOT_FOUND)
+grpc_util.register_error(ModelNotReadyError, grpc.StatusCode.UNAVAILABLE)
+grpc_util.register_error(AdapterIncompatibleError, grpc.StatusCode.FAILED_PRECONDITION)
+grpc_util.register_error(AdapterLoadError, grpc.StatusCode.FAILED_PRECONDITION)
+grpc_util.register_error(AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED)
+grpc_util.register_error(QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED)
+grpc_util.register_error(PromptTooLong, grpc.StatusCode.INVALID_ARGUMENT)
+grpc_util.register_error(EngineClosed, grpc.StatusCode.UNAVAILABLE)
+grpc_util.register_error(RequestFailed, grpc.StatusCode.INTERNAL)
+
+_NO_DEADLINE_S = 10 * 365 * 86400.0
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+# -- protobuf <-> plane ----------------------------------------------------------------------------
+
+
+def sampling_from_pb(s: pb.SamplingParams) -> Sampling:
+    """The sampling fields the client set (unset optional fields stay None)."""
+
+    def opt(name: str) -> Any:
+        return getattr(s, name) if s.HasField(name) else None
+
+    return Sampling(
+        max_new_tokens=opt("max_new_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
+        top_k=opt("top_k"), repetition_penalty=opt("repetition_penalty"),
+        no_repeat_ngram_size=opt("no_repeat_ngram_size"), stop=tuple(s.stop), seed=opt("seed"),
+    )  # fmt: skip
+
+
+def usage_to_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens,
+        finish_reason=_FINISH.get(u.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+        time_to_first_token_s=u.time_to_first_token_s, total_time_s=u.total_time_s, adapter=u.adapter,
+        template=u.template,
+    )  # fmt: skip
+
+
+def adapter_status_to_pb(hosted: HostedAdapterStatus) -> pb.AdapterStatus:
+    s = hosted.status
+    return pb.AdapterStatus(
+        name=s.name, version=s.version, ref=s.ref, base_model=s.base_model, state=s.state, reason=s.reason,
+        rank=s.rank or 0, template=s.template, method=s.method, model=hosted.model,
+    )  # fmt: skip
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _rpc(method: F) -> F:
+    """``grpc_util.handle_errors`` (the one error -> status map), plus counting every error status
+    the handler ended with in ``lorafleet_inference_requests_total`` of its server."""
+    mapped = grpc_util.handle_errors()(method)
+    name = method.__name__
+
+    def count(self: InferenceServicer, context: grpc.ServicerContext) -> None:
+        code = _code(context)
+        if code is not None and code != grpc.StatusCode.OK:
+            self.metrics.request(name, code.name)
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: InferenceServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from mapped(self, request, context)
+            except Exception:
+                count(self, context)
+                raise
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self: InferenceServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return mapped(self, request, context)
+        except Exception:
+            count(self, context)
+            raise
+
+    return unary  # type: ignore[return-value]
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Converts protobuf to plane calls and back; counts every answered RPC."""
+
+    def __init__(self, plane: InferencePlane, metrics: InferenceMetrics) -> None:
+        self.plane = plane
+        self.metrics = metrics
+
+    def _watch(self, method: str, generation: Generation, context: grpc.ServicerContext) -> list[bool]:
+        """Close ``generation`` as soon as the RPC ends for any reason (done, cancelled, deadline);
+        count the RPC when it ended without an answer or an error status. Returns a one-element flag
+        the handler sets once it has counted the outcome itself."""
+        answered = [False]
+
+        def on_done() -> None:
+            generation.close()
+            if not answered[0] and _code(context) is None:
+                self.metrics.request(method, _ended_code(context).name)
+
+        if not context.add_callback(on_done):  # already terminated
+            on_done()
+        return answered
+
+    def _unary(
+        self, method: str, generation: Generation, context: grpc.ServicerContext
+    ) -> pb.GenerateResponse:
+        answered = self._watch(method, generation, context)
+        try:
+            remaining = context.time_remaining()  # huge (not None) when the client set no deadline
+            wait = None if remaining is None or remaining > _NO_DEADLINE_S else remaining + 5.0
+            completion: Completion = generation.result(wait)
+        except TimeoutError:
+            completion = None  # type: ignore[assignment]
+        finally:
+            generation.close()
+        if completion is None or completion.usage.finish_reason == "cancelled":
+            code = _ended_code(context)
+            answered[0] = True
+            self.metrics.request(method, code.name)
+            context.abort(code, f"{method} ended before it finished: {code.name.lower()}")
+        answered[0] = True
+        self.metrics.request(method, "OK")
+        return pb.GenerateResponse(
+            text=completion.text, token_ids=completion.token_ids, usage=usage_to_pb(completion.usage)
+        )
+
+    def _stream(
+        self, method: str, generation: Generation, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateChunk]:
+        answered = self._watch(method, generation, context)
+        try:
+            for chunk in generation:
+                if chunk.usage is not None:
+                    if chunk.usage.finish_reason == "cancelled":
+                        return  # the client is gone; on_done counts it
+                    answered[0] = True
+                    self.metrics.request(method, "OK")
+                    yield pb.GenerateChunk(usage=usage_to_pb(chunk.usage))
+                    return
+                yield pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
+        finally:
+            generation.close()
+
+    def _start_generate(self, request: pb.GenerateRequest) -> Generation:
+        return self.plane.generate(
+            request.model, request.adapter, request.prompt, sampling_from_pb(request.sampling)
+        )
+
+    def _start_chat(self, request: pb.ChatRequest) -> Generation:
+        messages = [Message(m.role, m.content) for m in request.messages]
+        return self.plane.chat(request.model, request.adapter, messages, sampling_from_pb(request.sampling))
+
+    @_rpc
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        return self._unary("Generate", self._start_generate(request), context)
+
+    @_rpc
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        yield from self._stream("GenerateStream", self._start_generate(request), context)
+
+    @_rpc
+    def Chat(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        return self._unary("Chat", self._start_chat(request), context)
+
+    @_rpc
+    def ChatStream(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> Any:
+        yield from self._stream("ChatStream", self._start_chat(request), context)
+
+    @_rpc
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        infos, adapters = self.plane.list_models()
+        response = pb.ListModelsResponse(
+            models=[
+                pb.BaseModelStatus(
+                    name=i.name,
+                    path=i.path,
+                    dtype=i.dtype,
+                    quantization=i.quantization,
+                    state=i.state,
+                    reason=i.reason,
+                    template=i.template,
+                    max_context=i.max_context,
+                )
+                for i in infos
+            ],
+            adapters=[adapter_status_to_pb(a) for a in adapters],
+        )
+        self.metrics.request("ListModels", "OK")
+        return response
+
+    @_rpc
+    def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterStatus:
+        status = adapter_status_to_pb(self.plane.load_adapter(request.model, request.adapter))
+        self.metrics.request("LoadAdapter", "OK")
+        return status
+
+    @_rpc
+    def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.AdapterStatus:
+        status = adapter_status_to_pb(self.plane.unload_adapter(request.model, request.adapter))
+        self.metrics.request("UnloadAdapter", "OK")
+        return status
+
+
+def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    code = getattr(context, "code", None)
+    return code() if callable(code) else None
+
+
+def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why an RPC ended without an answer: its deadline passed, or the client cancelled."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+# -- wiring -------------------------------------------------------------------------------------------
+
+
+class InferenceServer:
+    """Everything one inference process runs: the plane (models, engines, registries), the gRPC
+    server with health and reflection, and the metrics endpoint.
+
+    ``start()`` binds and serves at once (health NOT_SERVING, requests UNAVAILABLE) and loads the
+    base models in a background thread; ``wait_ready()`` blocks until they are warm.
+
+    Example::
+
+        server = InferenceServer(InferenceSettings(models=[ModelSettings("tiny", path)], port=0))
+        port = server.start()
+        server.wait_ready(120)
+        ...
+        server.stop()
+    """
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        self.settings = settings.validate()
+        self.metrics = InferenceMetrics()
+        self.plane = InferencePlane(settings, self.metrics.observer, self.metrics.registry_event)
+        self.servicer = InferenceServicer(self.plane, self.metrics)
+        interceptors = (
+            [grpc_util.BearerTokenInterceptor(settings.auth_token, MUTATING)] if settings.auth_token else []
+        )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="inference-rpc"),
+            interceptors=interceptors,
+            options=[("grpc.so_reuseport", 0)],
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
+        self.health = grpc_util.add_health_and_reflection(self.server, [SERVICE])
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert:
+            self.port = self.server.add_secure_port(
+                address, grpc_util.server_credentials(settings.tls_cert, settings.tls_key)
+            )
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind the gRPC port {address}")
+        self.metrics_port: int | None = None
+        self._ready = threading.Event()
+        self._loaded = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._stopped = False
+
+    def start(self) -> int:
+        """Serve now, load the models in the background; returns the bound gRPC port."""
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
+        self.server.start()
+        self._loader = threading.Thread(target=self._load, name="inference-model-loader", daemon=True)
+        self._loader.start()
+        return self.port
+
+    def _load(self) -> None:
+        for host in self.plane.hosts.values():
+            if self._stopped:
+                return
+            host.load()
+            self.metrics.set_ready(host.name, host.state == "ready")
+        self._loaded.set()
+        if self.plane.ready and not self._stopped:
+            grpc_util.set_serving(self.health, [SERVICE], True)
+            self._ready.set()
+            log.info("all base models ready: %s", ", ".join(self.plane.hosts))
+        else:
+            failed = {h.name: h.reason for h in self.plane.hosts.values() if h.state != "ready"}
+            log.error("base models failed to load, staying NOT_SERVING: %s", failed)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until every base model is warm (True), every load attempt ended with a failure, or
+        ``timeout`` passed (False)."""
+        self._loaded.wait(timeout)
+        return self._ready.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def stop(self, grace: float | None = None, on_draining: Callable[[], None] | None = None) -> None:
+        """Stop serving: health NOT_SERVING, new RPCs refused, in-flight ones get ``grace`` seconds
+        (None = ``settings.shutdown_grace_s``) to finish; then the engines and the exporter stop.
+
+        Args:
+            on_draining: called once new RPCs are refused, while in-flight ones still run.
+        """
+        self._stopped = True
+        grpc_util.set_serving(self.health, [SERVICE], False)
+        drained = self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if on_draining is not None:
+            on_draining()
+        drained.wait()
+        if self._loader is not None:
+            self._loader.join(timeout=60)
+        self.plane.close()
+        self.metrics.close()
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(f"LORAFLEET_INFERENCE_{name.upper()}")
+
+
+_FLAGS: list[tuple[str, type, str]] = [
+    ("adapters_root", str, "publish root of adapters (<root>/<name>/<version>/)"),
+    ("host", str, "address to bind"),
+    ("port", int, "gRPC port (0 = any free port)"),
+    ("metrics_port", int, "/metrics port (0 = any free port, -1 = off)"),
+    ("auth_token", str, "require 'authorization: Bearer TOKEN' on LoadAdapter/UnloadAdapter"),
+    ("tls_cert", str, "PEM certificate (with --tls-key: TLS only)"),
+    ("tls_key", str, "PEM private key"),
+    ("max_new_tokens_cap", int, "largest max_new_tokens a request may ask for"),
+    ("default_max_new_tokens", int, "max_new_tokens when a request sets none"),
+    ("max_batch_size", int, "rows decoded together per base model"),
+    ("max_queued", int, "requests waiting per base model before RESOURCE_EXHAUSTED"),
+    ("num_slots", int, "adapters in the batched-LoRA tables at once"),
+    ("max_rank", int, "largest LoRA rank accepted"),
+    ("adapter_capacity", int, "adapters kept loaded per base model (LRU)"),
+    ("adapter_memory_budget_mb", float, "MiB of resident adapter weights per base model (0 = no cap)"),
+    ("scan_interval_s", float, "seconds between scans of the adapters root"),
+    ("grpc_workers", int, "gRPC handler threads (one per in-flight request)"),
+    ("shutdown_grace_s", float, "on SIGTERM, seconds in-flight requests may take to finish"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="lorafleet inference-server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", default=_env("config"), help="YAML settings file (flags override it)")
+    env_models = [m for m in (_env("model") or "").split(",") if m]
+    ap.add_argument("--model", action="append", default=None,
+                    help=f"NAME=PATH[:none|nf4|int8], repeatable (env default: {env_models or 'none'})")  # fmt: skip
+    ap.add_argument("--dtype", default=_env("dtype"), choices=settings_module.DTYPES,
+                    help="dtype of the --model bases")  # fmt: skip
+    for name, kind, helptext in _FLAGS:
+        raw = _env(name)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(raw) if raw is not None else None,
+                        help=helptext)  # fmt: skip
+    return ap
+
+
+def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
+    """Defaults, then the YAML file, then flags (whose defaults come from the environment).
+
+    Raises:
+        ConfigError: every problem at once.
+    """
+    settings = settings_module.load_yaml(args.config) if args.config else InferenceSettings()
+    models = args.model if args.model is not None else [m for m in (_env("model") or "").split(",") if m]
+    if models:
+        settings.models = [settings_module.parse_model_flag(m) for m in models]
+        if args.dtype:
+            for m in settings.models:
+                m.dtype = args.dtype
+    for name, _, _ in _FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    return settings.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(build_parser().parse_args(argv))
+    except LorafleetError as e:
+        print(f"error: {e.reason}", file=sys.stderr)
+        return 2
+    server = InferenceServer(settings)
+    port = server.start()
+    print(f"listening on {settings.host}:{port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if done.is_set():  # the second signal: cancel what is still running
+            log.warning("second %s: cancelling in-flight requests", signal.Signals(signum).name)
+            server.server.stop(0)
+            return
+        done.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def report_ready() -> None:
+        if server.wait_ready():
+            print("ready", flush=True)
+        else:
+            print("error: base models failed to load; see the log (health stays NOT_SERVING)", flush=True)
+
+    threading.Thread(target=report_ready, daemon=True).start()
+    while not done.wait(1.0):  # a bare wait() would not wake for the signal handler on every platform
+        pass
+    grace = settings.shutdown_grace_s
+    server.stop(on_draining=lambda: print(f"draining: in-flight requests get up to {grace:g} s", flush=True))
+    print("stopped", flush=True)
+    return 0
+
+
+__all__ = [
+    "ConfigError",
+    "InferenceServer",
+    "InferenceServicer",
+    "build_parser",
+    "main",
+    "settings_from_args",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Helpers shared by the inference tests (engine, gRPC server): tiny bases, real PEFT adapters, and
+reference generations from a plain ``PeftModel``.
+
+Everything is local and small: bases come from ``lorafleet.tiny`` (the ``tiny_llama`` fixture), and
+adapters are real PEFT LoRA directories (``adapter_config.json`` + ``adapter_model.safetensors``)
+with random non-zero ``B`` (``init_lora_weights=False``), so every adapter really changes outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafleet.config import ModelConfig
+from lorafleet.models import load_model
+
+
+def load_base(model_dir: str | Path, quantization: str = "none", dtype: str = "fp32") -> Any:
+    """Load a base causal LM on the CPU in eval mode, the way the services do.
+
+    ``quantization="nf4"`` goes through ``lorafleet.models.load_model``, which disables the
+    bitsandbytes CPU repack (shared/STACK.md); ``dtype`` is the compute dtype of the non-quantized
+    parts (fp32 keeps comparisons exact).
+    """
+    cfg = ModelConfig(name_or_path=str(model_dir), dtype=dtype, quantization=quantization)
+    return load_model(cfg, for_training=False, device_map="cpu").eval()
+
+
+def save_lora_adapter(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 8,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+    alpha: int | None = None,
+    use_rslora: bool = False,
+) -> Path:
+    """Write a PEFT LoRA adapter for the base at ``model_dir`` with random non-zero A and B.
+
+    Args:
+        model_dir: the base model directory (a fresh fp32 copy is loaded, so callers' models stay
+            unwrapped).
+        out_dir: where ``save_pretrained`` writes (safetensors).
+        rank: LoRA rank.
+        targets: PEFT ``target_modules``.
+        seed: seeds the random A and B.
+        alpha: ``lora_alpha``; None = ``2 * rank``.
+        use_rslora: scale by ``alpha / sqrt(rank)``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        target_modules=list(targets),
+        init_lora_weights=False,  # random B: the adapter changes outputs from the first step
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+    )
+    get_peft_model(base, config).save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def peft_model(base: Any, adapter_dirs: dict[str, str | Path]) -> Any:
+    """Wrap ``base`` (modified in place) in a ``PeftModel`` holding the named adapters, in eval mode.
+
+    The first adapter is active; switch with ``set_adapter`` or mix with ``adapter_names=``.
+    """
+    from peft import PeftModel
+
+    items = list(adapter_dirs.items())
+    name, path = items[0]
+    model = PeftModel.from_pretrained(base, str(path), adapter_name=name)
+    for name, path in items[1:]:
+        model.load_adapter(str(path), adapter_name=name)
+    return model.eval()
+
+
+@torch.inference_mode()
+def greedy_tokens(
+    model: Any, prompt_ids: Sequence[int], max_new_tokens: int, eos_id: int | None = None
+) -> list[int]:
+    """Greedy continuation of one unpadded prompt with HF ``generate``, cut after ``eos_id``.
+
+    The reference an engine's tokens must equal: one request alone, no padding, no batch.
+    """
+    ids = torch.tensor([list(prompt_ids)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id if eos_id is not None else 0,
+    )
+    tokens = out[0, ids.shape[1] :].tolist()
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id) + 1]
+    return tokens
