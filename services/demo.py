@@ -1,64 +1,112 @@
-"""The end-to-end demo on the embedded defaults (what `make demo` runs).
+"""The end-to-end demo on the embedded defaults (what `make demo` runs), through both services.
 
 Run as:
-    python -m services.demo [--steps N] [--keep-going]
+    python -m services.demo [--epochs N] [--show N] [--out DIR] [--keep-running]
 
 1. writes the bundled datasets to ``.cache/data`` and builds the offline tiny llama in
    ``.cache/tiny/llama`` if they are missing (nothing is downloaded);
-2. fine-tunes it with LoRA on the PromptCBLUE-like task (``examples/lora.yaml``), progress bar on;
-3. publishes the adapter atomically to ``.cache/adapters/demo-cblue/<version>/``;
-4. asks the held-out questions to the base model and to the adapter, prints answers side by side
-   and both accuracies.
+2. starts the trainer service and the inference service on loopback (``lorafleet trainer-server``
+   and ``lorafleet inference-server``, each its own process, sharing one adapters root);
+3. submits a LoRA job on the PromptCBLUE-like task (``examples/lora.yaml``) over gRPC and follows
+   it with ``WatchJob`` (progress bar with loss);
+4. waits until the inference service has picked up the published adapter (no restart);
+5. asks the held-out questions to the base model and to the adapter through ``Chat`` (all requests
+   at once, so base and adapter rows share decode batches), prints answers side by side and both
+   accuracies, and the services' addresses and metrics URLs;
+6. stops both services, or keeps them up with ``--keep-running`` (for ``make dashboard``) until
+   Ctrl-C.
 
-Today the demo drives the training recipe in-process; the inference-service issue routes it through
-the trainer and inference gRPC services.
+Exit status 0 when the adapter's held-out accuracy beats the base model's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / ".cache" / "data"
 TINY = ROOT / ".cache" / "tiny" / "llama"
-ADAPTERS = ROOT / ".cache" / "adapters"
+DEMO_STATE = ROOT / ".cache" / "demo"
+ADAPTER_NAME = "demo-cblue"
+BASE_NAME = "tiny-llama"
 
 
-@torch.no_grad()
-def answer_all(
-    model: Any, tokenizer: Any, template: Any, prompts: list[str], max_new_tokens: int
-) -> list[str]:
-    """Greedy answers, 16 prompts per batch, left-padded."""
-    from lorafleet import templates
-    from services.trainer.recipe import strip_stop_strings
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
-    stop_ids = templates.stop_token_ids(template, tokenizer)
-    stops = templates.stop_strings(template, tokenizer)
-    answers: list[str] = []
-    model.eval()
-    for i in range(0, len(prompts), 16):
-        seqs = [templates.encode_prompt(template, tokenizer, [], p, None) for p in prompts[i : i + 16]]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_ids,
+
+class ServiceProcess:
+    """One service run as ``python -m lorafleet.cli <command> ...``, its log in a file.
+
+    The service prints ``listening on HOST:PORT`` and ``metrics on URL``; ``wait_for`` follows
+    the log for a line and returns its match.
+    """
+
+    def __init__(self, name: str, command: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[str] = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet.cli", *command],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,  # Ctrl-C on the demo reaches us, not the service; we stop it
         )
-        for row in out[:, width:]:
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            answers.append(strip_stop_strings(text, stops).strip())
-    return answers
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern, re.MULTILINE)
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            found = regex.search(text)
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{text[-3000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"{self.name}: no line matching {pattern!r} after {timeout:.0f} s ({self.log_path})"
+        )
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def _wait(what: str, ready: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = ready()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _short(text: str, width: int) -> str:
@@ -70,79 +118,180 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=None, help="override train.epochs")
     ap.add_argument("--show", type=int, default=10, help="held-out questions printed side by side")
-    ap.add_argument(
-        "--out",
-        default=None,
-        help="directory for the run and the published adapter (default: runs/demo and .cache/adapters)",
-    )
+    ap.add_argument("--out", default=None,
+                    help=f"directory for the services' state, runs and adapters (default: {DEMO_STATE})")  # fmt: skip
+    ap.add_argument("--keep-running", action="store_true",
+                    help="keep both services up after the demo (for `make dashboard`) until Ctrl-C")  # fmt: skip
+    ap.add_argument("--trainer-port", type=int, default=50051, help="used when free, else any free port")
+    ap.add_argument("--inference-port", type=int, default=50052, help="used when free, else any free port")
     args = ap.parse_args(argv)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from lorafleet import data, templates
+    from lorafleet import data
     from lorafleet.config import load_config
     from lorafleet.datagen import generate_datasets
-    from lorafleet.models import load_tokenizer
+    from lorafleet.jobspec import config_to_spec
     from lorafleet.scoring import exact_match
     from lorafleet.tiny import build_tiny_model
-    from services.trainer.recipe import run_training
+    from lorafleet.v1 import inference_pb2 as ipb
+    from lorafleet.v1 import inference_pb2_grpc
+    from lorafleet.v1 import trainer_pb2 as tpb
+    from services.trainer.client import TrainerClient, state_name, watch_with_progress
 
     t0 = time.perf_counter()
-    print("== 1/4 assets: bundled datasets and the offline tiny base model")
+    host = "127.0.0.1"
+    out = Path(args.out).resolve() if args.out else DEMO_STATE
+    adapters_root = out / "adapters"
+    print("== 1/5 assets: bundled datasets and the offline tiny base model")
     generate_datasets(str(DATA))
     build_tiny_model(str(TINY), arch="llama", pretrain_steps=300)
     print(f"   data in {DATA}, base model in {TINY}")
 
-    print("== 2/4 fine-tuning with LoRA (examples/lora.yaml)")
-    out = Path(args.out).resolve() if args.out else None
-    overrides = [
-        f"output.run_dir={out / 'run' if out else 'runs/demo'}",
-        f"output.adapters_root={out / 'adapters' if out else ADAPTERS}",
-        "output.adapter_name=demo-cblue",
-        "train.resume=never",
-        "train.save_steps=0",
-    ]
-    if args.epochs:
-        overrides.append(f"train.epochs={args.epochs}")
-    config = load_config(ROOT / "examples" / "lora.yaml", overrides)
-    result = run_training(config, progress=True)
-    pub = result.published
-    assert pub is not None
-    print(f"== 3/4 published {pub.name}@{pub.version} -> {pub.path}")
-    print(
-        f"   template {pub.manifest.template}, method {pub.manifest.method}, "
-        f"train loss {result.metrics.get('train_loss', float('nan')):.3f}, "
-        f"eval loss {result.metrics.get('eval_loss', float('nan')):.3f}"
-    )
+    print("== 2/5 starting the trainer and inference services on loopback")
+    tport = args.trainer_port if _port_free(host, args.trainer_port) else 0
+    iport = args.inference_port if _port_free(host, args.inference_port) else 0
+    trainer = ServiceProcess(
+        "trainer",
+        ["trainer-server", "--host", host, "--port", str(tport), "--metrics-port", "0",
+         "--state-dir", str(out / "trainer"), "--adapters-root", str(adapters_root)],
+        out / "logs" / "trainer.log",
+    )  # fmt: skip
+    inference = ServiceProcess(
+        "inference",
+        ["inference-server", "--host", host, "--port", str(iport), "--metrics-port", "0",
+         "--model", f"{BASE_NAME}={TINY}", "--adapters-root", str(adapters_root),
+         "--max-batch-size", "32", "--scan-interval-s", "0.5"],
+        out / "logs" / "inference.log",
+    )  # fmt: skip
+    services = [trainer, inference]
+    trainer_client: TrainerClient | None = None
+    ichannel: grpc.Channel | None = None
+    try:
+        listening = r"listening on \S+:(\d+)"
+        taddr = f"{host}:{trainer.wait_for(listening, 120).group(1)}"
+        iaddr = f"{host}:{inference.wait_for(listening, 120).group(1)}"
+        tmetrics = trainer.wait_for(r"metrics on (\S+)", 30).group(1)
+        imetrics = inference.wait_for(r"metrics on (\S+)", 30).group(1)
+        outcome = inference.wait_for(r"^(ready|error: base models failed to load.*)$", 600).group(1)
+        if outcome != "ready":
+            log_tail = inference.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise RuntimeError(f"inference server: {outcome}\n{log_tail}")
+        trainer_client = TrainerClient(taddr)
+        ichannel = grpc.insecure_channel(iaddr)
+        istub = inference_pb2_grpc.InferenceServiceStub(ichannel)
+        for addr, channel, service in (
+            (taddr, trainer_client.channel, "lorafleet.v1.TrainerService"),
+            (iaddr, ichannel, "lorafleet.v1.InferenceService"),
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            serving = health_pb2.HealthCheckResponse.SERVING
 
-    print("== 4/4 held-out questions: base model vs adapter")
-    tokenizer = load_tokenizer(config.model)
-    template = templates.get_template(pub.manifest.template, tokenizer)
-    held_out, _ = data.load_dataset(str(config.data.validation_file), config.data)
-    prompts = [s.turns[-1][0] for s in held_out]
-    golds = [s.turns[-1][1] for s in held_out]
-    base = AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32)
-    base_answers = answer_all(base, tokenizer, template, prompts, config.train.max_new_tokens)
-    tuned = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(TINY), dtype=torch.float32), str(pub.path)
-    )
-    tuned_answers = answer_all(tuned, tokenizer, template, prompts, config.train.max_new_tokens)
-    base_acc = sum(exact_match(a, g) for a, g in zip(base_answers, golds)) / len(golds)
-    tuned_acc = sum(exact_match(a, g) for a, g in zip(tuned_answers, golds)) / len(golds)
-    print(f"{'criterion (held out)':<42} {'gold':<10} {'base model':<22} {'adapter':<12}")
-    for p, g, b, a in list(zip(prompts, golds, base_answers, tuned_answers))[: args.show]:
-        sentence = p.split("\n")[1] if "\n" in p else p
-        mark = "ok" if exact_match(a, g) else "x"
+            def is_serving(h: Any = health, s: str = service, want: Any = serving) -> bool:
+                return h.Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status == want
+
+            _wait(f"{service} at {addr} to be SERVING", is_serving, 120, 0.2)
+        print(f"   trainer   gRPC {taddr}   metrics {tmetrics}")
+        print(f"   inference gRPC {iaddr}   metrics {imetrics}")
+
+        print("== 3/5 submitting a LoRA job over gRPC (examples/lora.yaml)")
+        overrides = [f"output.adapter_name={ADAPTER_NAME}", f"output.adapters_root={adapters_root}"]
+        if args.epochs:
+            overrides.append(f"train.epochs={args.epochs}")
+        config = load_config(ROOT / "examples" / "lora.yaml", overrides)
+        job = trainer_client.submit(config_to_spec(config), idempotency_key=f"demo-{time.time_ns()}")
+        print(f"   job {job.id} {state_name(job.state)}; {job.memory_estimate.summary}")
+        job = watch_with_progress(trainer_client, job.id, out=sys.stdout)
+        if job.state != tpb.JOB_STATE_SUCCEEDED:
+            print(
+                f"job {job.id} ended {state_name(job.state)}: {job.reason}\n{job.log_tail}", file=sys.stderr
+            )
+            return 1
+        ref = job.adapter.ref
+        print(f"   published {ref} -> {job.adapter.path}")
         print(
-            f"{_short(sentence, 40):<42} {_short(g, 10):<10} {_short(b, 20):<22} {_short(a, 12):<12} {mark}"
+            "   train loss {:.3f}, eval loss {:.3f}, run records in {}".format(
+                job.final_metrics.get("train_loss", float("nan")),
+                job.final_metrics.get("eval_loss", float("nan")),
+                job.run_dir,
+            )
         )
-    print(
-        f"\nheld-out accuracy over {len(golds)} questions: base model {base_acc:.1%}   adapter {tuned_acc:.1%}"
-    )
-    print(f"run records: {result.run_dir}/trainer_log.jsonl, loss plot {result.run_dir}/training_loss.png")
-    print(f"demo done in {time.perf_counter() - t0:.0f} s")
-    return 0 if tuned_acc > base_acc else 1
+
+        print("== 4/5 waiting for the inference service to pick the adapter up (no restart)")
+        published_at = time.monotonic()
+
+        def picked_up() -> bool:
+            listed = istub.ListModels(ipb.ListModelsRequest(), timeout=5)
+            return any(a.ref == ref and a.state in ("available", "loaded") for a in listed.adapters)
+
+        _wait(f"{ref} in ListModels", picked_up, 60)
+        print(f"   {ref} servable {time.monotonic() - published_at:.1f} s after the job ended")
+
+        print("== 5/5 held-out questions through the inference service: base model vs adapter")
+        held_out, _ = data.load_dataset(str(config.data.validation_file), config.data)
+        prompts = [s.turns[-1][0] for s in held_out]
+        golds = [s.turns[-1][1] for s in held_out]
+        greedy = ipb.SamplingParams(max_new_tokens=config.train.max_new_tokens, temperature=0.0)
+
+        def ask(item: tuple[str, str]) -> ipb.GenerateResponse:
+            adapter, prompt = item
+            request = ipb.ChatRequest(
+                model=BASE_NAME,
+                adapter=adapter,
+                messages=[ipb.ChatMessage(role="user", content=prompt)],
+                sampling=greedy,
+            )
+            return istub.Chat(request, timeout=300)
+
+        asked = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=32) as pool:  # base and adapter rows share batches
+            replies = list(pool.map(ask, [("", p) for p in prompts] + [(ref, p) for p in prompts]))
+        seconds = time.perf_counter() - asked
+        base_answers = [r.text.strip() for r in replies[: len(prompts)]]
+        tuned_answers = [r.text.strip() for r in replies[len(prompts) :]]
+        tokens = sum(r.usage.generated_tokens for r in replies)
+        templates = {r.usage.template for r in replies}
+        base_acc = sum(exact_match(a, g) for a, g in zip(base_answers, golds)) / len(golds)
+        tuned_acc = sum(exact_match(a, g) for a, g in zip(tuned_answers, golds)) / len(golds)
+        print(f"{'criterion (held out)':<42} {'gold':<10} {'base model':<22} {'adapter':<12}")
+        for p, g, b, a in list(zip(prompts, golds, base_answers, tuned_answers))[: args.show]:
+            sentence = p.split("\n")[1] if "\n" in p else p
+            mark = "ok" if exact_match(a, g) else "x"
+            print(
+                f"{_short(sentence, 40):<42} {_short(g, 10):<10} {_short(b, 20):<22} {_short(a, 12):<12} {mark}"
+            )
+        print(
+            f"\nheld-out accuracy over {len(golds)} questions: base model {base_acc:.1%}   adapter {tuned_acc:.1%}"
+        )
+        print(
+            f"{len(replies)} chat requests in {seconds:.1f} s ({tokens} tokens, "
+            f"template {', '.join(sorted(templates))}), served by {iaddr}"
+        )
+        print(f"trainer   gRPC {taddr}   metrics {tmetrics}")
+        print(f"inference gRPC {iaddr}   metrics {imetrics}")
+        print(f"logs in {out / 'logs'}; demo done in {time.perf_counter() - t0:.0f} s")
+        if args.keep_running:
+            print(
+                "services keep running (Ctrl-C stops them); dashboard: make dashboard "
+                f"LORAFLEET_TRAINER_ADDR={taddr} LORAFLEET_INFERENCE_ADDR={iaddr}",
+                flush=True,
+            )
+            stop = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+            while not stop.wait(1.0):
+                if any(s.proc.poll() is not None for s in services):
+                    print("a service exited; see its log", file=sys.stderr)
+                    return 1
+        return 0 if tuned_acc > base_acc else 1
+    finally:
+        if trainer_client is not None:
+            trainer_client.close()
+        if ichannel is not None:
+            ichannel.close()
+        for s in services:
+            s.stop()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Issue item 7: the demo's task is learnable; the adapter's held-out accuracy is far above the base's.
+"""`make demo`, end to end: the demo's task is learnable and the whole path goes through the services.
 
 Runs ``python -m services.demo`` as a user does (a real subprocess: bundled data, the offline tiny
-llama built if missing, LoRA with examples/lora.yaml, atomic publish, greedy answers on the 80
-held-out criteria) and reads the accuracy line it prints. The run and adapter go to a temp dir.
+llama built if missing, the trainer and inference services started as processes on loopback, a
+LoRA job submitted over gRPC, the adapter published atomically and hot-loaded by the inference
+service, greedy answers on the 80 held-out criteria through ``Chat``) and reads what it prints.
+State, runs and adapters go to a temp dir; both services must be gone when it returns.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +25,10 @@ pytestmark = pytest.mark.integration
 
 def test_demo_adapter_far_above_base(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "services.demo", "--out", str(tmp_path), "--show", "3"],
+        [
+            *(sys.executable, "-m", "services.demo", "--out", str(tmp_path), "--show", "3"),
+            *("--trainer-port", "0", "--inference-port", "0"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -41,5 +47,16 @@ def test_demo_adapter_far_above_base(tmp_path: Path) -> None:
     manifest = json.loads(manifests[0].read_text(encoding="utf-8"))
     assert manifest["template"] == "llama2" and manifest["method"] == "lora"
     # The recipe's own held-out scoring agrees that the adapter learned the task.
-    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text(encoding="utf-8"))
-    assert metrics["accuracy"] >= 0.8
+    (metrics_file,) = list((tmp_path / "trainer").rglob("final_metrics.json"))
+    assert json.loads(metrics_file.read_text(encoding="utf-8"))["accuracy"] >= 0.8
+    # It went through the services: hot-loaded adapter, both addresses and metrics URLs printed.
+    assert re.search(r"demo-cblue@\d+ servable [0-9.]+ s after the job ended", proc.stdout)
+    assert re.search(r"trainer\s+gRPC 127\.0\.0\.1:\d+\s+metrics http://", proc.stdout)
+    assert re.search(r"inference gRPC 127\.0\.0\.1:\d+\s+metrics http://", proc.stdout)
+    # Both services were stopped (nothing of the demo keeps running).
+    leftovers = [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert leftovers == []
