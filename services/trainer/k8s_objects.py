@@ -1,8 +1,12 @@
 """The Kubernetes objects of one training attempt: an Indexed Job and its headless Service.
 
-This is the one place the training Job template lives; the Kubernetes launcher creates what
-``render_attempt`` returns, and static manifests can reuse it. Everything here is a pure function of
-``K8sSettings`` and an ``AttemptRequest`` that returns plain dicts: no cluster access, no client
+The template itself lives in one file, ``k8s/base/training-job-template.yaml`` (shipped with this
+package through the symlink ``training-job-template.yaml`` next to this module): kustomize puts it
+into a ConfigMap that the in-cluster trainer mounts (``LORAFLEET_K8S_JOB_TEMPLATE``), so the
+manifests and the launcher cannot drift apart. This module computes the values (names, command,
+environment, resources, volumes) and fills the template; the Kubernetes launcher creates what
+``render_attempt`` returns. Everything here is a pure function of ``K8sSettings``, an
+``AttemptRequest`` and the template file that returns plain dicts: no cluster access, no client
 library, so it renders and validates offline.
 
 The shape follows shared/ANCHORS.md ("Distributed training on Kubernetes"):
@@ -27,8 +31,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+import yaml
 
 from lorafleet.config import DistributedConfig
 from lorafleet.distributed import launch_command
@@ -43,6 +49,7 @@ LABEL_JOB_ID = "lorafleet.io/job-id"
 LABEL_ATTEMPT = "lorafleet.io/attempt"
 ANNOTATION_JOB_ID = "lorafleet.io/job-id"
 ANNOTATION_CONFIG = "lorafleet.io/config-path"
+JOB_TEMPLATE_FILE = "training-job-template.yaml"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 """Set by the Job controller on every pod of an Indexed Job."""
 
@@ -110,6 +117,8 @@ class K8sSettings:
     fs_group: int = 1000
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment for the training container (``HF_HUB_OFFLINE=1``, NCCL tuning...)."""
+    job_template: str = ""
+    """Path of the Job template (k8s/base/training-job-template.yaml); empty = the packaged copy."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -127,6 +136,8 @@ class K8sSettings:
                 problems.append(f"mount path {p!r} is not absolute")
         if len(set(paths)) != len(paths):
             problems.append(f"mount paths collide: {paths}")
+        if self.job_template and not os.path.isfile(self.job_template):
+            problems.append(f"job_template {self.job_template!r} is not a file")
         if self.working_dir and not self.working_dir.startswith("/"):
             problems.append(f"working_dir {self.working_dir!r} is not absolute")
         if self.shm_size and not _QUANTITY.match(self.shm_size):
@@ -162,7 +173,7 @@ class K8sSettings:
         ``MASTER_PORT``, ``ACTIVE_DEADLINE_SECONDS``, ``TTL_SECONDS_AFTER_FINISHED``,
         ``TERMINATION_GRACE_SECONDS``, ``MAX_NODES``, ``MAX_GPUS_PER_NODE``,
         ``MAX_PROCESSES_PER_NODE``, ``MEMORY_BYTES_PER_PROCESS``, ``PRIORITY_CLASS``,
-        ``RUN_AS_USER``, ``RUN_AS_GROUP``, ``FS_GROUP``.
+        ``RUN_AS_USER``, ``RUN_AS_GROUP``, ``FS_GROUP``, ``JOB_TEMPLATE`` (a file path).
         Lists and maps: ``IMAGE_PULL_SECRETS`` (comma-separated), ``NODE_SELECTOR``
         (``key=value,key=value``), ``TOLERATIONS`` (a JSON list), ``ENV`` (a JSON object).
         """
@@ -180,7 +191,7 @@ class K8sSettings:
             "DATASETS_PVC": "datasets_claim", "DATASETS_PATH": "datasets_mount_path",
             "ADAPTERS_PVC": "adapters_claim", "ADAPTERS_PATH": "adapters_mount_path",
             "RUNS_PVC": "runs_claim", "RUNS_PATH": "runs_mount_path", "CACHE_DIR": "cache_dir",
-            "SHM_SIZE": "shm_size", "PRIORITY_CLASS": "priority_class",
+            "SHM_SIZE": "shm_size", "PRIORITY_CLASS": "priority_class", "JOB_TEMPLATE": "job_template",
         }  # fmt: skip
         ints = {
             "MASTER_PORT": "master_port", "ACTIVE_DEADLINE_SECONDS": "active_deadline_seconds",
@@ -449,128 +460,134 @@ def _check_request(settings: K8sSettings, request: AttemptRequest) -> None:
         )
 
 
+TEMPLATE_VALUES = (
+    "job_name", "service_name", "namespace", "labels", "annotations", "selector", "nodes",
+    "active_deadline_seconds", "ttl_seconds_after_finished", "container_name", "exit_invalid",
+    "service_account", "termination_grace_seconds", "run_as_user", "run_as_group", "fs_group",
+    "image_pull_secrets", "node_selector", "tolerations", "priority_class", "image",
+    "image_pull_policy", "working_dir", "command", "env", "master_port", "resources", "volume_mounts",
+    "volumes",
+)  # fmt: skip
+"""The placeholders the launcher fills in the Job template; a template must use every one of them."""
+_PLACEHOLDER = re.compile(r"\$\{([a-z_]+)(\??)\}")
+
+
+def default_job_template_path() -> Path:
+    """The template shipped with the package: a symlink to ``k8s/base/training-job-template.yaml``
+    in the repository (setuptools copies the file it points to into wheels)."""
+    return Path(__file__).with_name(JOB_TEMPLATE_FILE)
+
+
+def load_job_template(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read and check the (Job, Service) template; ``path`` None or empty = the packaged one.
+
+    Raises:
+        ValueError: the file is not a Job and a Service, a placeholder is unknown, or one of
+            ``TEMPLATE_VALUES`` is never used (a template without the command would start pods
+            that do nothing).
+    """
+    source = Path(path) if path else default_job_template_path()
+    try:
+        docs = [d for d in yaml.safe_load_all(source.read_text(encoding="utf-8")) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the Job template {source}: {e}") from e
+    kinds = [(d.get("apiVersion"), d.get("kind")) if isinstance(d, dict) else None for d in docs]
+    if kinds != [("batch/v1", "Job"), ("v1", "Service")]:
+        raise ValueError(
+            f"the Job template {source} must hold a batch/v1 Job, then a v1 Service; got {kinds}"
+        )
+    used = set(_placeholders(docs))
+    problems = [f"unknown placeholder ${{{n}}}" for n in sorted(used - set(TEMPLATE_VALUES))]
+    problems += [f"placeholder ${{{n}}} is never used" for n in TEMPLATE_VALUES if n not in used]
+    if problems:
+        raise ValueError(f"invalid Job template {source}: " + "; ".join(problems))
+    return docs[0], docs[1]
+
+
+def _placeholders(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [m.group(1) for m in _PLACEHOLDER.finditer(node)]
+    if isinstance(node, dict):
+        return [n for k, v in node.items() for n in _placeholders(k) + _placeholders(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in _placeholders(v)]
+    return []
+
+
+def fill_template(node: Any, values: Mapping[str, Any]) -> Any:
+    """A copy of ``node`` with every placeholder replaced from ``values`` (see the template's header).
+
+    A string that is exactly one placeholder becomes the value itself (any type); with ``?`` its
+    mapping key is dropped when the value is empty. Inside a longer string the value's text is used.
+    """
+    if isinstance(node, str):
+        whole = _PLACEHOLDER.fullmatch(node)
+        if whole:
+            return copy.deepcopy(values[whole.group(1)])
+        return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), node)
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            optional = isinstance(value, str) and _PLACEHOLDER.fullmatch(value)
+            if optional and optional.group(2) == "?" and values[optional.group(1)] in (None, "", [], {}, ()):
+                continue
+            out[fill_template(key, values)] = fill_template(value, values)
+        return out
+    if isinstance(node, list):
+        return [fill_template(v, values) for v in node]
+    return copy.deepcopy(node)
+
+
 def render_attempt(settings: K8sSettings, request: AttemptRequest) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (Job, headless Service) of one attempt, as plain dicts ready to create.
 
-    The Service has no owner yet: the Job's uid exists only once the Job is created, so the caller
-    adds it with ``set_job_owner`` (the garbage collector then deletes the Service with the Job).
-    Raises ``ValueError`` for a request the template cannot run.
+    Fills the Job template (``settings.job_template``, else the packaged one: see
+    ``load_job_template``). The Service has no owner yet: the Job's uid exists only once the Job is
+    created, so the caller adds it with ``set_job_owner`` (the garbage collector then deletes the
+    Service with the Job). Raises ``ValueError`` for a request the template cannot run.
     """
     _check_request(settings, request)
+    job_template, service_template = load_job_template(settings.job_template)
     name = attempt_name(request.job_id, request.attempt)
     service_name = name
-    labels = attempt_labels(request.job_id, request.attempt)
-    annotations = {ANNOTATION_JOB_ID: request.job_id, ANNOTATION_CONFIG: str(request.config_path)}
     volumes, mounts = _volumes(settings)
-
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": container_command(settings, request, name, service_name),
-        "env": _env(settings, request, name, service_name),
-        "ports": [{"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"}],
-        "resources": _resources(request),
-        "volumeMounts": mounts,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if settings.working_dir:
-        container["workingDir"] = settings.working_dir
-
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "subdomain": service_name,
-        "serviceAccountName": settings.service_account,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_group,
-            "fsGroup": settings.fs_group,
-            "fsGroupChangePolicy": "OnRootMismatch",  # no recursive chown of big volumes per pod
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if settings.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
-    if settings.node_selector:
-        pod_spec["nodeSelector"] = dict(settings.node_selector)
     tolerations = [dict(t) for t in settings.tolerations]
     if request.gpus_per_node > 0 and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if settings.priority_class:
-        pod_spec["priorityClassName"] = settings.priority_class
-
-    job: dict[str, Any] = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": labels,
-            "annotations": annotations,
-        },
-        "spec": {
-            "completionMode": "Indexed",
-            "completions": request.nodes,
-            "parallelism": request.nodes,
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": settings.active_deadline_seconds,
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": CONTAINER_NAME,
-                            "operator": "In",
-                            "values": [EXIT_INVALID],
-                        },
-                    },
-                    {
-                        "action": "Ignore",
-                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                    },
-                ]
-            },
-            "template": {
-                "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
-                "spec": pod_spec,
-            },
-        },
+    values: dict[str, Any] = {
+        "job_name": name,
+        "service_name": service_name,
+        "namespace": settings.namespace,
+        "labels": attempt_labels(request.job_id, request.attempt),
+        "annotations": {ANNOTATION_JOB_ID: request.job_id, ANNOTATION_CONFIG: str(request.config_path)},
+        "selector": pod_selector(name),
+        "nodes": request.nodes,
+        "active_deadline_seconds": settings.active_deadline_seconds,
+        "ttl_seconds_after_finished": settings.ttl_seconds_after_finished,
+        "container_name": CONTAINER_NAME,
+        "exit_invalid": EXIT_INVALID,
+        "service_account": settings.service_account,
+        "termination_grace_seconds": settings.termination_grace_seconds,
+        "run_as_user": settings.run_as_user,
+        "run_as_group": settings.run_as_group,
+        "fs_group": settings.fs_group,
+        "image_pull_secrets": [{"name": s} for s in settings.image_pull_secrets],
+        "node_selector": dict(settings.node_selector),
+        "tolerations": tolerations,
+        "priority_class": settings.priority_class,
+        "image": settings.image,
+        "image_pull_policy": settings.image_pull_policy,
+        "working_dir": settings.working_dir,
+        "command": container_command(settings, request, name, service_name),
+        "env": _env(settings, request, name, service_name),
+        "master_port": settings.master_port,
+        "resources": _resources(request),
+        "volume_mounts": mounts,
+        "volumes": volumes,
     }
-    service: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": service_name,
-            "namespace": settings.namespace,
-            "labels": dict(labels),
-            "annotations": dict(annotations),
-        },
-        "spec": {
-            "clusterIP": "None",
-            # Ranks resolve each other while starting, before any readiness could be reported.
-            "publishNotReadyAddresses": True,
-            "selector": pod_selector(name),
-            "ports": [
-                {"name": "rendezvous", "port": settings.master_port, "targetPort": settings.master_port}
-            ],
-        },
-    }
+    assert set(values) == set(TEMPLATE_VALUES), set(values) ^ set(TEMPLATE_VALUES)
+    job: dict[str, Any] = fill_template(job_template, values)
+    service: dict[str, Any] = fill_template(service_template, values)
     return job, service
 
 

@@ -1,13 +1,16 @@
 """The Kubernetes launcher: each attempt is an Indexed Job plus a headless Service (one pod per node).
 
-The objects come from ``services.trainer.k8s_objects`` (the single Job template); this module only
+The objects come from ``services.trainer.k8s_objects`` (which fills the single Job template,
+k8s/base/training-job-template.yaml); this module only
 talks to the API server with the official client. The handle is ``{"namespace", "job_name",
 "service_name"}``, all a restarted service needs to find the attempt again: the names are derived
 from the job id and attempt number, so ``start`` after a crash adopts the Job it created before
 instead of starting a second gang.
 
-RBAC the service needs in the namespace (shared/ANCHORS.md): batch/jobs create/get/list/watch/delete,
-pods get/list/watch, pods/log get, services create/get/delete.
+RBAC the service needs in the namespace: exactly ``RBAC_RULES`` below, the API calls this module
+makes and nothing more (a subset of what shared/ANCHORS.md allows: no watch is used, and jobs are
+never listed because the names are derived). k8s/base/trainer-rbac.yaml grants it, and
+tests/test_k8s_manifests.py derives the verbs from the calls in this file and compares all three.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import os
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -29,6 +32,7 @@ from services.trainer.k8s_objects import (
     LABEL_JOB_ID,
     K8sSettings,
     job_id_label,
+    load_job_template,
     pod_selector,
     processes_per_node,
     render_attempt,
@@ -41,6 +45,14 @@ __all__ = ["K8sSettings", "KubernetesLauncher", "api_client_from_config"]
 log = logging.getLogger("lorafleet.trainer.k8s")
 
 _EXIT_CODE = re.compile(r"exit code (\d+)")
+
+RBAC_RULES: Final[tuple[tuple[str, str, tuple[str, ...]], ...]] = (
+    ("batch", "jobs", ("create", "delete", "get")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+    ("", "services", ("create", "delete", "get")),
+)
+"""(API group, resource, verbs) of every call below: the launcher's Role grants exactly these."""
 
 
 def api_client_from_config(kubeconfig: str | None = None, context: str | None = None) -> k8s.ApiClient:
@@ -86,6 +98,7 @@ class KubernetesLauncher:
         context: str | None = None,
     ) -> None:
         self.settings = settings
+        load_job_template(settings.job_template)  # a broken template fails here, not at the first job
         self.api_client = api_client or api_client_from_config(kubeconfig, context)
         self.batch = k8s.BatchV1Api(self.api_client)
         self.core = k8s.CoreV1Api(self.api_client)
