@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup assets tools test test-unit demo proto quality bench clean help
+.PHONY: setup assets tools test test-unit demo dashboard proto quality bench images clean help
 
 help:
 	@echo "make demo | test | quality | bench | proto | setup | clean"
@@ -29,8 +29,11 @@ assets: setup
 
 # Real prometheus + promtool (Debian's 2.42, unpacked into .cache/prometheus/bin; no service started)
 # for the metrics tests: promtool lints the trainer's metric names, Prometheus scrapes it.
+# kubectl >= 1.27 (kustomize v5) into .cache/kubectl/bin for the manifest tests (tests/test_k8s_manifests.py).
 tools:
 	bash scripts/install_prometheus.sh
+	bash scripts/install_kubectl.sh
+	bash scripts/install_chromium.sh
 
 test: setup tools
 	$(PY) -m pytest -m "not gpu" -q -rs --durations=15 $(PYTEST_ARGS)
@@ -41,6 +44,16 @@ test-unit: setup
 demo: setup
 	$(PY) -m lorafleet.cli demo
 
+# The dashboard (services/dashboard) on http://127.0.0.1:$(DASHBOARD_PORT), against running services:
+# LORAFLEET_TRAINER_ADDR / LORAFLEET_INFERENCE_ADDR (default 127.0.0.1:50051 / :50052), tokens and TLS
+# CAs in LORAFLEET_{TRAINER,INFERENCE}_{TOKEN,TLS_CA}; its own metrics on :9103 (LORAFLEET_DASHBOARD_METRICS_PORT).
+# Services to point it at: `python -m services.demo --keep-running` prints the addresses to use.
+# (services/dashboard/__main__.py: `streamlit run` with the metrics endpoint up before the first visit.)
+DASHBOARD_PORT ?= 8501
+DASHBOARD_HOST ?= 127.0.0.1
+dashboard: setup
+	$(PY) -m services.dashboard --port $(DASHBOARD_PORT) --host $(DASHBOARD_HOST)
+
 # gRPC stubs: proto/lorafleet/v1/*.proto -> lorafleet/v1/*_pb2*.py (committed; `make quality` checks they are fresh).
 proto: setup
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/lorafleet/v1/*.proto
@@ -50,8 +63,22 @@ quality: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy lorafleet services
 
+# Container images of the services (services/*/Dockerfile, built from the repository root). Needs a
+# Docker engine (none runs in CI: tests/test_dockerfiles.py parses the Dockerfiles instead).
+# `make images REGISTRY=registry.example.com/lorafleet/ IMAGE_TAG=0.1.0`, then push them and set the
+# same names in your overlay's `images:` (k8s/overlays/gpu/kustomization.yaml).
+REGISTRY ?=
+IMAGE_TAG ?= 0.1.0
+DOCKER ?= docker
+images:
+	$(DOCKER) build -f services/trainer/Dockerfile --target server -t $(REGISTRY)lorafleet-trainer:$(IMAGE_TAG) .
+	$(DOCKER) build -f services/trainer/Dockerfile --target worker -t $(REGISTRY)lorafleet-trainer-worker:$(IMAGE_TAG) .
+	$(DOCKER) build -f services/inference/Dockerfile -t $(REGISTRY)lorafleet-inference:$(IMAGE_TAG) .
+	$(DOCKER) build -f services/dashboard/Dockerfile -t $(REGISTRY)lorafleet-dashboard:$(IMAGE_TAG) .
+
 bench: setup
 	$(PY) -m bench.train_bench
+	$(PY) -m bench.inference_bench
 
 clean:
 	rm -rf .cache runs bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,255 @@
+"""The dashboard's only way to the services: one small client per gRPC service.
+
+Each client wraps the generated stub, adds the bearer token, puts a deadline on every call, records
+every call in the dashboard's Prometheus metrics (``services.dashboard.metrics``) and turns every
+``grpc.RpcError`` into a :class:`ServiceError` that names the service, its address, the status code
+and the server's message, with an INVALID_ARGUMENT's problems split by spec field. Pages catch
+``ServiceError`` and show it; they never see a gRPC exception or a traceback. Nothing here imports
+Streamlit, so it is testable on its own.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from lorafleet.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.common.grpc_util import channel
+from services.dashboard import metrics
+
+SERVICE_TITLES = {"trainer": "Trainer service", "inference": "Inference service"}
+
+# Reconnect quickly once a service is back: gRPC's default backoff grows to 120 s, during which every
+# call fails fast and the page would not recover.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+_WHY = {
+    "UNAVAILABLE": "is down or unreachable",
+    "DEADLINE_EXCEEDED": "did not answer in time",
+    "UNAUTHENTICATED": "refused the request: missing or wrong token",
+    "PERMISSION_DENIED": "refused the request: not allowed",
+    "INVALID_ARGUMENT": "refused the request as invalid",
+    "NOT_FOUND": "does not know it",
+    "ALREADY_EXISTS": "refused the request: it already exists",
+    "FAILED_PRECONDITION": "refused the request in the current state",
+    "RESOURCE_EXHAUSTED": "is full",
+    "UNIMPLEMENTED": "does not implement this call (version mismatch?)",
+    "INTERNAL": "failed internally (see the service's log)",
+    "CLIENT_CONFIG": "cannot be reached with the dashboard's settings",
+}
+
+# One problem of a ConfigError: "  - spec.lora.rank=0: must be in [1, 1024]" (lorafleet.errors).
+_PROBLEM = re.compile(r"^\s*-\s+spec\.(?P<field>[A-Za-z_][\w.]*(?:\[[^\]]*\])?)(?P<rest>=.*)$")
+
+
+@dataclass
+class ServiceError(Exception):
+    """A service is down or refused a request."""
+
+    service: str
+    """``trainer`` or ``inference``."""
+    address: str
+    code: str
+    """gRPC status name (``UNAVAILABLE``, ``INVALID_ARGUMENT``...), or ``CLIENT_CONFIG``."""
+    message: str
+    """The server's own message (or gRPC's, when the service could not be reached)."""
+    field_errors: dict[str, list[str]] = field(default_factory=dict)
+    """Problems by spec field without the ``spec.`` prefix (``lora.rank`` -> ["=0: must be ..."])."""
+
+    def __post_init__(self) -> None:
+        super().__init__(self.headline)
+
+    @property
+    def title(self) -> str:
+        return SERVICE_TITLES.get(self.service, self.service)
+
+    @property
+    def headline(self) -> str:
+        why = _WHY.get(self.code, "refused the request")
+        return f"{self.title} at {self.address} {why} ({self.code})"
+
+    def __str__(self) -> str:
+        return f"{self.headline}: {self.message}"
+
+
+def parse_field_errors(details: str) -> dict[str, list[str]]:
+    """Split an INVALID_ARGUMENT message into its problems, keyed by spec field.
+
+    Returns:
+        ``{"lora.rank": ["=0: must be in [1, 1024]"], "overrides['x.y']": [...]}``; empty when the
+        message lists no field problems.
+    """
+    out: dict[str, list[str]] = {}
+    for line in details.splitlines():
+        m = _PROBLEM.match(line)
+        if m:
+            out.setdefault(m.group("field"), []).append(m.group("rest"))
+    return out
+
+
+class _Client:
+    """What both clients share: channel, token, deadlines, metrics and error mapping."""
+
+    service = ""
+
+    def __init__(self, address: str, token: str = "", tls_ca: str = "", timeout_s: float = 10.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        try:
+            self.channel = channel(address, tls_ca or None, CHANNEL_OPTIONS)
+        except OSError as e:
+            raise ServiceError(self.service, address, "CLIENT_CONFIG", f"TLS CA file {tls_ca!r}: {e}") from e
+
+    def _error(self, e: grpc.RpcError) -> ServiceError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = (e.details() if hasattr(e, "details") else "") or str(e)
+        fields = parse_field_errors(details) if code == grpc.StatusCode.INVALID_ARGUMENT else {}
+        return ServiceError(self.service, self.address, code.name, details, fields)
+
+    def _unary(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        start = time.perf_counter()
+        try:
+            response = getattr(self.stub, method)(
+                request, timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            )
+        except grpc.RpcError as e:
+            err = self._error(e)
+            metrics.record(self.service, method, err.code, time.perf_counter() - start)
+            raise err from None
+        metrics.record(self.service, method, "OK", time.perf_counter() - start)
+        return response
+
+    def _stream(self, method: str, request: Any, timeout_s: float) -> Iterator[Any]:
+        """Yield the responses; on an error raise ``ServiceError`` (after any responses received)."""
+        start = time.perf_counter()
+        call = getattr(self.stub, method)(request, timeout=timeout_s, metadata=self.metadata)
+        code = "CANCELLED"  # the consumer stopped early
+        try:
+            yield from call
+            code = "OK"
+        except grpc.RpcError as e:
+            err = self._error(e)
+            code = err.code
+            raise err from None
+        finally:
+            if code == "CANCELLED":
+                call.cancel()
+            metrics.record(self.service, method, code, time.perf_counter() - start)
+
+    stub: Any
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class TrainerApi(_Client):
+    """``lorafleet.v1.TrainerService``."""
+
+    service = "trainer"
+
+    def __init__(self, address: str, token: str = "", tls_ca: str = "", timeout_s: float = 10.0) -> None:
+        super().__init__(address, token, tls_ca, timeout_s)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def submit_job(
+        self, spec: trainer_pb2.JobSpec, dry_run: bool = False, idempotency_key: str = ""
+    ) -> trainer_pb2.Job:
+        # Validation reads the datasets and the model config: allow it more than a listing.
+        request = trainer_pb2.SubmitJobRequest(spec=spec, dry_run=dry_run, idempotency_key=idempotency_key)
+        return self._unary("SubmitJob", request, timeout_s=max(self.timeout_s, 60.0))
+
+    def get_job(self, job_id: str) -> trainer_pb2.Job:
+        return self._unary("GetJob", trainer_pb2.GetJobRequest(job_id=job_id))
+
+    def list_jobs(self, states: Sequence[trainer_pb2.JobState] = ()) -> list[trainer_pb2.Job]:
+        """Every job (all pages), newest first as the service orders them."""
+        jobs: list[trainer_pb2.Job] = []
+        token = ""
+        while True:
+            request = trainer_pb2.ListJobsRequest(states=list(states), page_size=200, page_token=token)
+            page = self._unary("ListJobs", request)
+            jobs += page.jobs
+            token = page.next_page_token
+            if not token:
+                return jobs
+
+    def cancel_job(self, job_id: str, reason: str = "") -> trainer_pb2.Job:
+        return self._unary("CancelJob", trainer_pb2.CancelJobRequest(job_id=job_id, reason=reason))
+
+    def poll_job_events(
+        self, job_id: str, after_seq: int = 0, wait_s: float = 1.0
+    ) -> tuple[list[trainer_pb2.JobEvent], bool]:
+        """The job's events after ``after_seq`` that arrive within ``wait_s``.
+
+        ``WatchJob`` replays the history and then follows the job until it ends; a page cannot block
+        that long, so it polls with a short deadline and resumes from the last sequence number.
+
+        Returns:
+            (events, ended): ``ended`` is True when the stream closed because the job has ended.
+        """
+        request = trainer_pb2.WatchJobRequest(job_id=job_id, after_seq=after_seq)
+        events: list[trainer_pb2.JobEvent] = []
+        try:
+            for ev in self._stream("WatchJob", request, timeout_s=wait_s):
+                events.append(ev)
+        except ServiceError as e:
+            if e.code == "DEADLINE_EXCEEDED":
+                return events, False
+            raise
+        return events, True
+
+    def list_adapters(self, name: str = "") -> list[adapters_pb2.Adapter]:
+        return list(self._unary("ListAdapters", trainer_pb2.ListAdaptersRequest(name=name)).adapters)
+
+
+class InferenceApi(_Client):
+    """``lorafleet.v1.InferenceService``."""
+
+    service = "inference"
+
+    def __init__(self, address: str, token: str = "", tls_ca: str = "", timeout_s: float = 10.0) -> None:
+        super().__init__(address, token, tls_ca, timeout_s)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def list_models(self) -> inference_pb2.ListModelsResponse:
+        return self._unary("ListModels", inference_pb2.ListModelsRequest())
+
+    def load_adapter(self, adapter: str, model: str = "") -> inference_pb2.AdapterStatus:
+        # Loading reads and validates the weights: allow it more than a listing.
+        request = inference_pb2.LoadAdapterRequest(model=model, adapter=adapter)
+        return self._unary("LoadAdapter", request, timeout_s=max(self.timeout_s, 60.0))
+
+    def unload_adapter(self, adapter: str, model: str = "") -> inference_pb2.AdapterStatus:
+        return self._unary("UnloadAdapter", inference_pb2.UnloadAdapterRequest(model=model, adapter=adapter))
+
+    def chat_stream(
+        self,
+        messages: Sequence[tuple[str, str]],
+        adapter: str = "",
+        sampling: inference_pb2.SamplingParams | None = None,
+        model: str = "",
+        timeout_s: float = 300.0,
+    ) -> Iterator[inference_pb2.GenerateChunk]:
+        """Stream a chat answer: text deltas as they are decoded, the usage on the last chunk.
+
+        Args:
+            messages: (role, content) pairs, oldest first.
+            adapter: "name", "name@version" or "" for the base model.
+        """
+        request = inference_pb2.ChatRequest(
+            model=model,
+            adapter=adapter,
+            messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+            sampling=sampling,
+        )
+        yield from self._stream("ChatStream", request, timeout_s=timeout_s)
