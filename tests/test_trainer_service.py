@@ -282,6 +282,10 @@ def test_cli_submit_jobs_cancel(trainer, tiny_llama, bundled_data, tmp_path: Pat
     remote = cli("submit", str(path), "data.train_file=/not/on/the/server.jsonl")  # only the server can tell
     assert remote.returncode == 2 and "INVALID_ARGUMENT" in remote.stderr
     assert "spec.dataset.train_file='/not/on/the/server.jsonl'" in remote.stderr
+    # --gpus-per-node reaches the spec: this CPU-only local launcher has no GPU to give.
+    gpus = cli("submit", str(path), "--gpus-per-node", "2")
+    assert gpus.returncode == 2 and "INVALID_ARGUMENT" in gpus.stderr
+    assert "spec.resources.gpus_per_node=2" in gpus.stderr, gpus.stderr
 
 
 # -- 7. a real Prometheus scrapes the service ----------------------------------------------------------------

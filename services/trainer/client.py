@@ -116,6 +116,13 @@ def main(command: str, argv: list[str]) -> int:
         ap.add_argument("--dry-run", action="store_true")
         ap.add_argument("--max-attempts", type=int, default=None)
         ap.add_argument("--no-watch", action="store_true", help="return once queued")
+        ap.add_argument(
+            "--gpus-per-node",
+            type=int,
+            default=None,
+            help="GPUs per node (resources.gpus_per_node; one training process per GPU unless "
+            "distributed.nproc_per_node says otherwise)",
+        )
     elif command == "jobs":
         ap.add_argument(
             "--state",
@@ -137,6 +144,8 @@ def main(command: str, argv: list[str]) -> int:
             spec = config_to_spec(load_config(args.config, args.overrides))
             if args.max_attempts:
                 spec.max_attempts = args.max_attempts
+            if args.gpus_per_node is not None:
+                spec.resources.gpus_per_node = args.gpus_per_node
             job = client.submit(spec, args.idempotency_key, args.dry_run)
             print(f"{'validated' if args.dry_run else 'submitted'} job {job.id} ({state_name(job.state)})")
             if job.memory_estimate.summary:
