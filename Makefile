@@ -79,6 +79,7 @@ images:
 bench: setup
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.inference_bench
+	$(PY) -m bench.report
 
 clean:
 	rm -rf .cache runs bench/out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""Render the inference benchmark's figures in ``bench/results.json`` as the README's Markdown table.
+
+Run as:
+    .venv/bin/python -m bench.report                       (bench/results.json, key ``inference``)
+    .venv/bin/python -m bench.report --results FILE        (another results file, e.g. a wider model)
+
+The README quotes this output verbatim, so its figures are the file's, not retyped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+LABELS = {
+    "lorafleet": "**lorafleet** (continuous batching, mixed adapters)",
+    "naive_peft": "PEFT, one request at a time (`set_adapter` + `generate`)",
+    "static_peft_mixed": "PEFT static batches (`generate(adapter_names=...)`)",
+    "lorafleet_base_only": "lorafleet engine, base model only (ceiling)",
+}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f}"
+
+
+def inference_table(result: dict[str, Any]) -> str:
+    """The per-configuration table and the ratio lines, one block per adapter count."""
+    lines = [
+        "| adapters | configuration | tokens/s | requests/s | TTFT p50 / p99 ms | latency p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for n, block in result["by_adapters"].items():
+        for name, run in block["runs"].items():
+            lines.append(
+                f"| {n} | {LABELS.get(name, name)} | {run['tokens_per_s']:.0f} | {run['requests_per_s']:.1f} "
+                f"| {_ms(run['ttft_p50_s'])} / {_ms(run['ttft_p99_s'])} "
+                f"| {_ms(run['latency_p50_s'])} / {_ms(run['latency_p99_s'])} |"
+            )
+        same = block.get("outputs_identical", {})
+        parts = [
+            f"{key} **{block[key]:.2f}**" for key in ("ratio_vs_naive", "ratio_vs_static_mixed", "mixed_vs_base")
+            if key in block
+        ]  # fmt: skip
+        identical = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items())
+        ratios.append(
+            f"- {n} adapter(s): {', '.join(parts)}"
+            + (f" (same tokens as lorafleet: {identical})" if identical else "")
+        )
+    targets = result.get("targets_at_8_adapters")
+    out = "\n".join(lines) + "\n\n" + "\n".join(ratios)
+    if targets:
+        out += "\n\nTargets at 8 adapters: " + ", ".join(f"{k} >= {v}" for k, v in targets.items()) + "."
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    if "inference" not in data:
+        print(f"{args.results}: no 'inference' key (run `make bench` first)", file=sys.stderr)
+        return 1
+    print(inference_table(data["inference"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
