@@ -151,6 +151,7 @@ class RunRecorder:
         self._elapsed_before = 0.0
         self._bar: Any = None
         self._bar_step = resume_step
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +219,18 @@ class RunRecorder:
         self._records.append(out)
         self._write(out)
         self._update_bar(out)
+        for listener in list(self._listeners):
+            try:
+                listener(out)
+            except Exception as e:  # an observer (a metrics exporter, say) never stops training
+                self._listeners.remove(listener)
+                print(f"run records: dropped listener {listener!r}: {e!r}", file=sys.stderr)
         return out
+
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(record)`` with every metric record logged from now on (main rank only).
+        A listener that raises is dropped with a warning; training goes on."""
+        self._listeners.append(listener)
 
     def _update_bar(self, record: dict[str, Any]) -> None:
         if self._bar is None:

@@ -173,6 +173,9 @@ def test_multi_node_gpu_job() -> None:
     assert env["LORAFLEET_NNODES"] == "2" and env["LORAFLEET_NPROC_PER_NODE"] == "4"
     assert env["LORAFLEET_MASTER_ADDR"] == f"{name}-0.{svc}" and env["LORAFLEET_MASTER_PORT"] == "29500"
     assert env["HOME"] == "/var/cache/lorafleet"
+    # The run's own /metrics (services/trainer/run_metrics.py) on the port the PodMonitor scrapes.
+    assert env["LORAFLEET_TRAINING_METRICS_PORT"] == "9400"
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
     overridden = env_of(
         render_attempt(settings(env={"HOME": "/h", "LORAFLEET_NNODES": "9"}), REQUESTS["gpu-2x4-torchrun"])[0]
     )
@@ -324,8 +327,10 @@ def test_settings_from_env() -> None:
             "LORAFLEET_K8S_NODE_SELECTOR": "pool=gpu,zone=a",
             "LORAFLEET_K8S_TOLERATIONS": '[{"key": "dedicated", "operator": "Exists"}]',
             "LORAFLEET_K8S_ENV": '{"HF_HUB_OFFLINE": 1}',
+            "LORAFLEET_K8S_METRICS_PORT": "9500",
         }
     )
+    assert s.metrics_port == 9500
     assert (s.image, s.namespace, s.runs_claim, s.runs_mount_path) == (
         "img:2",
         "train",
@@ -339,6 +344,8 @@ def test_settings_from_env() -> None:
     assert K8sSettings.from_env({}) == K8sSettings()
     with pytest.raises(ValueError, match="MAX_NODES"):
         K8sSettings.from_env({"LORAFLEET_K8S_MAX_NODES": "many"})
+    with pytest.raises(ValueError, match="metrics_port 29500"):
+        K8sSettings(metrics_port=29500)  # the rendezvous port
 
 
 def _free_port() -> int:

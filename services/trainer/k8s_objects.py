@@ -97,6 +97,9 @@ class K8sSettings:
     shm_size: str = ""
     """Size limit of the memory-backed ``/dev/shm`` (it counts against the memory limit); empty = none."""
     master_port: int = 29500
+    metrics_port: int = 9400
+    """Container port named ``metrics`` of every training pod: the run's own ``/metrics``
+    (``services/trainer/run_metrics.py``), scraped by the ``lorafleet-training`` PodMonitor."""
     active_deadline_seconds: int = 3 * 24 * 3600
     """Upper bound on one attempt's run time; the Job fails with ``DeadlineExceeded`` after it."""
     ttl_seconds_after_finished: int = 24 * 3600
@@ -144,6 +147,8 @@ class K8sSettings:
             problems.append(f"shm_size {self.shm_size!r} is not a Kubernetes quantity")
         if not 0 < self.master_port < 65536:
             problems.append(f"master_port {self.master_port} is out of range")
+        if not 0 < self.metrics_port < 65536 or self.metrics_port == self.master_port:
+            problems.append(f"metrics_port {self.metrics_port} is out of range or equals master_port")
         for name in ("active_deadline_seconds", "max_nodes", "max_processes_per_node"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -194,7 +199,7 @@ class K8sSettings:
             "SHM_SIZE": "shm_size", "PRIORITY_CLASS": "priority_class", "JOB_TEMPLATE": "job_template",
         }  # fmt: skip
         ints = {
-            "MASTER_PORT": "master_port", "ACTIVE_DEADLINE_SECONDS": "active_deadline_seconds",
+            "MASTER_PORT": "master_port", "METRICS_PORT": "metrics_port", "ACTIVE_DEADLINE_SECONDS": "active_deadline_seconds",
             "TTL_SECONDS_AFTER_FINISHED": "ttl_seconds_after_finished",
             "TERMINATION_GRACE_SECONDS": "termination_grace_seconds", "MAX_NODES": "max_nodes",
             "MAX_GPUS_PER_NODE": "max_gpus_per_node", "MAX_PROCESSES_PER_NODE": "max_processes_per_node",
@@ -385,6 +390,7 @@ def _env(
         "LORAFLEET_NPROC_PER_NODE": str(nproc),
         "LORAFLEET_MASTER_ADDR": master_addr(job_name, service_name),
         "LORAFLEET_MASTER_PORT": str(settings.master_port),
+        "LORAFLEET_TRAINING_METRICS_PORT": str(settings.metrics_port),
         "LORAFLEET_JOB_ID": request.job_id,
         "LORAFLEET_ATTEMPT": str(request.attempt),
     }
@@ -465,8 +471,8 @@ TEMPLATE_VALUES = (
     "active_deadline_seconds", "ttl_seconds_after_finished", "container_name", "exit_invalid",
     "service_account", "termination_grace_seconds", "run_as_user", "run_as_group", "fs_group",
     "image_pull_secrets", "node_selector", "tolerations", "priority_class", "image",
-    "image_pull_policy", "working_dir", "command", "env", "master_port", "resources", "volume_mounts",
-    "volumes",
+    "image_pull_policy", "working_dir", "command", "env", "master_port", "metrics_port", "resources",
+    "volume_mounts", "volumes",
 )  # fmt: skip
 """The placeholders the launcher fills in the Job template; a template must use every one of them."""
 _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)(\??)\}")
@@ -581,6 +587,7 @@ def render_attempt(settings: K8sSettings, request: AttemptRequest) -> tuple[dict
         "command": container_command(settings, request, name, service_name),
         "env": _env(settings, request, name, service_name),
         "master_port": settings.master_port,
+        "metrics_port": settings.metrics_port,
         "resources": _resources(request),
         "volume_mounts": mounts,
         "volumes": volumes,

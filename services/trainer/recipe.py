@@ -53,6 +53,7 @@ from lorafleet.methods import PreparedModel, prepare_model, quantization_for, sa
 from lorafleet.models import base_model_fingerprint, count_parameters, load_model, load_tokenizer
 from lorafleet.runlog import RunRecorder, plot_loss, write_final_metrics
 from lorafleet.scoring import compute_generation_metrics
+from services.trainer import run_metrics
 
 IGNORE_INDEX = -100
 
@@ -463,6 +464,11 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     recorder = RunRecorder(
         run_dir, total_steps, is_main=topo.is_main, progress=progress, resume_step=state.global_step
     )
+    if topo.local_rank == 0:  # one /metrics per node when LORAFLEET_TRAINING_METRICS_PORT is set
+        node_rank = topo.rank // max(topo.local_world_size, 1)
+        exporter = run_metrics.start_from_env(run_id, config.method, node_rank, topo.is_main)
+        if exporter is not None and topo.is_main:
+            recorder.add_listener(exporter.observe)
     mcfg = model.config
     estimate = estimate_run(config, mcfg, total_params, trainable_params, max(lengths), topo.world_size)
     recorder.write_event(
