@@ -1,7 +1,7 @@
-"""Render the inference benchmark's figures in ``bench/results.json`` as the README's Markdown table.
+"""Render the benchmarks' figures in ``bench/results.json`` as the README's Markdown tables.
 
 Run as:
-    .venv/bin/python -m bench.report                       (bench/results.json, key ``inference``)
+    .venv/bin/python -m bench.report                       (bench/results.json, keys ``training``, ``inference``)
     .venv/bin/python -m bench.report --results FILE        (another results file, e.g. a wider model)
 
 The README quotes this output verbatim, so its figures are the file's, not retyped.
@@ -26,6 +26,35 @@ LABELS = {
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.0f}"
+
+
+TRAINING_LABELS = {
+    "lorafleet": "**lorafleet**",
+    "hf_trainer": "HF Trainer + PEFT",
+    "hf_trainer_group_by_length": "HF Trainer + PEFT, `group_by_length=True`",
+}
+
+
+def training_table(result: dict[str, Any]) -> str:
+    """The training runs (median pass of each) and the ratio line."""
+    lines = [
+        "| run | tokens/s (median; all passes) | peak RSS | held-out loss |",
+        "|---|---|---|---|",
+    ]
+    for name, run in result["runs"].items():
+        passes = ", ".join(f"{v:.0f}" for v in run.get("passes_tokens_per_s", []))
+        lines.append(
+            f"| {TRAINING_LABELS.get(name, name)} | {run['tokens_per_s']:.0f}"
+            + (f" ({passes})" if passes else "")
+            + f" | {run['peak_rss_bytes'] / 2**20:.0f} MiB | {run['eval_loss']:.4f} |"
+        )
+    return (
+        "\n".join(lines)
+        + f"\n\n`tokens_per_s_ratio_vs_hf` **{result['tokens_per_s_ratio_vs_hf']:.2f}**, "
+        + f"`peak_rss_ratio_vs_hf` **{result['peak_rss_ratio_vs_hf']:.2f}**, "
+        + f"`final_loss_rel_diff` **{result['final_loss_rel_diff'] * 100:.1f} %**; against HF with "
+        + f"`group_by_length` the throughput ratio is {result['tokens_per_s_ratio_vs_hf_group_by_length']:.2f}."
+    )
 
 
 def inference_table(result: dict[str, Any]) -> str:
@@ -64,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     data = json.loads(args.results.read_text())
-    if "inference" not in data:
-        print(f"{args.results}: no 'inference' key (run `make bench` first)", file=sys.stderr)
+    if "training" not in data and "inference" not in data:
+        print(f"{args.results}: no 'training' or 'inference' key (run `make bench` first)", file=sys.stderr)
         return 1
-    print(inference_table(data["inference"]))
+    if "training" in data:
+        print("Training\n\n" + training_table(data["training"]) + "\n")
+    if "inference" in data:
+        print("Inference\n\n" + inference_table(data["inference"]))
     return 0
 
 

@@ -184,7 +184,7 @@ def greedy(max_new: int = MAX_NEW, **kwargs: Any) -> SamplingParams:
 # (a) fp32 parity in one mixed batch
 
 
-@pytest.mark.parametrize("lora_mode", ["group", "gather"])
+@pytest.mark.parametrize("lora_mode", ["group", "gather", "stack"])
 def test_mixed_batch_matches_peft_per_adapter(
     make_engine: Callable[..., Engine],
     adapter_dirs: dict[str, Path],
@@ -247,7 +247,7 @@ def nf4_refs(tiny_llama: Path, adapter_dirs: dict[str, Path], eos_id: int) -> Re
     return References(tiny_llama, adapter_dirs, "nf4", eos_id)
 
 
-@pytest.mark.parametrize("lora_mode", ["group", "gather"])
+@pytest.mark.parametrize("lora_mode", ["group", "gather", "stack"])
 def test_nf4_mixed_batch_matches_peft_over_nf4(
     make_engine: Callable[..., Engine],
     adapter_dirs: dict[str, Path],
@@ -290,7 +290,7 @@ def test_nf4_mixed_batch_matches_peft_over_nf4(
     assert max(hook.adapters_in_batch) == 3
 
 
-@pytest.mark.parametrize("mode", ["group", "gather"])
+@pytest.mark.parametrize("mode", ["group", "gather", "stack"])
 def test_nf4_slot_delta_matches_peft_logits(
     tiny_llama: Path,
     adapter_dirs: dict[str, Path],
@@ -745,6 +745,68 @@ def test_bad_adapter_directories(tiny_llama: Path, adapter_dirs: dict[str, Path]
     other = LlamaForCausalLM(LlamaConfig(**cfg))
     with pytest.raises(ValueError, match="do not fit"):
         adapter_weights_from_peft_dir(good, "x", other)
+
+
+def test_stack_mode_repacks_after_reload_and_clear(
+    tiny_llama: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]]
+) -> None:
+    """``stack`` multiplies packed copies of the slot tables; a slot loaded with another adapter or
+    cleared must never be served from the old packed copy. Checked against ``group`` (PEFT's own
+    arithmetic) on the same slots after each change."""
+    base = load_base(tiny_llama)
+    slots = LoraSlots(base, None, num_slots=3, max_rank=16, mode="stack")
+    weights = {n: adapter_weights_from_peft_dir(adapter_dirs[n], f"{n}@1", base) for n in ADAPTERS}
+    ids = torch.tensor([prompts[0][:4]] * 4)
+    rows = torch.tensor([0, 1, 2, -1])
+
+    def logits(mode: str) -> torch.Tensor:
+        slots.mode = mode  # type: ignore[assignment]
+        slots.set_rows(rows)
+        with torch.inference_mode():
+            return base(input_ids=ids[:, :1]).logits
+
+    try:
+        for slot, name in enumerate(("a", "b", "c")):
+            slots.load(slot, weights[name])
+        first = logits("stack")
+        assert (first - logits("group")).abs().max() < 1e-4
+        slots.load(1, weights["d"])  # replace b by d in slot 1
+        second = logits("stack")
+        assert (second - logits("group")).abs().max() < 1e-4
+        assert (second[1] - first[1]).abs().max() > 1e-3  # slot 1 really serves d now
+        assert torch.equal(second[0], first[0]) and torch.equal(second[3], first[3])
+        slots.clear(2)  # rows of a cleared slot get the base model's output
+        third = logits("stack")
+        assert (third[2] - third[3]).abs().max() < 1e-5
+    finally:
+        slots.remove()
+
+
+def test_auto_mode_choice(tiny_llama: Path, adapter_dirs: dict[str, Path]) -> None:
+    """``auto``: ``group`` for at most two adapters in a batch; above that ``stack`` for one-token
+    (decode) forwards and ``gather`` for prefills while the resident ranks fit the narrowest
+    layer's input size, and ``gather`` for both once they do not."""
+    base = load_base(tiny_llama)
+    narrowest = min(
+        m.in_features
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
+    w = {n: adapter_weights_from_peft_dir(adapter_dirs[n], f"{n}@1", base) for n in ADAPTERS}
+    slots = LoraSlots(base, None, num_slots=4, max_rank=16)
+    try:
+        for slot, name in enumerate(ADAPTERS):
+            slots.load(slot, w[name])
+        slots.set_rows(torch.tensor([0, 1, 0, -1]))
+        assert slots._plan is not None and slots._plan.mode == "group"
+        slots.set_rows(torch.tensor([0, 1, 2, 3]))
+        assert sum(x.rank for x in w.values()) <= narrowest
+        assert (slots._plan.mode, slots._plan.multi_token_mode) == ("stack", "gather")
+        slots._min_in = sum(x.rank for x in w.values()) - 1  # as if the layers were narrower
+        slots.set_rows(torch.tensor([0, 1, 2, 3]))
+        assert (slots._plan.mode, slots._plan.multi_token_mode) == ("gather", "gather")
+    finally:
+        slots.remove()
 
 
 def test_lora_slots_argument_checks(tiny_llama: Path, adapter_dirs: dict[str, Path]) -> None:

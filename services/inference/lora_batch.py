@@ -12,7 +12,7 @@ per-request model copies, no module surgery, no reallocation), and adapters of d
 one table: a rank-r adapter fills the first r columns of ``A^T`` / rows of ``B^T`` and the rest stay
 zero.
 
-Two ways to apply the deltas, both S-LoRA/Punica-style gathers over the same tables:
+Three ways to apply the deltas over the same tables:
 
 * ``group``: rows are grouped by slot; per distinct slot two matmuls at the slot's real rank on its
   rows (``index_select`` / ``index_copy``, skipped when every row uses that slot). The arithmetic is
@@ -21,14 +21,28 @@ Two ways to apply the deltas, both S-LoRA/Punica-style gathers over the same tab
 * ``gather``: every row gathers its slot's ``A^T`` / ``B^T`` (base rows gather the zero slot) and
   the deltas are two ``bmm`` calls at the batch's largest real rank (smaller ranks multiply by
   zero padding); no row selection or scatter. The number of operations no longer grows with the
-  number of distinct adapters in the batch (Punica's BGMV idea); rounding differs from PEFT's only
-  in summation order.
+  number of distinct adapters in the batch (Punica's BGMV idea).
+* ``stack``: every resident adapter's ``A^T`` packed side by side at its real rank (``[in, C]``,
+  C = the sum of resident ranks) and its ``B^T`` stacked (``[C, out]``). One matmul gives every row
+  ``x @ A^T`` for every slot, a ``[rows, C]`` mask keeps the row's own slot's columns (times its
+  scaling; all zero for base rows) and one ``addmm`` adds the delta: three operations per layer
+  and no per-row weight copies, at the price of multiplying every row by all C columns.
 
-``auto`` (the default) uses ``group`` while a batch holds at most ``GATHER_THRESHOLD`` distinct
-adapters and ``gather`` above that. Measured on the CPU (llama hidden 256, 4 layers, every linear
-layer adapted at ranks 8/16, one decode step of 32 rows): ``group`` is slightly faster with one or
-two distinct adapters, ``gather`` from three on (per-operation overhead dominates at these sizes:
-``group`` costs four to six operations per distinct adapter per layer, ``gather`` five in all).
+``gather`` and ``stack`` round differently from PEFT only in summation order (logits within 1e-4).
+
+``auto`` (the default) picks by measurement (``tests`` check all three against PEFT; the figures
+are from one forward of the benchmark's llama, hidden 256, 4 layers, every linear layer adapted at
+ranks 8/16, 32 rows, on the 2-core CPU):
+
+* at most ``GATHER_THRESHOLD`` distinct adapters in the batch: ``group`` (fewest operations then);
+* more, while C <= ``STACK_MAX_COLS_RATIO`` x the narrowest adapted layer's input size: ``stack``
+  for decode steps (one token per row; 8 adapters: 9.3 ms against 11.4 ms for ``gather`` and
+  4.9 ms for the base alone) and ``gather`` for prefills, where a row's many tokens share one
+  gathered table while ``stack`` would multiply each of them by every slot's columns;
+* more resident rank than that: ``gather`` (32 adapters: 11.0 ms against 14.2 ms for ``stack``).
+
+At these sizes the cost is per-operation overhead and the padded arithmetic; on a GPU the same
+choice would be made by kernels (S-LoRA's MBGMM, Punica's SGMV), which this CPU build has none of.
 
 Why our own batched LoRA and not PEFT's ``model.generate(..., adapter_names=[...])``: measured by
 ``bench/inference_bench.py`` (configuration ``static_peft_mixed`` against ``lorafleet``, same
@@ -55,12 +69,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 GATHER_THRESHOLD = 2
-"""``auto`` mode switches from per-slot groups to the batched gather above this many adapters."""
+"""``auto`` mode switches from per-slot groups to a batched mode above this many adapters."""
+
+STACK_MAX_COLS_RATIO = 1.0
+"""``auto`` uses ``stack`` while its matmuls are at most this many columns per input feature of the
+narrowest adapted layer (``(num_slots + 1) x batch rank <= ratio x in_features``), else ``gather``."""
 
 _PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output_layer"})
 
-Mode = Literal["auto", "group", "gather"]
+Mode = Literal["auto", "group", "gather", "stack"]
 
 
 @dataclass
@@ -263,9 +281,21 @@ class _SlotLayer:
         s, r, dt = owner.num_slots, owner.max_rank, owner.dtype
         self.a_t = torch.zeros(s + 1, in_features, r, dtype=dt, device=device)
         self.b_t = torch.zeros(s + 1, r, out_features, dtype=dt, device=device)
+        # The ``stack`` mode's packed tables: every resident slot's A^T side by side at its real
+        # rank (``packed_a`` [in, C]) and its B^T stacked (``packed_b`` [C, out]); ``col_slot`` /
+        # ``col_scale`` give each of the C columns its slot and scaling. Rebuilt on first use after
+        # a load or clear (``_packed_stale``).
+        self.packed_a = torch.zeros(in_features, 0, dtype=dt, device=device)
+        self.packed_b = torch.zeros(0, out_features, dtype=dt, device=device)
+        self.col_slot = torch.zeros(0, dtype=torch.long, device=device)
+        self.col_scale = torch.zeros(0, dtype=dt, device=device)
+        self._packed_stale = False
         self.scaling = torch.zeros(s + 1, dtype=dt, device=device)
         self.ranks = [0] * s  # 0 = this slot's adapter does not adapt this layer
         self.scaling_f = [0.0] * s
+        # Layers with equal keys (ranks and scalings of every slot) have the same packed column
+        # layout, so they share one ``stack`` mask per forward.
+        self.pack_key: tuple[tuple[int, ...], tuple[float, ...]] = (tuple(self.ranks), tuple(self.scaling_f))
         # PEFT's bitsandbytes layers cast the delta to the output dtype before adding; its plain
         # Linear adds in the LoRA dtype and casts the sum (differs only for bf16/fp16 bases).
         self.cast_before_add = _is_bnb(module)
@@ -276,7 +306,10 @@ class _SlotLayer:
         if plan is None or not inputs:
             return None
         x = inputs[0]
-        if plan.use_gather:
+        mode = plan.mode if x.dim() < 3 or x.shape[-2] == 1 else plan.multi_token_mode
+        if mode == "stack":
+            return self._apply_stack(x, out, plan)
+        if mode == "gather":
             return self._apply_gather(x, out, plan)
         return self._apply_groups(x, out, plan)
 
@@ -320,18 +353,51 @@ class _SlotLayer:
         delta = torch.bmm(h, b_t.index_select(0, slots))  # [n, tokens, out]
         return self._add(out, delta.reshape(*shape[:-1], self.out_features))
 
+    def _apply_stack(self, x: torch.Tensor, out: torch.Tensor, plan: _RowPlan) -> torch.Tensor | None:
+        if max(self.ranks[s] for s in plan.distinct) == 0:
+            return None
+        if self._packed_stale:
+            self._repack()
+        mask = plan.stack_mask(self)  # [n, C]: the row's slot scaling on its slot's columns, else 0
+        shape = x.shape
+        n, cols = shape[0], self.packed_a.shape[1]
+        x2 = x.reshape(-1, shape[-1]).to(self.packed_a.dtype)
+        h = torch.mm(x2, self.packed_a)  # [n*tokens, C]: x @ A^T of every resident slot at once
+        if h.shape[0] == n:
+            h.mul_(mask)
+        else:  # several tokens per row: one mask row per sequence, broadcast over its tokens
+            h.view(n, -1, cols).mul_(mask.unsqueeze(1))
+        out2 = out.reshape(-1, self.out_features)
+        if out.dtype == h.dtype:
+            return torch.addmm(out2, h, self.packed_b).view(out.shape)
+        return self._add(out2, torch.mm(h, self.packed_b)).view(out.shape)
+
+    def _repack(self) -> None:
+        live = [k for k, r in enumerate(self.ranks) if r > 0]
+        self.packed_a = torch.cat([self.a_t[k, :, : self.ranks[k]] for k in live] or [self.a_t[0, :, :0]], 1)
+        self.packed_b = torch.cat([self.b_t[k, : self.ranks[k]] for k in live] or [self.b_t[0, :0]], 0)
+        device = self.packed_a.device
+        self.col_slot = torch.tensor([k for k in live for _ in range(self.ranks[k])], dtype=torch.long)
+        self.col_slot = self.col_slot.to(device)
+        self.col_scale = torch.tensor(
+            [self.scaling_f[k] for k in live for _ in range(self.ranks[k])], dtype=self.packed_a.dtype
+        ).to(device)
+        self._packed_stale = False
+
     def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         self.a_t[slot].zero_()
         self.b_t[slot].zero_()
         if a is None or b is None:
             self.ranks[slot], self.scaling_f[slot] = 0, 0.0
             self.scaling[slot] = 0.0
-            return
-        r = a.shape[0]
-        self.a_t[slot, :, :r].copy_(a.t())
-        self.b_t[slot, :r].copy_(b.t())
-        self.ranks[slot], self.scaling_f[slot] = r, scaling
-        self.scaling[slot] = scaling
+        else:
+            r = a.shape[0]
+            self.a_t[slot, :, :r].copy_(a.t())
+            self.b_t[slot, :r].copy_(b.t())
+            self.ranks[slot], self.scaling_f[slot] = r, scaling
+            self.scaling[slot] = scaling
+        self.pack_key = (tuple(self.ranks), tuple(self.scaling_f))
+        self._packed_stale = True
 
 
 @dataclass
@@ -339,13 +405,26 @@ class _RowPlan:
     """Which rows of the next forward use which slot; computed once, used by every layer.
 
     ``groups`` holds ``(slot, rows, whole)`` (``whole``: every row of the batch uses that slot);
-    ``gather_slots`` is the slot of every row with base rows mapped to the always-zero slot.
+    ``gather_slots`` is the slot of every row with base rows mapped to the always-zero slot
+    (``num_slots``), which owns no packed column.
     """
 
     groups: list[tuple[int, torch.Tensor, bool]]
     distinct: list[int]
     gather_slots: torch.Tensor
-    use_gather: bool
+    mode: Literal["group", "gather", "stack"]
+    multi_token_mode: Literal["group", "gather", "stack"]  # for inputs of several tokens per row (prefill)
+    _masks: dict[tuple[tuple[int, ...], tuple[float, ...]], torch.Tensor] = field(default_factory=dict)
+
+    def stack_mask(self, layer: _SlotLayer) -> torch.Tensor:
+        """``[rows, C]``: each packed column's scaling where the column belongs to the row's slot,
+        else 0. Layers with the same packed layout share one mask per forward (usually all do)."""
+        mask = self._masks.get(layer.pack_key)
+        if mask is None:
+            hit = layer.col_slot.unsqueeze(0) == self.gather_slots.unsqueeze(1)
+            mask = hit.to(layer.col_scale.dtype).mul_(layer.col_scale)
+            self._masks[layer.pack_key] = mask
+        return mask
 
 
 class LoraSlots:
@@ -386,8 +465,8 @@ class LoraSlots:
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be >= 1")
-        if mode not in ("auto", "group", "gather"):
-            raise ValueError(f"mode must be auto, group or gather, not {mode!r}")
+        if mode not in ("auto", "group", "gather", "stack"):
+            raise ValueError(f"mode must be auto, group, gather or stack, not {mode!r}")
         self.num_slots, self.max_rank, self.dtype, self.mode = num_slots, max_rank, dtype, mode
         available = linear_layers(model)
         if target_module_names is None:
@@ -407,7 +486,9 @@ class LoraSlots:
             param = next(module.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             self.layers[name] = _SlotLayer(self, name, module, available[name], device)
+        self._min_in = min(layer.in_features for layer in self.layers.values())
         self.refs: list[str | None] = [None] * num_slots
+        self._slot_rank = [0] * num_slots  # largest rank of each slot's adapter over its layers
         self._plan: _RowPlan | None = None
 
     def validate(self, weights: AdapterWeights) -> None:
@@ -444,6 +525,7 @@ class LoraSlots:
                 else:
                     layer.load(slot, pair[0], pair[1], weights.scaling_for(name))
         self.refs[slot] = weights.ref
+        self._slot_rank[slot] = weights.rank
 
     def clear(self, slot: int) -> None:
         """Zero ``slot``; rows still pointing at it get the base model's output."""
@@ -452,6 +534,7 @@ class LoraSlots:
             for layer in self.layers.values():
                 layer.load(slot, None, None, 0.0)
         self.refs[slot] = None
+        self._slot_rank[slot] = 0
 
     def set_rows(self, slot_ids: torch.Tensor | None) -> None:
         """Set the slot of each batch row (LongTensor ``[batch]``, -1 = base) for the next forwards."""
@@ -468,14 +551,23 @@ class LoraSlots:
         row_slots = ids.index_select(0, active)
         distinct = sorted(set(row_slots.tolist()))
         whole = len(distinct) == 1 and active.numel() == ids.numel()
-        use_gather = self.mode == "gather" or (self.mode == "auto" and len(distinct) > GATHER_THRESHOLD)
         device = next(iter(self.layers.values())).a_t.device
         self._plan = _RowPlan(
             groups=[(s, active[row_slots == s].to(device), whole) for s in distinct],
             distinct=distinct,
             gather_slots=torch.where(ids >= 0, ids, self.num_slots).to(device),
-            use_gather=use_gather,
+            mode=(mode := self._choose(len(distinct))),
+            multi_token_mode="gather" if self.mode == "auto" and mode == "stack" else mode,
         )
+
+    def _choose(self, n_distinct: int) -> Literal["group", "gather", "stack"]:
+        if self.mode != "auto":
+            return self.mode
+        if n_distinct <= GATHER_THRESHOLD:
+            return "group"
+        if sum(self._slot_rank) <= STACK_MAX_COLS_RATIO * self._min_in:
+            return "stack"
+        return "gather"
 
     def remove(self) -> None:
         """Unhook every layer: the model is the plain base model again."""
