@@ -391,7 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "inference")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch CPU threads for every configuration (default 0: the inference server's default, "
+        "CPUs available minus one)",
+    )
     args = ap.parse_args(argv)
+    from services.inference.settings import resolve_torch_threads
+
+    torch.set_num_threads(resolve_torch_threads(args.torch_threads))
     n_requests = args.requests or (32 if args.quick else 256)
     max_new = args.max_new_tokens or (8 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -530,6 +540,4 @@ def _cpu_model() -> str:
 
 
 if __name__ == "__main__":
-    if os.environ.get("LORAFLEET_BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["LORAFLEET_BENCH_THREADS"]))
     sys.exit(main())

@@ -38,7 +38,7 @@ TRAINING_LABELS = {
 def training_table(result: dict[str, Any]) -> str:
     """The training runs (median pass of each) and the ratio line."""
     lines = [
-        "| run | tokens/s (median; all passes) | peak RSS | held-out loss |",
+        "| run | tokens/s: median (passes) | peak RSS MiB: median (passes) | held-out loss |",
         "|---|---|---|---|",
     ]
     for name, run in result["runs"].items():
@@ -46,7 +46,13 @@ def training_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {TRAINING_LABELS.get(name, name)} | {run['tokens_per_s']:.0f}"
             + (f" ({passes})" if passes else "")
-            + f" | {run['peak_rss_bytes'] / 2**20:.0f} MiB | {run['eval_loss']:.4f} |"
+            + f" | {run['peak_rss_bytes'] / 2**20:.0f}"
+            + (
+                f" ({', '.join(f'{v / 2**20:.0f}' for v in run['passes_peak_rss_bytes'])})"
+                if "passes_peak_rss_bytes" in run
+                else ""
+            )
+            + f" | {run['eval_loss']:.4f} |"
         )
     return (
         "\n".join(lines)

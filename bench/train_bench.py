@@ -12,7 +12,8 @@ token-weighted loss of each published adapter on the held-out set, computed by t
 one function for both. A second baseline enables HF's ``group_by_length`` so the report shows how
 much of the gap is batching. Each of the three runs is repeated ``--repeats`` times (default 3),
 interleaved run by run so that a slow spell of a shared machine hits them alike, and each reports
-its median pass by tokens/s (every pass's tokens/s is kept in ``passes_tokens_per_s``).
+its median pass by tokens/s and, separately, its median peak RSS (every pass's figures are kept in
+``passes_tokens_per_s`` / ``passes_peak_rss_bytes``).
 
 Writes ``bench/results.json`` (key ``training``) and prints a table.
 """
@@ -214,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         ordered = sorted(done, key=lambda r: r["tokens_per_s"])
         runs[name] = dict(ordered[(len(ordered) - 1) // 2])  # the median pass (lower median if even)
         runs[name]["passes_tokens_per_s"] = [r["tokens_per_s"] for r in done]
+        # Peak RSS is its own measurement (allocator and thread timing move it by some percent from
+        # pass to pass): the median over the passes, every pass kept.
+        rss = sorted(r["peak_rss_bytes"] for r in done)
+        runs[name]["peak_rss_bytes"] = rss[(len(rss) - 1) // 2]
+        runs[name]["passes_peak_rss_bytes"] = [r["peak_rss_bytes"] for r in done]
 
     lf, hf = runs["lorafleet"], runs["hf_trainer"]
     training = {

@@ -102,6 +102,9 @@ def test_server_keeps_the_demo_contract(server: InferenceProcess) -> None:
     ready = re.search(r"^(ready)$", log, re.M)
     assert listening and metrics and ready, log
     assert listening.start() < ready.start() and metrics.start() < ready.start()
+    # The fixture's server runs with the default torch_threads=0: CPUs it may use minus one.
+    threads = re.search(r"^torch threads: (\d+)$", log, re.M)
+    assert threads and int(threads.group(1)) == max(1, len(os.sched_getaffinity(0)) - 1), log
     assert server.address.endswith(":" + listening.group(1))
     assert metrics.group(1).startswith("http://127.0.0.1:") and metrics.group(1).endswith("/metrics")
     assert server.channel is not None
@@ -413,6 +416,7 @@ def test_server_flags_override_yaml_which_overrides_defaults(
             ("tls_key=''", "go together", "tls_cert='/no/cert.pem'"),
         ),
         (["--model", "t=/m", "--shutdown-grace-s", "-1"], ("shutdown_grace_s=-1.0",)),
+        (["--model", "t=/m", "--torch-threads", "-2"], ("torch_threads=-2", ">= 0")),
         (
             ["--model", "bad name=/m", "--metrics-port", "70000"],
             ("models[0].name='bad name'", "metrics_port=70000"),
@@ -424,6 +428,7 @@ def test_server_flags_override_yaml_which_overrides_defaults(
         "batch-zero",
         "cert-without-key",
         "negative-grace",
+        "negative-threads",
         "two-problems",
     ],
 )

@@ -409,6 +409,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("adapter_memory_budget_mb", float, "MiB of resident adapter weights per base model (0 = no cap)"),
     ("scan_interval_s", float, "seconds between scans of the adapters root"),
     ("grpc_workers", int, "gRPC handler threads (one per in-flight request)"),
+    ("torch_threads", int, "torch CPU threads (0 = CPUs available minus one, at least 1)"),
     ("shutdown_grace_s", float, "on SIGTERM, seconds in-flight requests may take to finish"),
 ]
 
@@ -459,9 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     except LorafleetError as e:
         print(f"error: {e.reason}", file=sys.stderr)
         return 2
+    import torch
+
+    # Set here, for the process, not in InferenceServer: an embedding process (tests, a notebook)
+    # keeps its own thread count.
+    torch.set_num_threads(settings.effective_torch_threads)
     server = InferenceServer(settings)
     port = server.start()
     print(f"listening on {settings.host}:{port}", flush=True)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
     if server.metrics_port is not None:
         print(f"metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
     done = threading.Event()
