@@ -103,8 +103,10 @@ def test_server_keeps_the_demo_contract(server: InferenceProcess) -> None:
     assert listening and metrics and ready, log
     assert listening.start() < ready.start() and metrics.start() < ready.start()
     # The fixture's server runs with the default torch_threads=0: CPUs it may use minus one.
+    from services.inference.settings import resolve_torch_threads
+
     threads = re.search(r"^torch threads: (\d+)$", log, re.M)
-    assert threads and int(threads.group(1)) == max(1, len(os.sched_getaffinity(0)) - 1), log
+    assert threads and int(threads.group(1)) == resolve_torch_threads(0), log
     assert server.address.endswith(":" + listening.group(1))
     assert metrics.group(1).startswith("http://127.0.0.1:") and metrics.group(1).endswith("/metrics")
     assert server.channel is not None
@@ -403,6 +405,24 @@ def test_server_flags_override_yaml_which_overrides_defaults(
     monkeypatch.setenv("LORAFLEET_INFERENCE_MODEL", "d=/m/d,e=/m/e:nf4")
     settings = settings_from_args(build_parser().parse_args([]))
     assert [(m.name, m.quantization) for m in settings.models] == [("d", "none"), ("e", "nf4")]
+
+
+def test_torch_threads_default_leaves_a_cpu_and_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    from services.inference.settings import resolve_torch_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    absent = tmp_path / "absent"
+    assert resolve_torch_threads(3, absent) == 3  # an explicit setting wins
+    assert resolve_torch_threads(0, absent) == max(1, cpus - 1)
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")  # no quota
+    assert resolve_torch_threads(0, cpu_max) == max(1, cpus - 1)
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs -> 2 usable -> 1 thread
+    assert resolve_torch_threads(0, cpu_max) == max(1, min(cpus, 2) - 1)
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one thread
+    assert resolve_torch_threads(0, cpu_max) == 1
+    cpu_max.write_text("garbage")
+    assert resolve_torch_threads(0, cpu_max) == max(1, cpus - 1)
 
 
 @pytest.mark.parametrize(
