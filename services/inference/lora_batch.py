@@ -404,7 +404,8 @@ class _SlotLayer:
 class _RowPlan:
     """Which rows of the next forward use which slot; computed once, used by every layer.
 
-    ``groups`` holds ``(slot, rows, whole)`` (``whole``: every row of the batch uses that slot);
+    ``groups`` holds ``(slot, rows, whole)`` (``whole``: every row of the batch uses that slot),
+    empty unless ``mode`` or ``multi_token_mode`` is ``group``;
     ``gather_slots`` is the slot of every row with base rows mapped to the always-zero slot
     (``num_slots``), which owns no packed column.
     """
@@ -552,12 +553,20 @@ class LoraSlots:
         distinct = sorted(set(row_slots.tolist()))
         whole = len(distinct) == 1 and active.numel() == ids.numel()
         device = next(iter(self.layers.values())).a_t.device
+        mode = self._choose(len(distinct))
+        multi_token_mode = "gather" if self.mode == "auto" and mode == "stack" else mode
+        # Row groups cost a few operations per distinct adapter: built only if a mode will read them.
+        groups = (
+            [(s, active[row_slots == s].to(device), whole) for s in distinct]
+            if "group" in (mode, multi_token_mode)
+            else []
+        )
         self._plan = _RowPlan(
-            groups=[(s, active[row_slots == s].to(device), whole) for s in distinct],
+            groups=groups,
             distinct=distinct,
             gather_slots=torch.where(ids >= 0, ids, self.num_slots).to(device),
-            mode=(mode := self._choose(len(distinct))),
-            multi_token_mode="gather" if self.mode == "auto" and mode == "stack" else mode,
+            mode=mode,
+            multi_token_mode=multi_token_mode,
         )
 
     def _choose(self, n_distinct: int) -> Literal["group", "gather", "stack"]:
