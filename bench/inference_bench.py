@@ -159,7 +159,7 @@ class EngineServer:
         }
 
     def serve(self, req: Request) -> None:
-        from services.inference.engine import GenerationRequest, SamplingParams
+        from services.inference.requests import GenerationRequest, SamplingParams
 
         params = SamplingParams(max_new_tokens=req.max_new_tokens)
         adapter = None if req.adapter is None else self.weights[req.adapter]

@@ -1,16 +1,19 @@
-"""Shared fixtures: a tiny byte-level BPE tokenizer trained on the bundled corpus, and bundled data."""
+"""Shared fixtures: a tiny byte-level BPE tokenizer trained on the bundled corpus, bundled data, the
+tiny llama, and the engine / LoRA-batch tests' real PEFT adapters, prompts and PEFT references."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorafleet.datagen import corpus_text, generate_datasets
 from lorafleet.templates import TEMPLATE_SPECIAL_TOKENS
+from tests.inference_utils import ADAPTERS, TEXTS, References, load_base, save_lora_adapter
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -68,3 +71,43 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vocab_size=1200,
         pretrain_steps=60,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine and LoRA-batch tests: adapters, prompts and reference generations, made once per module
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        name: save_lora_adapter(tiny_llama, root / name, rank=rank, targets=targets, seed=seed)
+        for name, (rank, targets, seed) in ADAPTERS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama: Path) -> list[list[int]]:
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(tiny_llama))
+    out = [list(tokenizer.encode(t, add_special_tokens=True)) for t in TEXTS]
+    assert len({len(p) for p in out}) >= 4, "prompts must have different lengths"
+    return out
+
+
+@pytest.fixture(scope="module")
+def eos_id(tiny_llama: Path) -> int:
+    base = load_base(tiny_llama)
+    eos = base.generation_config.eos_token_id
+    assert isinstance(eos, int)
+    return eos
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_llama: Path, adapter_dirs: dict[str, Path], eos_id: int) -> References:
+    return References(tiny_llama, adapter_dirs, "none", eos_id)
+
+
+@pytest.fixture(scope="module")
+def nf4_refs(tiny_llama: Path, adapter_dirs: dict[str, Path], eos_id: int) -> References:
+    pytest.importorskip("bitsandbytes")
+    return References(tiny_llama, adapter_dirs, "nf4", eos_id)

@@ -8,11 +8,8 @@ operator runs (``python -m services.inference.server``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +26,7 @@ from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.inference.server import InferenceServer
 from services.inference.settings import InferenceSettings, ModelSettings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.service_process import ServiceProcess
 
 
 def publish_adapter(
@@ -109,55 +105,23 @@ def collect(stream: Any) -> tuple[str, list[int], pb.Usage | None]:
 
 
 @dataclass
-class InferenceProcess:
+class InferenceProcess(ServiceProcess):
     """``python -m services.inference.server`` in its own process (``entry`` picks another entry
     point, e.g. ``["-m", "lorafleet.cli", "inference-server"]``, the command ``make demo`` runs)."""
 
     args: list[str]
     log_dir: Path
     entry: list[str] = field(default_factory=lambda: ["-m", "services.inference.server"])
-    proc: subprocess.Popen[str] | None = None
-    address: str = ""
-    metrics_url: str = ""
-    channel: grpc.Channel | None = None
-    stub: Any = None
-    log_path: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 180.0) -> InferenceProcess:
-        self.log_path = self.log_dir / f"inference-server-{time.time_ns()}.log"
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", *self.entry, "--port", "0", *self.args],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **self.env},
-        )  # fmt: skip
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            text = self.log_path.read_text()
-            found = re.search(r"^listening on ([\d.]+:\d+)$", text, re.M)
-            if found and re.search(r"^ready$", text, re.M):
-                self.address = found.group(1)
-                metrics = re.search(r"metrics on (http://\S+)", text)
-                self.metrics_url = metrics.group(1) if metrics else ""
-                self.channel = grpc.insecure_channel(self.address)
-                self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
-                return self
-            if self.proc.poll() is not None or "error: base models failed" in text:
-                raise RuntimeError(f"inference server failed:\n{text}")
-            time.sleep(0.1)
-        raise TimeoutError(f"inference server not ready:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.channel:
-            self.channel.close()
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def server_log(self) -> str:
-        return self.log_path.read_text() if self.log_path else ""
+        self._launch(
+            [*self.entry, "--port", "0", *self.args],
+            self.log_dir / f"inference-server-{time.time_ns()}.log",
+            {"OMP_NUM_THREADS": "1", **self.env},
+            inference_pb2_grpc.InferenceServiceStub,
+            timeout,
+            ready=lambda log: re.search(r"^ready$", log, re.M) is not None,
+            failed=lambda log: "error: base models failed" in log,
+        )
+        return self

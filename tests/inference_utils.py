@@ -106,3 +106,53 @@ def greedy_tokens(
     if eos_id is not None and eos_id in tokens:
         tokens = tokens[: tokens.index(eos_id) + 1]
     return tokens
+
+
+# The adapters, prompts and references of the engine and LoRA-batch tests (fixtures in conftest.py).
+
+MAX_NEW = 12
+
+# name -> (rank, target modules, seed): different ranks and different layers, so padded ranks and
+# rows whose adapter does not touch a layer are both exercised.
+ADAPTERS: dict[str, tuple[int, tuple[str, ...], int]] = {
+    "a": (4, ("q_proj", "v_proj"), 1),
+    "b": (8, ("q_proj", "k_proj", "v_proj", "o_proj"), 2),
+    "c": (12, ("down_proj", "up_proj"), 3),
+    "d": (8, ("q_proj", "v_proj", "gate_proj", "down_proj"), 4),
+}
+TEXTS = [
+    "Hello",
+    "The patient reports a headache and",
+    "患者主诉头痛三天，伴有恶心",
+    "Question: what is the diagnosis? Answer:",
+    "A much longer prompt, so that left padding in the prefill batch is substantial: the quick brown fox",
+    "发热",
+]
+
+
+class References:
+    """Greedy tokens of a plain PeftModel per (adapter, prompt), computed lazily and cached."""
+
+    def __init__(self, base_dir: Path, adapter_dirs: dict[str, Path], quantization: str, eos_id: int) -> None:
+        self.base_dir, self.adapter_dirs, self.quantization, self.eos_id = (
+            base_dir,
+            adapter_dirs,
+            quantization,
+            eos_id,
+        )
+        self._models: dict[str | None, Any] = {}
+        self._cache: dict[tuple[str | None, tuple[int, ...], int], list[int]] = {}
+
+    def model(self, adapter: str | None) -> Any:
+        if adapter not in self._models:
+            base = load_base(self.base_dir, quantization=self.quantization)
+            self._models[adapter] = (
+                base if adapter is None else peft_model(base, {adapter: self.adapter_dirs[adapter]})
+            )
+        return self._models[adapter]
+
+    def tokens(self, adapter: str | None, prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
+        key = (adapter, tuple(prompt), max_new)
+        if key not in self._cache:
+            self._cache[key] = greedy_tokens(self.model(adapter), prompt, max_new, self.eos_id)
+        return self._cache[key]

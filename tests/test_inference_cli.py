@@ -20,7 +20,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from inference_service_utils import (
-    ROOT,
     InferenceProcess,
     collect,
     greedy,
@@ -30,6 +29,7 @@ from inference_service_utils import (
     settings_for,
 )
 from inference_utils import save_lora_adapter
+from service_process import ROOT
 
 from lorafleet.v1 import inference_pb2 as pb
 from services.inference import client as client_module

@@ -1,5 +1,6 @@
 """The continuous-batching multi-adapter engine (``services.inference.engine``) and its batched LoRA
-(``services.inference.lora_batch``), against plain PEFT on real PEFT adapters.
+(``services.inference.lora_batch``), against plain PEFT on real PEFT adapters. LoraSlots on its own
+is tested in ``test_lora_batch.py``; the fixtures (adapters, prompts, references) are in conftest.py.
 
 The reference for every request is what a plain ``PeftModel`` holding only that request's adapter
 (or the plain base model) generates for that prompt alone: no batch, no padding. The engine must
@@ -14,10 +15,6 @@ with the decode loop.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,11 +24,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedConfig
 
-from services.inference.engine import (
+from services.inference.engine import Engine
+from services.inference.lora_batch import AdapterWeights, adapter_weights_from_peft_dir
+from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
-    Engine,
     EngineClosed,
     EngineObserver,
     GenerationRequest,
@@ -40,94 +38,14 @@ from services.inference.engine import (
     RequestHandle,
     SamplingParams,
 )
-from services.inference.lora_batch import AdapterWeights, LoraSlots, adapter_weights_from_peft_dir
-from tests.inference_utils import greedy_tokens, load_base, peft_model, save_lora_adapter
+from tests.inference_utils import ADAPTERS, MAX_NEW, References, load_base
 
-MAX_NEW = 12
 TIMEOUT = 60.0
-
-# name -> (rank, target modules, seed): different ranks and different layers, so padded ranks and
-# rows whose adapter does not touch a layer are both exercised.
-ADAPTERS: dict[str, tuple[int, tuple[str, ...], int]] = {
-    "a": (4, ("q_proj", "v_proj"), 1),
-    "b": (8, ("q_proj", "k_proj", "v_proj", "o_proj"), 2),
-    "c": (12, ("down_proj", "up_proj"), 3),
-    "d": (8, ("q_proj", "v_proj", "gate_proj", "down_proj"), 4),
-}
-TEXTS = [
-    "Hello",
-    "The patient reports a headache and",
-    "患者主诉头痛三天，伴有恶心",
-    "Question: what is the diagnosis? Answer:",
-    "A much longer prompt, so that left padding in the prefill batch is substantial: the quick brown fox",
-    "发热",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures: adapters, prompts and reference generations, made once per module
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: save_lora_adapter(tiny_llama, root / name, rank=rank, targets=targets, seed=seed)
-        for name, (rank, targets, seed) in ADAPTERS.items()
-    }
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(tiny_llama))
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer: Any) -> list[list[int]]:
-    out = [list(tokenizer.encode(t, add_special_tokens=True)) for t in TEXTS]
-    assert len({len(p) for p in out}) >= 4, "prompts must have different lengths"
-    return out
-
-
-@pytest.fixture(scope="module")
-def eos_id(tiny_llama: Path) -> int:
-    base = load_base(tiny_llama)
-    eos = base.generation_config.eos_token_id
-    assert isinstance(eos, int)
-    return eos
-
-
-class References:
-    """Greedy tokens of a plain PeftModel per (adapter, prompt), computed lazily and cached."""
-
-    def __init__(self, base_dir: Path, adapter_dirs: dict[str, Path], quantization: str, eos_id: int) -> None:
-        self.base_dir, self.adapter_dirs, self.quantization, self.eos_id = (
-            base_dir,
-            adapter_dirs,
-            quantization,
-            eos_id,
-        )
-        self._models: dict[str | None, Any] = {}
-        self._cache: dict[tuple[str | None, tuple[int, ...], int], list[int]] = {}
-
-    def model(self, adapter: str | None) -> Any:
-        if adapter not in self._models:
-            base = load_base(self.base_dir, quantization=self.quantization)
-            self._models[adapter] = (
-                base if adapter is None else peft_model(base, {adapter: self.adapter_dirs[adapter]})
-            )
-        return self._models[adapter]
-
-    def tokens(self, adapter: str | None, prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
-        key = (adapter, tuple(prompt), max_new)
-        if key not in self._cache:
-            self._cache[key] = greedy_tokens(self.model(adapter), prompt, max_new, self.eos_id)
-        return self._cache[key]
-
-
-@pytest.fixture(scope="module")
-def refs(tiny_llama: Path, adapter_dirs: dict[str, Path], eos_id: int) -> References:
-    return References(tiny_llama, adapter_dirs, "none", eos_id)
 
 
 def weights_for(
@@ -241,12 +159,6 @@ def test_adapter_really_changes_outputs(prompts: list[list[int]], refs: Referenc
 # (b) 4-bit nf4 parity
 
 
-@pytest.fixture(scope="module")
-def nf4_refs(tiny_llama: Path, adapter_dirs: dict[str, Path], eos_id: int) -> References:
-    pytest.importorskip("bitsandbytes")
-    return References(tiny_llama, adapter_dirs, "nf4", eos_id)
-
-
 @pytest.mark.parametrize("lora_mode", ["group", "gather", "stack"])
 def test_nf4_mixed_batch_matches_peft_over_nf4(
     make_engine: Callable[..., Engine],
@@ -288,36 +200,6 @@ def test_nf4_mixed_batch_matches_peft_over_nf4(
     for (name, prompt), handle in zip(plan, handles, strict=True):
         assert handle.result(TIMEOUT).token_ids == nf4_refs.tokens(name, prompt), f"adapter {name}"
     assert max(hook.adapters_in_batch) == 3
-
-
-@pytest.mark.parametrize("mode", ["group", "gather", "stack"])
-def test_nf4_slot_delta_matches_peft_logits(
-    tiny_llama: Path,
-    adapter_dirs: dict[str, Path],
-    prompts: list[list[int]],
-    nf4_refs: References,
-    mode: str,
-) -> None:
-    """One forward over the nf4 base, a batch of an adapter row and a base row: the adapter row's
-    logits equal PeftModel's over the same nf4 base, the base row's the plain nf4 base's. ``group``
-    is bitwise equal (PEFT's own operations); ``gather`` within 1e-4 (batched matmuls over padded
-    ranks sum in another order; logits here are of order 10, so that is float32 rounding)."""
-    base = load_base(tiny_llama, quantization="nf4")
-    slots = LoraSlots(base, None, num_slots=2, max_rank=16, mode=mode)  # type: ignore[arg-type]
-    slots.load(1, adapter_weights_from_peft_dir(adapter_dirs["b"], "b@1", base))
-    ids = torch.tensor([prompts[1], prompts[1]])
-    with torch.inference_mode():
-        slots.set_rows(torch.tensor([1, -1]))
-        ours = base(input_ids=ids).logits
-        theirs = nf4_refs.model("b")(input_ids=ids[:1]).logits
-        their_base = nf4_refs.model(None)(input_ids=ids[:1]).logits
-    if mode == "group":
-        assert torch.equal(ours[:1], theirs)
-        assert torch.equal(ours[1:], their_base)
-    else:
-        assert (ours[:1] - theirs).abs().max() < 1e-4
-        assert torch.equal(ours[1:], their_base)  # base rows add an exact zero
-    assert (ours[0] - ours[1]).abs().max() > 1e-2  # the adapter is applied at all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -707,173 +589,3 @@ def test_bad_requests_raise_clear_errors(
 def test_bad_sampling_params_name_the_field(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
-
-
-def test_bad_adapter_directories(tiny_llama: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
-    """The adapter reader refuses pickle-only, non-LoRA, other-architecture and inconsistent adapters
-    with a message saying what is wrong."""
-    base = load_base(tiny_llama)
-    good = adapter_dirs["a"]
-
-    def variant(name: str) -> Path:
-        out = tmp_path / name
-        shutil.copytree(good, out)
-        return out
-
-    with pytest.raises(ValueError, match=r"no adapter_config\.json"):
-        adapter_weights_from_peft_dir(tmp_path, "x", base)
-    pickle_only = variant("pickle")
-    (pickle_only / "adapter_model.safetensors").rename(pickle_only / "adapter_model.bin")
-    with pytest.raises(ValueError, match="pickle"):
-        adapter_weights_from_peft_dir(pickle_only, "x", base)
-    for key, value, message in [
-        ("peft_type", "PREFIX_TUNING", "not LORA"),
-        ("use_dora", True, "DoRA"),
-        ("r", 6, "rank 4 but adapter_config.json says 6"),
-    ]:
-        bad = variant(f"cfg-{key}")
-        config = json.loads((bad / "adapter_config.json").read_text())
-        config[key] = value
-        (bad / "adapter_config.json").write_text(json.dumps(config))
-        with pytest.raises(ValueError, match=message):
-            adapter_weights_from_peft_dir(bad, "x", base)
-    # The same adapter against a base of another width: shapes do not fit.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = base.config.to_dict()
-    cfg.update(hidden_size=32, intermediate_size=64, head_dim=8)
-    other = LlamaForCausalLM(LlamaConfig(**cfg))
-    with pytest.raises(ValueError, match="do not fit"):
-        adapter_weights_from_peft_dir(good, "x", other)
-
-
-def test_stack_mode_repacks_after_reload_and_clear(
-    tiny_llama: Path, adapter_dirs: dict[str, Path], prompts: list[list[int]]
-) -> None:
-    """``stack`` multiplies packed copies of the slot tables; a slot loaded with another adapter or
-    cleared must never be served from the old packed copy. Checked against ``group`` (PEFT's own
-    arithmetic) on the same slots after each change."""
-    base = load_base(tiny_llama)
-    slots = LoraSlots(base, None, num_slots=3, max_rank=16, mode="stack")
-    weights = {n: adapter_weights_from_peft_dir(adapter_dirs[n], f"{n}@1", base) for n in ADAPTERS}
-    ids = torch.tensor([prompts[0][:4]] * 4)
-    rows = torch.tensor([0, 1, 2, -1])
-
-    def logits(mode: str) -> torch.Tensor:
-        slots.mode = mode  # type: ignore[assignment]
-        slots.set_rows(rows)
-        with torch.inference_mode():
-            return base(input_ids=ids[:, :1]).logits
-
-    try:
-        for slot, name in enumerate(("a", "b", "c")):
-            slots.load(slot, weights[name])
-        first = logits("stack")
-        assert (first - logits("group")).abs().max() < 1e-4
-        slots.load(1, weights["d"])  # replace b by d in slot 1
-        second = logits("stack")
-        assert (second - logits("group")).abs().max() < 1e-4
-        assert (second[1] - first[1]).abs().max() > 1e-3  # slot 1 really serves d now
-        assert torch.equal(second[0], first[0]) and torch.equal(second[3], first[3])
-        slots.clear(2)  # rows of a cleared slot get the base model's output
-        third = logits("stack")
-        assert (third[2] - third[3]).abs().max() < 1e-5
-    finally:
-        slots.remove()
-
-
-def test_auto_mode_choice(tiny_llama: Path, adapter_dirs: dict[str, Path]) -> None:
-    """``auto``: ``group`` for at most two adapters in a batch; above that ``stack`` for one-token
-    (decode) forwards and ``gather`` for prefills while the resident ranks fit the narrowest
-    layer's input size, and ``gather`` for both once they do not."""
-    base = load_base(tiny_llama)
-    narrowest = min(
-        m.in_features
-        for n, m in base.named_modules()
-        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
-    )
-    w = {n: adapter_weights_from_peft_dir(adapter_dirs[n], f"{n}@1", base) for n in ADAPTERS}
-    slots = LoraSlots(base, None, num_slots=4, max_rank=16)
-    try:
-        for slot, name in enumerate(ADAPTERS):
-            slots.load(slot, w[name])
-        slots.set_rows(torch.tensor([0, 1, 0, -1]))
-        assert slots._plan is not None and slots._plan.mode == "group"
-        slots.set_rows(torch.tensor([0, 1, 2, 3]))
-        assert sum(x.rank for x in w.values()) <= narrowest
-        assert (slots._plan.mode, slots._plan.multi_token_mode) == ("stack", "gather")
-        slots._min_in = sum(x.rank for x in w.values()) - 1  # as if the layers were narrower
-        slots.set_rows(torch.tensor([0, 1, 2, 3]))
-        assert (slots._plan.mode, slots._plan.multi_token_mode) == ("gather", "gather")
-    finally:
-        slots.remove()
-
-
-def test_lora_slots_argument_checks(tiny_llama: Path, adapter_dirs: dict[str, Path]) -> None:
-    base = load_base(tiny_llama)
-    with pytest.raises(ValueError, match="num_slots"):
-        LoraSlots(base, None, num_slots=0, max_rank=8)
-    with pytest.raises(ValueError, match="mode"):
-        LoraSlots(base, None, num_slots=1, max_rank=8, mode="fast")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"\['nonexistent_proj'\] match no linear layer"):
-        LoraSlots(base, ["q_proj", "nonexistent_proj"], num_slots=1, max_rank=8)
-    slots = LoraSlots(base, None, num_slots=2, max_rank=8)
-    try:
-        with pytest.raises(ValueError, match="slot ids must be in"):
-            slots.set_rows(torch.tensor([0, 2]))
-        with pytest.raises(ValueError, match="slot 5 out of range"):
-            slots.load(5, adapter_weights_from_peft_dir(adapter_dirs["a"], "a@1", base))
-    finally:
-        slots.remove()
-
-
-# ---------------------------------------------------------------------------------------------
-# The benchmark's quick mode (smoke test of the script, not of its targets)
-
-
-@pytest.mark.integration
-def test_inference_bench_quick(tmp_path: Path) -> None:
-    """``bench.inference_bench --quick`` runs every configuration and writes well-formed results,
-    merged into the results file next to an existing ``training`` key."""
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps({"training": {"kept": True}}))
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.inference_bench",
-            "--quick",
-            "--results",
-            str(results),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(results.read_text())
-    assert data["training"] == {"kept": True}
-    inference = data["inference"]
-    for key in ("machine", "model", "method", "when"):
-        assert inference[key]
-    assert inference["machine"]["torch"] == torch.__version__
-    counts = inference["method"]["adapter_counts"]
-    assert counts and set(inference["by_adapters"]) == {str(n) for n in counts}
-    for entry in inference["by_adapters"].values():
-        for ratio in ("ratio_vs_naive", "ratio_vs_static_mixed", "mixed_vs_base"):
-            assert entry[ratio] > 0
-        for config in ("lorafleet", "naive_peft", "static_peft_mixed", "lorafleet_base_only"):
-            figures = entry["runs"][config]
-            assert figures["requests"] == inference["method"]["requests"]
-            assert figures["generated_tokens"] > 0
-            for metric in ("tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p99_s"):
-                assert figures[metric] > 0
-            assert figures["ttft_p99_s"] >= figures["ttft_p50_s"]
-            assert figures["latency_p99_s"] >= figures["latency_p50_s"] >= figures["ttft_p50_s"]
-        assert entry["ratio_vs_naive"] == pytest.approx(
-            entry["runs"]["lorafleet"]["tokens_per_s"] / entry["runs"]["naive_peft"]["tokens_per_s"]
-        )

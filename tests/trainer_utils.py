@@ -6,65 +6,40 @@ and start a new one on the same state directory, exactly as an operator's crash 
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 
 from lorafleet.v1 import trainer_pb2 as pb
 from lorafleet.v1 import trainer_pb2_grpc
+from tests.service_process import ServiceProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 
 @dataclass
-class TrainerProcess:
+class TrainerProcess(ServiceProcess):
     state_dir: Path
     adapters_root: Path
     extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[str] | None = None
-    address: str = ""
-    metrics_url: str = ""
-    channel: grpc.Channel | None = None
-    stub: Any = None
-    log_path: Path | None = None
 
     def start(self, timeout: float = 60.0) -> TrainerProcess:
-        self.log_path = self.state_dir.parent / f"trainer-server-{time.time_ns()}.log"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "services.trainer.server", "--port", "0",
-             "--state-dir", str(self.state_dir), "--adapters-root", str(self.adapters_root),
-             "--poll-interval", "0.2", "--cancel-grace", "5", *self.extra],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        self._launch(
+            ["-m", "services.trainer.server", "--port", "0", "--state-dir", str(self.state_dir),
+             "--adapters-root", str(self.adapters_root), "--poll-interval", "0.2", "--cancel-grace", "5",
+             *self.extra],
+            self.state_dir.parent / f"trainer-server-{time.time_ns()}.log",
+            {},
+            trainer_pb2_grpc.TrainerServiceStub,
+            timeout,
         )  # fmt: skip
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            text = self.log_path.read_text()
-            found = re.search(r"listening on ([\d.]+:\d+)", text)
-            if found:
-                self.address = found.group(1)
-                metrics = re.search(r"metrics on (http://\S+)", text)
-                self.metrics_url = metrics.group(1) if metrics else ""
-                self.channel = grpc.insecure_channel(self.address)
-                self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"trainer server exited:\n{text}")
-            time.sleep(0.1)
-        raise TimeoutError(f"trainer server did not start:\n{self.log_path.read_text()}")
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server (its training processes live on in their own sessions)."""
@@ -73,20 +48,6 @@ class TrainerProcess:
         self.proc.wait()
         if self.channel:
             self.channel.close()
-
-    def stop(self) -> None:
-        if self.channel:
-            self.channel.close()
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def server_log(self) -> str:
-        return self.log_path.read_text() if self.log_path else ""
 
     def wait_for(self, job_id: str, states: tuple[int, ...] = TERMINAL, timeout: float = 300) -> pb.Job:
         deadline = time.time() + timeout

@@ -42,8 +42,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
-from services.inference.engine import EngineObserver
 from services.inference.registry import RegistryEvent
+from services.inference.requests import EngineObserver
 
 log = logging.getLogger(__name__)
 

@@ -31,21 +31,21 @@ from lorafleet import templates
 from lorafleet.config import ModelConfig
 from lorafleet.errors import ConfigError, FieldProblem, LorafleetError, show_value
 from lorafleet.models import base_model_fingerprint, load_model, load_tokenizer
-from services.inference.engine import (
-    FINISH_CANCELLED,
-    FINISH_ERROR,
-    Engine,
-    EngineObserver,
-    GenerationRequest,
-    RequestHandle,
-    SamplingParams,
-)
+from services.inference.engine import Engine
 from services.inference.lora_batch import adapter_weights_from_peft_dir
 from services.inference.registry import (
     AdapterIncompatibleError,
     AdapterRegistry,
     AdapterStatus,
     RegistryEvent,
+)
+from services.inference.requests import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    EngineObserver,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
 )
 from services.inference.settings import InferenceSettings, ModelSettings
 

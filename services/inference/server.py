@@ -42,7 +42,6 @@ from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
 from services.inference import settings as settings_module
-from services.inference.engine import EngineClosed, PromptTooLong, QueueFull, RequestFailed
 from services.inference.metrics import InferenceMetrics
 from services.inference.plane import (
     Completion,
@@ -56,6 +55,7 @@ from services.inference.plane import (
     Usage,
 )
 from services.inference.registry import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.requests import EngineClosed, PromptTooLong, QueueFull, RequestFailed
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("lorafleet.inference")
