@@ -72,8 +72,9 @@ GATHER_THRESHOLD = 2
 """``auto`` mode switches from per-slot groups to a batched mode above this many adapters."""
 
 STACK_MAX_COLS_RATIO = 1.0
-"""``auto`` uses ``stack`` while its matmuls are at most this many columns per input feature of the
-narrowest adapted layer (``(num_slots + 1) x batch rank <= ratio x in_features``), else ``gather``."""
+"""``auto`` uses ``stack`` while its packed tables have at most this many columns per input feature
+of the narrowest adapted layer (C = the sum of the resident adapters' ranks ``<= ratio x
+in_features``), else ``gather``."""
 
 _PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output_layer"})
@@ -377,11 +378,11 @@ class _SlotLayer:
         self.packed_a = torch.cat([self.a_t[k, :, : self.ranks[k]] for k in live] or [self.a_t[0, :, :0]], 1)
         self.packed_b = torch.cat([self.b_t[k, : self.ranks[k]] for k in live] or [self.b_t[0, :0]], 0)
         device = self.packed_a.device
-        self.col_slot = torch.tensor([k for k in live for _ in range(self.ranks[k])], dtype=torch.long)
-        self.col_slot = self.col_slot.to(device)
+        columns = [k for k in live for _ in range(self.ranks[k])]
+        self.col_slot = torch.tensor(columns, dtype=torch.long, device=device)
         self.col_scale = torch.tensor(
-            [self.scaling_f[k] for k in live for _ in range(self.ranks[k])], dtype=self.packed_a.dtype
-        ).to(device)
+            [self.scaling_f[k] for k in columns], dtype=self.packed_a.dtype, device=device
+        )
         self._packed_stale = False
 
     def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
