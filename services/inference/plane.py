@@ -1,12 +1,12 @@
-"""The inference plane: base models, their engines and adapter registries, and request validation.
+"""The inference plane: base models, their engines and adapter registries, and request routing.
 
 It knows nothing of gRPC (the servicer in ``server.py`` converts protobuf to the dataclasses here and
 back). One :class:`BaseModelHost` per configured base owns a tokenizer, the model, one
 :class:`~services.inference.engine.Engine` and one
 :class:`~services.inference.registry.AdapterRegistry`. :class:`InferencePlane` routes a request to
-its host, validates it (every problem at once, each naming the field and the value), resolves and
-pins the adapter (``name`` -> a concrete ``name@version``), renders chat messages with the template
-the adapter was trained with, and submits to the engine. The returned :class:`Generation` streams
+its host, validates it (``request_checks.py``: every problem at once, each naming the field and the
+value), resolves and pins the adapter (``name`` -> a concrete ``name@version``), renders chat
+messages with the template the adapter was trained with, and submits to the engine. The returned :class:`Generation` streams
 :class:`Chunk`s and ends with a :class:`Usage`; ``close()`` cancels it and frees its batch row and
 its adapter pin at once (the servicer calls it when the client goes away or the deadline passes).
 
@@ -19,7 +19,6 @@ UNAVAILABLE; the registry's adapter errors as documented in ``registry.py``; the
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +38,13 @@ from services.inference.registry import (
     AdapterStatus,
     RegistryEvent,
 )
+from services.inference.request_checks import (
+    MAX_PROMPT_CHARS,
+    Message,
+    Sampling,
+    sampling_params,
+    split_messages,
+)
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -50,12 +56,6 @@ from services.inference.requests import (
 from services.inference.settings import InferenceSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-MAX_TEMPERATURE = 100.0
-MAX_NO_REPEAT_NGRAM = 64
-MAX_PROMPT_CHARS = 1_000_000
-"""Prompts longer than this are refused before tokenizing (a tokenizer call is not free)."""
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 
@@ -73,28 +73,6 @@ class ModelNotFoundError(LorafleetError):
 
 class ModelNotReadyError(LorafleetError):
     """The base model is still loading (or failed to load); retry later."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling fields as the client sent them; None = unset (the server default applies)."""
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message."""
-
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
@@ -423,7 +401,7 @@ class InferencePlane:
         prepared = self._prepare(model, sampling)
         host = prepared.host
         problems = prepared.problems
-        system, turns, query = self._split_messages(messages, problems)
+        system, turns, query = split_messages(messages, self.settings.max_messages, problems)
         if problems:
             raise InvalidRequestError(problems)
 
@@ -441,7 +419,7 @@ class InferencePlane:
     def _prepare(self, model: str, sampling: Sampling) -> _Prepared:
         host = self.ready_host(model)
         problems: list[FieldProblem] = []
-        params = self._sampling_params(sampling, host, problems)
+        params = sampling_params(sampling, self.settings, problems)
         return _Prepared(host, params or SamplingParams(), problems)
 
     def _submit(
@@ -479,126 +457,6 @@ class InferencePlane:
             release()
             raise
         return Generation(handle, release, resolved.ref if resolved is not None else "", used_template)
-
-    # -- validation -----------------------------------------------------------------------------
-
-    def _sampling_params(
-        self, s: Sampling, host: BaseModelHost, problems: list[FieldProblem]
-    ) -> SamplingParams | None:
-        cfg = self.settings
-        before = len(problems)
-        cap = cfg.max_new_tokens_cap
-        max_new = min(cfg.default_max_new_tokens, cap) if s.max_new_tokens is None else s.max_new_tokens
-        if s.max_new_tokens is not None and not 1 <= s.max_new_tokens <= cap:
-            problems.append(
-                FieldProblem(
-                    "sampling.max_new_tokens", s.max_new_tokens, f"must be in [1, {cap}] (the server cap)"
-                )
-            )
-        temperature = 0.0 if s.temperature is None else s.temperature
-        if not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
-            problems.append(
-                FieldProblem(
-                    "sampling.temperature", s.temperature, f"must be in [0, {MAX_TEMPERATURE}]; 0 = greedy"
-                )
-            )
-        top_p = 1.0 if s.top_p is None else s.top_p
-        if not math.isfinite(top_p) or not 0 < top_p <= 1:
-            problems.append(FieldProblem("sampling.top_p", s.top_p, "must be in (0, 1]"))
-        top_k = 0 if s.top_k is None else s.top_k
-        if top_k < 0:
-            problems.append(FieldProblem("sampling.top_k", s.top_k, "must be >= 0; 0 = off"))
-        penalty = 1.0 if s.repetition_penalty is None else s.repetition_penalty
-        if not math.isfinite(penalty) or penalty <= 0:
-            problems.append(
-                FieldProblem("sampling.repetition_penalty", s.repetition_penalty, "must be > 0; 1 = off")
-            )
-        ngram = 0 if s.no_repeat_ngram_size is None else s.no_repeat_ngram_size
-        if not 0 <= ngram <= MAX_NO_REPEAT_NGRAM:
-            problems.append(
-                FieldProblem(
-                    "sampling.no_repeat_ngram_size",
-                    s.no_repeat_ngram_size,
-                    f"must be in [0, {MAX_NO_REPEAT_NGRAM}]",
-                )
-            )
-        if len(s.stop) > cfg.max_stop_sequences:
-            problems.append(
-                FieldProblem(
-                    "sampling.stop", list(s.stop), f"at most {cfg.max_stop_sequences} stop sequences"
-                )
-            )
-        for i, stop in enumerate(s.stop):
-            if not stop:
-                problems.append(FieldProblem(f"sampling.stop[{i}]", stop, "must not be empty"))
-            elif len(stop) > cfg.max_stop_length:
-                problems.append(
-                    FieldProblem(f"sampling.stop[{i}]", stop, f"longer than {cfg.max_stop_length} characters")
-                )
-        if len(problems) > before:
-            return None
-        return SamplingParams(
-            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=penalty, no_repeat_ngram_size=ngram, stop_strings=tuple(s.stop), seed=s.seed,
-        )  # fmt: skip
-
-    def _split_messages(
-        self, messages: list[Message], problems: list[FieldProblem]
-    ) -> tuple[str | None, list[tuple[str, str]], str]:
-        """``(system, history turns, final query)`` from messages: an optional leading system
-        message, then user/assistant alternating, ending with a user message."""
-        if not messages:
-            problems.append(FieldProblem("messages", [], "give at least one user message"))
-            return None, [], ""
-        if len(messages) > self.settings.max_messages:
-            problems.append(
-                FieldProblem(
-                    "messages", f"<{len(messages)} messages>", f"at most {self.settings.max_messages}"
-                )
-            )
-            return None, [], ""
-        system: str | None = None
-        rest = list(enumerate(messages))
-        if messages[0].role == "system":
-            system = messages[0].content
-            rest = rest[1:]
-        expected = "user"
-        turns: list[tuple[str, str]] = []
-        query = ""
-        for i, msg in rest:
-            if msg.role not in ROLES:
-                problems.append(
-                    FieldProblem(f"messages[{i}].role", msg.role, f"must be one of {list(ROLES)}")
-                )
-                continue
-            if msg.role != expected:
-                why = "only the first message may be a system message" if msg.role == "system" else (
-                    f"expected a {expected} message here: user and assistant messages alternate, starting with user"
-                )  # fmt: skip
-                problems.append(FieldProblem(f"messages[{i}].role", msg.role, why))
-                continue
-            if msg.role == "user" and not msg.content:
-                problems.append(
-                    FieldProblem(f"messages[{i}].content", msg.content, "a user message must not be empty")
-                )
-            if len(msg.content) > MAX_PROMPT_CHARS:
-                problems.append(
-                    FieldProblem(f"messages[{i}].content", f"<{len(msg.content)} characters>", "too long")
-                )
-            if msg.role == "user":
-                query = msg.content
-                expected = "assistant"
-            else:
-                turns.append((query, msg.content))
-                expected = "user"
-        if not problems and expected != "assistant":
-            last = len(messages) - 1
-            problems.append(
-                FieldProblem(
-                    f"messages[{last}].role", messages[last].role, "the last message must be a user message"
-                )
-            )
-        return system, turns, query
 
     @staticmethod
     def _check_length(host: BaseModelHost, ids: list[int], name: str, problems: list[FieldProblem]) -> None:

@@ -48,13 +48,12 @@ from services.inference.plane import (
     Generation,
     HostedAdapterStatus,
     InferencePlane,
-    Message,
     ModelNotFoundError,
     ModelNotReadyError,
-    Sampling,
     Usage,
 )
 from services.inference.registry import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.request_checks import Message, Sampling
 from services.inference.requests import EngineClosed, PromptTooLong, QueueFull, RequestFailed
 from services.inference.settings import InferenceSettings
 
