@@ -30,10 +30,10 @@ from lorafleet import templates
 from lorafleet.config import ModelConfig
 from lorafleet.errors import ConfigError, FieldProblem, LorafleetError, show_value
 from lorafleet.models import base_model_fingerprint, load_model, load_tokenizer
+from services.inference.adapter_checks import AdapterIncompatibleError
 from services.inference.engine import Engine
 from services.inference.lora_batch import adapter_weights_from_peft_dir
 from services.inference.registry import (
-    AdapterIncompatibleError,
     AdapterRegistry,
     AdapterStatus,
     RegistryEvent,

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -51,30 +50,22 @@ from lorafleet.adapters import (
 )
 from lorafleet.errors import AdapterError, AdapterNotFoundError
 from lorafleet.models import fingerprints_match
+from services.inference.adapter_checks import (
+    MAX_LISTED,
+    PEFT_PREFIX,
+    SAFETENSORS_WEIGHTS,
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    check_lora,
+    check_weights_format,
+)
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-"""Weight files in a pickle format: unpickling runs arbitrary code, so they are never loaded."""
-_PEFT_PREFIX = "base_model.model."
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-_MAX_LISTED = 5
 
 State = Literal["available", "loaded", "failed"]
 EventKind = Literal["load", "load_failure", "evict", "unload"]
-
-
-class AdapterIncompatibleError(AdapterError):
-    """The adapter is intact but this server cannot serve it: another base model, a rank above the
-    cap, target modules the base lacks, or not a LoRA adapter. Maps to FAILED_PRECONDITION."""
-
-
-class AdapterLoadError(AdapterError):
-    """The adapter artifact is unusable: unreadable manifest, corrupt or truncated files, pickle-only
-    weights, or the loader failed on it. Maps to FAILED_PRECONDITION (LoRAX answers 424)."""
 
 
 class AdapterCapacityError(AdapterError):
@@ -229,73 +220,6 @@ def _files_stamp(path: Path) -> tuple[Any, ...]:
     return (_dir_identity(path), tuple(sorted(out)))
 
 
-def _read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensor table of a safetensors file, read without loading (or trusting) any tensor data."""
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError("file shorter than the 8-byte header length")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"header length {length} is implausible")
-        raw = f.read(length)
-    if len(raw) < length:
-        raise ValueError("header is truncated")
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header
-
-
-def _lora_modules_and_rank(header: Mapping[str, Any]) -> tuple[set[str], int]:
-    """Base-model module paths the LoRA tensors attach to, and the largest rank among them.
-
-    PEFT keys look like ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``;
-    ``lora_A`` is ``[rank, in_features]``.
-    """
-    modules: set[str] = set()
-    rank = 0
-    for key, info in header.items():
-        if ".lora_" not in key:
-            continue
-        module = key.removeprefix(_PEFT_PREFIX).split(".lora_", 1)[0]
-        modules.add(module)
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if ".lora_A." in key and isinstance(shape, list) and shape and isinstance(shape[0], int):
-            rank = max(rank, shape[0])
-    return modules, rank
-
-
-def _config_rank(config: Mapping[str, Any]) -> int:
-    ranks = [config.get("r")]
-    pattern = config.get("rank_pattern")
-    if isinstance(pattern, dict):
-        ranks.extend(pattern.values())
-    return max((r for r in ranks if isinstance(r, int) and not isinstance(r, bool)), default=0)
-
-
-def _missing_targets(targets: Any, module_names: frozenset[str]) -> list[str]:
-    """Entries of PEFT's ``target_modules`` that match no module of the base, with PEFT's own rules:
-    a list entry matches a module path equal to it or ending in ``.<entry>``; a string is a regex
-    that must fully match some path. ``all-linear`` cannot be checked by name (the tensor check
-    covers it)."""
-    if targets is None or targets == "all-linear":
-        return []
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error:
-            return [targets]
-        return [] if any(pattern.fullmatch(m) for m in module_names) else [targets]
-    leaves = {m.rsplit(".", 1)[-1] for m in module_names}
-    return [
-        t
-        for t in targets
-        if not (t in leaves or t in module_names or any(m.endswith("." + t) for m in module_names))
-    ]
-
-
 def _weights_nbytes(obj: Any, _depth: int = 0) -> int:
     """Bytes of the tensors (anything with an integer ``nbytes``) inside what a loader returned."""
     if _depth > 6 or obj is None or isinstance(obj, str | bytes | int | float | bool):
@@ -354,7 +278,7 @@ class AdapterRegistry:
         self.root = Path(adapters_root)
         self.base_model = base_model
         self.base_fingerprint = dict(base_fingerprint)
-        self.module_names = frozenset(n.removeprefix(_PEFT_PREFIX) for n in module_names if n)
+        self.module_names = frozenset(n.removeprefix(PEFT_PREFIX) for n in module_names if n)
         self.max_rank = max_rank
         self.capacity = capacity
         self.memory_budget_bytes = memory_budget_bytes
@@ -764,7 +688,7 @@ class AdapterRegistry:
                 f"server serves {self.base_model!r} = {describe_base(self.base_fingerprint)}; route it to "
                 "a server with that base or retrain it on this one"
             )
-        self._check_weights_format(info)
+        check_weights_format(info.ref, info.path)
         stamp = _files_stamp(info.path)
         with self._lock:
             known = self._validated.get(ref)
@@ -774,65 +698,18 @@ class AdapterRegistry:
         if problems:
             raise AdapterLoadError(
                 f"adapter {ref} does not match its manifest (truncated or corrupt upload?): "
-                + "; ".join(problems[:_MAX_LISTED])
+                + "; ".join(problems[:MAX_LISTED])
             )
-        rank = self._check_lora(info)
+        rank = check_lora(
+            info.ref,
+            info.path,
+            max_rank=self.max_rank,
+            module_names=self.module_names,
+            base_model=self.base_model,
+        )
         with self._lock:
             self._validated[ref] = _Validated(rank, stamp)
         return manifest
-
-    @staticmethod
-    def _check_weights_format(info: _VersionInfo) -> None:
-        if (info.path / SAFETENSORS_WEIGHTS).is_file():
-            return
-        pickles = sorted(p.name for p in info.path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterLoadError(
-                f"adapter {info.ref} has only pickle weights ({', '.join(pickles)}) and no "
-                f"{SAFETENSORS_WEIGHTS}; pickle is never loaded because unpickling can run arbitrary "
-                "code: republish with safetensors (PEFT save_pretrained(safe_serialization=True))"
-            )
-        raise AdapterLoadError(f"adapter {info.ref} has no {SAFETENSORS_WEIGHTS}")
-
-    def _check_lora(self, info: _VersionInfo) -> int:
-        """PEFT type, rank cap and target modules, from ``adapter_config.json`` and the tensor table.
-
-        Returns:
-            The adapter's largest rank.
-        """
-        ref = info.ref
-        try:
-            config = json.loads((info.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise AdapterLoadError(f"adapter {ref}: {ADAPTER_CONFIG} is missing or unreadable: {e}") from e
-        peft_type = config.get("peft_type")
-        if peft_type != "LORA":
-            raise AdapterIncompatibleError(
-                f"adapter {ref} is a PEFT {peft_type!r} adapter; this server serves LoRA ('LORA') only"
-            )
-        try:
-            header = _read_safetensors_header(info.path / SAFETENSORS_WEIGHTS)
-        except (OSError, ValueError) as e:
-            raise AdapterLoadError(f"adapter {ref}: {SAFETENSORS_WEIGHTS} is unreadable: {e}") from e
-        modules, tensor_rank = _lora_modules_and_rank(header)
-        if not modules:
-            raise AdapterLoadError(f"adapter {ref}: {SAFETENSORS_WEIGHTS} holds no LoRA tensors")
-        rank = max(_config_rank(config), tensor_rank)
-        if rank > self.max_rank:
-            raise AdapterIncompatibleError(
-                f"adapter {ref} has LoRA rank {rank}, above this server's max_rank {self.max_rank}"
-            )
-        missing = _missing_targets(config.get("target_modules"), self.module_names)
-        missing += sorted(m for m in modules if m not in self.module_names)
-        if missing:
-            shown = ", ".join(missing[:_MAX_LISTED]) + (" ..." if len(missing) > _MAX_LISTED else "")
-            raise AdapterIncompatibleError(
-                f"adapter {ref} targets {len(missing)} module(s) that base model {self.base_model!r} "
-                f"does not have: {shown}"
-            )
-        return rank
 
     # ---------------------------------------------------------------------------------------
     # Reporting

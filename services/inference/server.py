@@ -42,6 +42,7 @@ from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
 from services.inference import settings as settings_module
+from services.inference.adapter_checks import AdapterIncompatibleError, AdapterLoadError
 from services.inference.metrics import InferenceMetrics
 from services.inference.plane import (
     Completion,
@@ -52,7 +53,7 @@ from services.inference.plane import (
     ModelNotReadyError,
     Usage,
 )
-from services.inference.registry import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.registry import AdapterCapacityError
 from services.inference.request_checks import Message, Sampling
 from services.inference.requests import EngineClosed, PromptTooLong, QueueFull, RequestFailed
 from services.inference.settings import InferenceSettings
