@@ -24,12 +24,18 @@ from typing import Any
 import yaml
 
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.method_specs import (
+    METHOD_SPECS,
+    METHODS,
+    TRAINS_BLOCKS,
+    TRAINS_LORA,
+    TRAINS_PROMPT,
+    ZERO_STAGES,
+)
 
-METHODS = ("lora", "qlora", "lora8bit", "freeze", "full", "ptuning")
 DTYPES = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "nf4", "int8")
 SCHEDULERS = ("cosine", "linear", "constant")
-ZERO_STAGES = (-1, 0, 1, 2, 3)
 LAUNCHERS = ("torchrun", "deepspeed")
 FORMATS = ("auto", "alpaca", "messages", "columns")
 PTUNING_MODES = ("prefix", "p_tuning")
@@ -221,7 +227,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: str = "lora"
-    """lora, qlora (nf4 base), lora8bit (int8 base), freeze, full, ptuning."""
+    """lora, qlora (nf4 base), lora8bit (int8 base), freeze, full, ptuning (``lorafleet.method_specs``)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     ptuning: PtuningConfig = field(default_factory=PtuningConfig)
@@ -384,30 +390,6 @@ def validate_config(c: RunConfig) -> None:
         m.quantization,
         f"must be one of {list(QUANTIZATIONS)}",
     )
-    if c.method == "qlora":
-        _check(
-            p,
-            m.quantization in ("none", "nf4"),
-            "model.quantization",
-            m.quantization,
-            "method qlora loads the base in nf4; leave quantization as none or nf4",
-        )
-    if c.method == "lora8bit":
-        _check(
-            p,
-            m.quantization in ("none", "int8"),
-            "model.quantization",
-            m.quantization,
-            "method lora8bit loads the base in int8; leave quantization as none or int8",
-        )
-    if c.method in ("freeze", "full", "ptuning"):
-        _check(
-            p,
-            m.quantization == "none",
-            "model.quantization",
-            m.quantization,
-            f"method {c.method} trains unquantized weights; quantized bases need lora or qlora",
-        )
     _validate_data(c.data, p)
     _validate_methods(c, p)
     _validate_train(c.train, p)
@@ -457,60 +439,97 @@ def _validate_data(d: DataConfig, p: list[FieldProblem]) -> None:
 
 
 def _validate_methods(c: RunConfig, p: list[FieldProblem]) -> None:
+    """Check what the method's spec allows, then the options of its config section."""
+    spec = METHOD_SPECS.get(c.method)
+    if spec is None:
+        return  # validate_config reported the unknown method
+    own = spec.base_quantization
+    why = (
+        f"method {spec.name} loads the base in {own}; leave quantization as none or {own}"
+        if own is not None
+        else f"method {spec.name} trains unquantized weights; quantized bases need lora or qlora"
+    )
+    q = c.model.quantization
+    _check(p, spec.accepts_quantization(q), "model.quantization", q, why)
+    stage = c.distributed.deepspeed_stage
+    _check(
+        p,
+        stage not in ZERO_STAGES or stage in spec.deepspeed_stages,
+        "distributed.deepspeed_stage",
+        stage,
+        f"{spec.name} does not support ZeRO-{stage} ({spec.deepspeed_reason})",
+    )
+    if own is not None:
+        _check(
+            p,
+            stage != 3 or c.model.dtype != "fp32",
+            "model.dtype",
+            c.model.dtype,
+            "ZeRO-3 with a quantized base needs bf16 or fp16 storage",
+        )
+    if spec.options_section is not None:
+        _OPTION_CHECKS[spec.options_section](c, p)
+
+
+def _validate_lora(c: RunConfig, p: list[FieldProblem]) -> None:
     lo = c.lora
-    if c.method in ("lora", "qlora", "lora8bit"):
-        _check(p, 1 <= lo.rank <= 1024, "lora.rank", lo.rank, "must be in [1, 1024]")
-        _check(p, lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0")
-        _check(p, 0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "must be in [0, 1)")
-        if isinstance(lo.target_modules, list):
-            _check(
-                p,
-                len(lo.target_modules) > 0,
-                "lora.target_modules",
-                lo.target_modules,
-                "must list at least one module, or be 'auto' / 'all-linear'",
-            )
-        else:
-            _check(
-                p,
-                lo.target_modules in ("auto", "all-linear"),
-                "lora.target_modules",
-                lo.target_modules,
-                "must be 'auto', 'all-linear' or a list of module names",
-            )
+    _check(p, 1 <= lo.rank <= 1024, "lora.rank", lo.rank, "must be in [1, 1024]")
+    _check(p, lo.alpha > 0, "lora.alpha", lo.alpha, "must be > 0")
+    _check(p, 0.0 <= lo.dropout < 1.0, "lora.dropout", lo.dropout, "must be in [0, 1)")
+    if isinstance(lo.target_modules, list):
+        _check(
+            p,
+            len(lo.target_modules) > 0,
+            "lora.target_modules",
+            lo.target_modules,
+            "must list at least one module, or be 'auto' / 'all-linear'",
+        )
+    else:
+        _check(
+            p,
+            lo.target_modules in ("auto", "all-linear"),
+            "lora.target_modules",
+            lo.target_modules,
+            "must be 'auto', 'all-linear' or a list of module names",
+        )
+
+
+def _validate_freeze(c: RunConfig, p: list[FieldProblem]) -> None:
     f = c.freeze
-    if c.method == "freeze":
-        _check(
-            p,
-            f.trainable_layers >= 1 or bool(f.trainable_modules),
-            "freeze.trainable_layers",
-            f.trainable_layers,
-            "must be >= 1 unless freeze.trainable_modules is set",
-        )
+    _check(
+        p,
+        f.trainable_layers >= 1 or bool(f.trainable_modules),
+        "freeze.trainable_layers",
+        f.trainable_layers,
+        "must be >= 1 unless freeze.trainable_modules is set",
+    )
+
+
+def _validate_ptuning(c: RunConfig, p: list[FieldProblem]) -> None:
     pt = c.ptuning
-    if c.method == "ptuning":
-        _check(p, pt.mode in PTUNING_MODES, "ptuning.mode", pt.mode, f"must be one of {list(PTUNING_MODES)}")
-        _check(
-            p,
-            1 <= pt.num_virtual_tokens <= 512,
-            "ptuning.num_virtual_tokens",
-            pt.num_virtual_tokens,
-            "must be in [1, 512]",
-        )
-        _check(
-            p,
-            pt.encoder_hidden_size >= 1,
-            "ptuning.encoder_hidden_size",
-            pt.encoder_hidden_size,
-            "must be >= 1",
-        )
-        _check(
-            p,
-            c.distributed.deepspeed_stage != 3,
-            "distributed.deepspeed_stage",
-            c.distributed.deepspeed_stage,
-            "ptuning does not support ZeRO-3 (PEFT prompt learning)",
-        )
+    _check(p, pt.mode in PTUNING_MODES, "ptuning.mode", pt.mode, f"must be one of {list(PTUNING_MODES)}")
+    _check(
+        p,
+        1 <= pt.num_virtual_tokens <= 512,
+        "ptuning.num_virtual_tokens",
+        pt.num_virtual_tokens,
+        "must be in [1, 512]",
+    )
+    _check(
+        p,
+        pt.encoder_hidden_size >= 1,
+        "ptuning.encoder_hidden_size",
+        pt.encoder_hidden_size,
+        "must be >= 1",
+    )
+
+
+_OPTION_CHECKS = {
+    TRAINS_LORA: _validate_lora,
+    TRAINS_BLOCKS: _validate_freeze,
+    TRAINS_PROMPT: _validate_ptuning,
+}
+"""The checks of each method-options section (``MethodSpec.options_section``)."""
 
 
 def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:
@@ -592,12 +611,4 @@ def _validate_distributed(c: RunConfig, p: list[FieldProblem]) -> None:
             "distributed.deepspeed_config",
             d.deepspeed_config,
             "file not found",
-        )
-    if c.method in ("qlora", "lora8bit"):
-        _check(
-            p,
-            d.deepspeed_stage != 3 or c.model.dtype != "fp32",
-            "model.dtype",
-            c.model.dtype,
-            "ZeRO-3 with a quantized base needs bf16 or fp16 storage",
         )
