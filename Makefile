@@ -24,8 +24,8 @@ setup: $(STAMP)
 
 # The embedded defaults: bundled datasets and the offline tiny base model (built once, nothing downloaded).
 assets: setup
-	$(PY) -m lorafleet.cli data --out .cache/data
-	$(PY) -m lorafleet.cli tiny --arch llama --out .cache/tiny/llama
+	$(PY) -m services.cli data --out .cache/data
+	$(PY) -m services.cli tiny --arch llama --out .cache/tiny/llama
 
 # Real prometheus + promtool (Debian's 2.42, unpacked into .cache/prometheus/bin; no service started)
 # for the metrics tests: promtool lints the trainer's metric names, Prometheus scrapes it.
@@ -42,7 +42,7 @@ test-unit: setup
 	$(PY) -m pytest -m "not gpu and not integration" -q $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m lorafleet.cli demo
+	$(PY) -m services.cli demo
 
 # The dashboard (services/dashboard) on http://127.0.0.1:$(DASHBOARD_PORT), against running services:
 # LORAFLEET_TRAINER_ADDR / LORAFLEET_INFERENCE_ADDR (default 127.0.0.1:50051 / :50052), tokens and TLS

@@ -1,7 +1,7 @@
 """The end-to-end demo on the embedded defaults (what `make demo` runs), through both services.
 
 Run as:
-    python -m services.demo [--epochs N] [--show N] [--out DIR] [--keep-running]
+    lorafleet demo [--epochs N] [--show N] [--out DIR] [--keep-running]
 
 1. writes the bundled datasets to ``.cache/data`` and builds the offline tiny llama in
    ``.cache/tiny/llama`` if they are missing (nothing is downloaded);
@@ -53,7 +53,7 @@ def _port_free(host: str, port: int) -> bool:
 
 
 class ServiceProcess:
-    """One service run as ``python -m lorafleet.cli <command> ...``, its log in a file.
+    """One service run as ``python -m services.cli <command> ...``, its log in a file.
 
     The service prints ``listening on HOST:PORT`` and ``metrics on URL``; ``wait_for`` follows
     the log for a line and returns its match.
@@ -65,7 +65,7 @@ class ServiceProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[str] = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorafleet.cli", *command],
+            [sys.executable, "-m", "services.cli", *command],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -115,13 +115,21 @@ def _short(text: str, width: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="lorafleet demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--epochs", type=float, default=None, help="override train.epochs")
     ap.add_argument("--show", type=int, default=10, help="held-out questions printed side by side")
-    ap.add_argument("--out", default=None,
-                    help=f"directory for the services' state, runs and adapters (default: {DEMO_STATE})")  # fmt: skip
-    ap.add_argument("--keep-running", action="store_true",
-                    help="keep both services up after the demo (for `make dashboard`) until Ctrl-C")  # fmt: skip
+    ap.add_argument(
+        "--out",
+        default=None,
+        help=f"directory for the services' state, runs and adapters (default: {DEMO_STATE})",
+    )
+    ap.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep both services up after the demo (for `make dashboard`) until Ctrl-C",
+    )
     ap.add_argument("--trainer-port", type=int, default=50051, help="used when free, else any free port")
     ap.add_argument("--inference-port", type=int, default=50052, help="used when free, else any free port")
     args = ap.parse_args(argv)

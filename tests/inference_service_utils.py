@@ -107,7 +107,7 @@ def collect(stream: Any) -> tuple[str, list[int], pb.Usage | None]:
 @dataclass
 class InferenceProcess(ServiceProcess):
     """``python -m services.inference.server`` in its own process (``entry`` picks another entry
-    point, e.g. ``["-m", "lorafleet.cli", "inference-server"]``, the command ``make demo`` runs)."""
+    point, e.g. ``["-m", "services.cli", "inference-server"]``, the command ``make demo`` runs)."""
 
     args: list[str]
     log_dir: Path

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from lorafleet import cli
+from services import cli
 from services.common import grpc_util
 from services.inference import server as inference_server
 from services.trainer import server as trainer_server
@@ -412,23 +412,23 @@ def entrypoint(stage: Stage) -> list[str]:
     ],
 )
 def test_server_images_run_the_cli(name: str, command: str, parser: Any) -> None:
-    """ENTRYPOINT + CMD is `python -m lorafleet.cli <server>`, its flags parse, and the Deployment
+    """ENTRYPOINT + CMD is `python -m services.cli <server>`, its flags parse, and the Deployment
     in k8s/base runs the same command with the same ports."""
     _, stage = FINAL[name]
     argv = entrypoint(stage)
-    assert argv[:4] == ["python", "-m", "lorafleet.cli", command]
-    assert command in cli._PASS_THROUGH  # the CLI hands everything after it to the server's parser
+    assert argv[:4] == ["python", "-m", "services.cli", command]
+    assert command in cli.COMMANDS  # the CLI hands everything after it to the server's parser
     args = parser().parse_args(argv[4:])
     assert args.host == "0.0.0.0"
     container = base_deployments()[name]
-    assert container["command"] == ["python", "-m", "lorafleet.cli", command]
+    assert container["command"] == ["python", "-m", "services.cli", command]
     exposed = {int(p) for v in stage.values("EXPOSE") for p in v.split()}
     assert exposed == {p["containerPort"] for p in container["ports"]}
 
 
 def test_worker_image_runs_the_cli_and_the_template_sets_the_command() -> None:
     _, stage = FINAL["lorafleet-trainer-worker"]
-    assert entrypoint(stage)[:3] == ["python", "-m", "lorafleet.cli"]
+    assert entrypoint(stage)[:3] == ["python", "-m", "services.cli"]
     template = (REPO / "k8s" / "base" / "training-job-template.yaml").read_text(encoding="utf-8")
     assert 'command: "${command}"' in template  # the launcher's torchrun/deepspeed line, not the image's
 

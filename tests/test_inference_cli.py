@@ -38,7 +38,7 @@ integration = pytest.mark.integration
 
 TOKEN = "cli-s3cret"
 PROMPT = "The patient reports a headache and"
-CLI_SERVER = ["-m", "lorafleet.cli", "inference-server"]
+CLI_SERVER = ["-m", "services.cli", "inference-server"]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def server(
 
 
 def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m lorafleet.cli ARGS`` as a user runs it."""
+    """``python -m services.cli ARGS`` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
+        [sys.executable, "-m", "services.cli", *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )  # fmt: skip
 
@@ -471,7 +471,7 @@ def test_bad_server_flags_exit_2_naming_every_field(
 
 
 def test_every_client_command_is_wired_into_lorafleet_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    from lorafleet.cli import main as cli_main
+    from services.cli import main as cli_main
 
     for command in ("inference-server", "chat", "generate", "models", "load", "unload"):
         with pytest.raises(SystemExit) as exit_:
@@ -497,7 +497,7 @@ def test_a_killed_client_frees_its_row_at_once(server: InferenceProcess) -> None
     running = 'lorafleet_inference_running_requests{model="tiny"}'
     before = _sample(server.metrics_url, cancelled)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorafleet.cli", "generate", PROMPT, "--target", server.address, "--adapter", "alpha",
+        [sys.executable, "-m", "services.cli", "generate", PROMPT, "--target", server.address, "--adapter", "alpha",
          "--max-new-tokens", "1000"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip

@@ -326,7 +326,7 @@ def test_servers_run_the_cli_with_settings_they_read(
         ("lorafleet-inference", "inference-server"),
     ):
         c = _container(docs, name)
-        assert c["command"] == ["python", "-m", "lorafleet.cli", command] and not c.get("args"), name
+        assert c["command"] == ["python", "-m", "services.cli", command] and not c.get("args"), name
     for key in [k for k in os.environ if k.startswith("LORAFLEET_")]:
         monkeypatch.delenv(key)
 

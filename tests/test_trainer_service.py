@@ -265,7 +265,7 @@ def test_cli_submit_jobs_cancel(trainer, tiny_llama, bundled_data, tmp_path: Pat
     path.write_text(yaml.safe_dump(config))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args, "--addr", t.address],
+        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--addr", t.address],
                               capture_output=True, text=True, timeout=300)  # fmt: skip
 
     submitted = cli("submit", str(path), "train.learning_rate=0.01")
