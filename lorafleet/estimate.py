@@ -8,6 +8,7 @@ P-tuning. The trainer service uses this to refuse a job that cannot fit before l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,14 @@ from lorafleet.config import RunConfig
 from lorafleet.errors import ModelLoadError
 from lorafleet.families import detect_family, get_family
 from lorafleet.memory import MemoryEstimate, estimate_training_memory
-from lorafleet.methods import quantization_for
+from lorafleet.method_specs import (
+    TRAINS_ALL,
+    TRAINS_BLOCKS,
+    TRAINS_LORA,
+    TRAINS_PROMPT,
+    method_spec,
+    quantization_for,
+)
 
 
 def meta_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
@@ -38,29 +46,40 @@ def meta_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
 
 def trainable_parameter_count(model: torch.nn.Module, config: RunConfig) -> int:
     """Parameters the method trains, counted on a (meta) model before any wrapping."""
-    from lorafleet.models import find_layer_prefixes, resolve_lora_targets
+    return _COUNTERS[method_spec(config.method).trains](model, config)
 
-    method = config.method
-    if method == "full":
-        return sum(p.numel() for p in model.parameters())
-    if method == "freeze":
-        fz = config.freeze
-        patterns = list(fz.trainable_modules) or find_layer_prefixes(model)[-fz.trainable_layers :]
-        return sum(p.numel() for n, p in model.named_parameters() if any(pat in n for pat in patterns))
+
+def _count_all(model: torch.nn.Module, config: RunConfig) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _count_blocks(model: torch.nn.Module, config: RunConfig) -> int:
+    from lorafleet.models import find_layer_prefixes
+
+    fz = config.freeze
+    patterns = list(fz.trainable_modules) or find_layer_prefixes(model)[-fz.trainable_layers :]
+    return sum(p.numel() for n, p in model.named_parameters() if any(pat in n for pat in patterns))
+
+
+def _count_prompt(model: torch.nn.Module, config: RunConfig) -> int:
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-    if method == "ptuning":
-        pt = config.ptuning
-        if pt.mode == "prefix":
-            base = pt.num_virtual_tokens * layers * 2 * hidden
-            if pt.prefix_projection:
-                base = (
-                    pt.num_virtual_tokens * hidden
-                    + hidden * pt.encoder_hidden_size * 2
-                    + pt.encoder_hidden_size * layers * 2 * hidden
-                )
-            return base
-        return pt.num_virtual_tokens * hidden + 2 * hidden * pt.encoder_hidden_size
+    pt = config.ptuning
+    if pt.mode == "prefix":
+        base = pt.num_virtual_tokens * layers * 2 * hidden
+        if pt.prefix_projection:
+            base = (
+                pt.num_virtual_tokens * hidden
+                + hidden * pt.encoder_hidden_size * 2
+                + pt.encoder_hidden_size * layers * 2 * hidden
+            )
+        return base
+    return pt.num_virtual_tokens * hidden + 2 * hidden * pt.encoder_hidden_size
+
+
+def _count_lora(model: torch.nn.Module, config: RunConfig) -> int:
+    from lorafleet.models import resolve_lora_targets
+
     family = (
         detect_family(model.config, config.model.name_or_path)
         if config.model.family == "auto"
@@ -73,6 +92,15 @@ def trainable_parameter_count(model: torch.nn.Module, config: RunConfig) -> int:
         if leaf in targets and hasattr(module, "in_features") and hasattr(module, "out_features"):
             count += config.lora.rank * (int(module.in_features) + int(module.out_features))
     return count
+
+
+_COUNTERS: dict[str, Callable[[torch.nn.Module, RunConfig], int]] = {
+    TRAINS_ALL: _count_all,
+    TRAINS_BLOCKS: _count_blocks,
+    TRAINS_PROMPT: _count_prompt,
+    TRAINS_LORA: _count_lora,
+}
+"""How many parameters each ``MethodSpec.trains`` makes trainable."""
 
 
 def model_dims(hf_config: Any) -> dict[str, int | None]:

@@ -8,9 +8,10 @@ dominate LoRA runs) and how ZeRO / offload split the model states. This module c
 - weights: frozen parameters at their storage width (fp32 4 B, bf16/fp16 2 B, nf4 4 bits plus
   double-quantised block constants = 4.127 bits, int8 1 B plus one fp32 scale per row); embeddings
   and the output head stay unquantized, as bitsandbytes leaves them. Trainable parameters are fp32
-  for the adapter methods (lorafleet upcasts them, like LLaMA-Factory); ``full``/``freeze`` in
-  bf16/fp16 keep a 16-bit working copy plus a 4 B fp32 master copy (DeepSpeed's layout; a plain
-  PyTorch run that upcasts them to fp32 instead holds the same 16 B per parameter in total).
+  for the adapter methods (lorafleet upcasts them, like LLaMA-Factory); methods that train the
+  base's own weights (``MethodSpec.trains_base_weights``: ``full``/``freeze``) in bf16/fp16 keep a
+  16-bit working copy plus a 4 B fp32 master copy (DeepSpeed's layout; a plain PyTorch run that
+  upcasts them to fp32 instead holds the same 16 B per parameter in total).
 - gradients of the trainable parameters at their training width, AdamW's two fp32 moments (8 B).
 - ZeRO: stage 1 shards optimizer state (moments + master), stage 2 also gradients, stage 3 also
   parameters, each over ``world_size``; ZeRO-3 gathers about two layers' parameters at a time.
@@ -38,8 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.config import DTYPES, METHODS, QUANTIZATIONS
+from lorafleet.config import DTYPES, QUANTIZATIONS
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.method_specs import METHODS, method_spec
 
 GIB = 1024**3
 MIB = 1024**2
@@ -146,18 +148,24 @@ def rule_of_thumb_bytes(total_params: int, method: str, quantization: str, dtype
 
     Args:
         total_params: parameters of the base model.
-        method: training method (``full`` differs; every adapter method counts like LoRA).
+        method: training method; its ``full_model_rule`` picks the full-tuning row, every other
+            method counts like LoRA.
         quantization: ``none``, ``nf4`` or ``int8`` (qlora / lora8bit imply nf4 / int8).
         dtype: only distinguishes full fp32 (18 B/param) from full 16-bit (8 B/param).
 
     Returns:
         Bytes: full fp32 18, full 16-bit 8, freeze/LoRA 2, 8-bit 1, 4-bit 0.5 per parameter.
+
+    Raises:
+        ConfigError: ``method`` is not a training method.
     """
-    if method == "full":
+    spec = method_spec(method)
+    quantization = spec.quantization(quantization)
+    if spec.full_model_rule:
         per_param = 18.0 if dtype == "fp32" else 8.0
-    elif quantization == "nf4" or method == "qlora":
+    elif quantization == "nf4":
         per_param = 0.5
-    elif quantization == "int8" or method == "lora8bit":
+    elif quantization == "int8":
         per_param = 1.0
     else:
         per_param = 2.0
@@ -310,7 +318,7 @@ def estimate_training_memory(
     frozen_w = _frozen_weight_bytes(
         frozen, quantization, w, num_layers, hidden_size, inter, vocab_size, gated
     )
-    sixteen_bit_full = method in ("full", "freeze") and w == 2
+    sixteen_bit_full = method_spec(method).trains_base_weights and w == 2
     trainable_w: float = trainable * (w if sixteen_bit_full else 4)
     master: float = trainable * _MASTER_BYTES if sixteen_bit_full else 0
     grads: float = trainable * (w if sixteen_bit_full else 4)

@@ -1,17 +1,12 @@
-"""Training methods: what each one makes trainable, and the artifact each one publishes.
+"""Applying a training method to a model: wrap or freeze it, and save the artifact it publishes.
 
-| method   | base weights            | trains                                  | publishes                    |
-|----------|-------------------------|-----------------------------------------|------------------------------|
-| lora     | fp32 / bf16 / fp16      | LoRA A/B (+ DoRA magnitudes, modules_to_save) | PEFT adapter           |
-| qlora    | 4-bit nf4, double quant | LoRA A/B                                | PEFT adapter                 |
-| lora8bit | 8-bit                   | LoRA A/B                                | PEFT adapter                 |
-| freeze   | as loaded               | the last N blocks or named modules      | full model directory         |
-| full     | as loaded               | everything                              | full model directory         |
-| ptuning  | as loaded               | prefixes (P-tuning v2) or prompt encoder| PEFT prompt-learning adapter |
+What each method trains and publishes is its row in ``lorafleet.method_specs``; this module turns a
+spec's ``trains`` into PEFT wrapping or ``requires_grad`` flags, and its ``artifact_kind`` into files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +17,19 @@ from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.families import Family
 from lorafleet.fastpath import use_fast_lora_dropout
+from lorafleet.method_specs import (
+    ARTIFACT_FULL_MODEL,
+    TRAINS_ALL,
+    TRAINS_BLOCKS,
+    TRAINS_LORA,
+    TRAINS_PROMPT,
+    method_spec,
+    quantization_for,
+)
 from lorafleet.models import find_layer_prefixes, resolve_lora_targets
 
-PEFT_METHODS = ("lora", "qlora", "lora8bit", "ptuning")
+_Prepared = tuple[Any, dict[str, Any]]
+"""A preparation's result: the model to train and the method facts for the manifest."""
 
 
 @dataclass
@@ -32,18 +37,9 @@ class PreparedModel:
     model: Any
     """The model to train (a PeftModel for PEFT methods)."""
     kind: str
-    """Artifact kind for the manifest: lora, ptuning or full_model."""
+    """Artifact kind for the manifest: the method's ``MethodSpec.artifact_kind``."""
     details: dict[str, Any] = field(default_factory=dict)
     """Method facts for the manifest and run record (target modules, trained layers...)."""
-
-
-def quantization_for(config: RunConfig) -> str:
-    """The quantization a method implies: qlora loads nf4, lora8bit loads int8."""
-    if config.method == "qlora":
-        return "nf4"
-    if config.method == "lora8bit":
-        return "int8"
-    return config.model.quantization
 
 
 def prepare_model(model: torch.nn.Module, config: RunConfig, family: Family) -> PreparedModel:
@@ -52,17 +48,9 @@ def prepare_model(model: torch.nn.Module, config: RunConfig, family: Family) -> 
     Raises:
         ConfigError: options that do not fit this model (no matching module, no such layer).
     """
-    method = config.method
-    if method in ("lora", "qlora", "lora8bit"):
-        prepared = _prepare_lora(model, config, family)
-    elif method == "ptuning":
-        prepared = _prepare_ptuning(model, config)
-    elif method == "freeze":
-        prepared = _prepare_freeze(model, config)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        prepared = PreparedModel(model, "full_model", {})
+    spec = method_spec(config.method)
+    trained_model, details = _PREPARE[spec.trains](model, config, family)
+    prepared = PreparedModel(trained_model, spec.artifact_kind, details)
     if config.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
         prepared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -74,7 +62,13 @@ def prepare_model(model: torch.nn.Module, config: RunConfig, family: Family) -> 
     return prepared
 
 
-def _prepare_lora(model: torch.nn.Module, config: RunConfig, family: Family) -> PreparedModel:
+def _prepare_all(model: torch.nn.Module, config: RunConfig, family: Family) -> _Prepared:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, {}
+
+
+def _prepare_lora(model: torch.nn.Module, config: RunConfig, family: Family) -> _Prepared:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -94,10 +88,10 @@ def _prepare_lora(model: torch.nn.Module, config: RunConfig, family: Family) -> 
     )
     peft_model = get_peft_model(model, peft_config)
     use_fast_lora_dropout(peft_model)
-    return PreparedModel(peft_model, "lora", {"target_modules": sorted(targets)})
+    return peft_model, {"target_modules": sorted(targets)}
 
 
-def _prepare_ptuning(model: torch.nn.Module, config: RunConfig) -> PreparedModel:
+def _prepare_ptuning(model: torch.nn.Module, config: RunConfig, family: Family) -> _Prepared:
     from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
     pt = config.ptuning
@@ -115,10 +109,10 @@ def _prepare_ptuning(model: torch.nn.Module, config: RunConfig) -> PreparedModel
             num_virtual_tokens=pt.num_virtual_tokens,
             encoder_hidden_size=pt.encoder_hidden_size,
         )
-    return PreparedModel(get_peft_model(model, peft_config), "ptuning", {"mode": pt.mode})
+    return get_peft_model(model, peft_config), {"mode": pt.mode}
 
 
-def _prepare_freeze(model: Any, config: RunConfig) -> PreparedModel:
+def _prepare_freeze(model: Any, config: RunConfig, family: Family) -> _Prepared:
     fz = config.freeze
     names = [n for n, _ in model.named_parameters()]
     if fz.trainable_modules:
@@ -155,7 +149,16 @@ def _prepare_freeze(model: Any, config: RunConfig) -> PreparedModel:
             if module is not None:
                 for p in module.parameters():
                     p.requires_grad_(True)
-    return PreparedModel(model, "full_model", {"trainable_patterns": patterns, "trainable_tensors": trained})
+    return model, {"trainable_patterns": patterns, "trainable_tensors": trained}
+
+
+_PREPARE: dict[str, Callable[[Any, RunConfig, Family], _Prepared]] = {
+    TRAINS_LORA: _prepare_lora,
+    TRAINS_PROMPT: _prepare_ptuning,
+    TRAINS_BLOCKS: _prepare_freeze,
+    TRAINS_ALL: _prepare_all,
+}
+"""How each ``MethodSpec.trains`` makes a model trainable."""
 
 
 def save_artifact(
@@ -174,7 +177,7 @@ def save_artifact(
         state_dict: weights gathered from ZeRO-3 shards, when the live parameters are partitioned.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if kind in ("lora", "ptuning"):
+    if kind != ARTIFACT_FULL_MODEL:
         # Given a gathered full state dict, PEFT keeps only this adapter's keys itself.
         model.save_pretrained(
             str(out_dir), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False

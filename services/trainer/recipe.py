@@ -49,7 +49,8 @@ from lorafleet.errors import LorafleetError
 from lorafleet.estimate import estimate_run, model_dims
 from lorafleet.families import detect_family, get_family
 from lorafleet.fastpath import causal_lm_loss, supports_label_logits
-from lorafleet.methods import PreparedModel, prepare_model, quantization_for, save_artifact
+from lorafleet.method_specs import ARTIFACT_FULL_MODEL, OPTION_SECTIONS, method_spec, quantization_for
+from lorafleet.methods import PreparedModel, prepare_model, save_artifact
 from lorafleet.models import base_model_fingerprint, count_parameters, load_model, load_tokenizer
 from lorafleet.runlog import RunRecorder, plot_loss, write_final_metrics
 from lorafleet.scoring import compute_generation_metrics
@@ -314,7 +315,7 @@ def _gathered_state_dict(
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.method in ("freeze", "full"):
+    if method_spec(config.method).artifact_kind == ARTIFACT_FULL_MODEL:
         return engine._zero3_consolidated_16bit_state_dict()
     state: dict[str, torch.Tensor] = {}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
@@ -362,6 +363,8 @@ def _publish(
     state_dict: dict[str, torch.Tensor] | None,
 ) -> adapters.PublishedAdapter:
     o = config.output
+    tree = config.to_dict()
+    options_section = method_spec(config.method).options_section
     staging = adapters.new_staging_dir(o.adapters_root, o.adapter_name)
     save_artifact(prepared.model, tokenizer, staging, prepared.kind, state_dict=state_dict)
     manifest = adapters.Manifest(
@@ -374,16 +377,10 @@ def _publish(
         template=template_name,
         hyperparameters={
             "method_options": prepared.details,
-            "lora": config.to_dict()["lora"] if prepared.kind == "lora" else None,
-            "ptuning": config.to_dict()["ptuning"] if prepared.kind == "ptuning" else None,
-            "freeze": config.to_dict()["freeze"] if config.method == "freeze" else None,
-            "train": config.to_dict()["train"],
+            **{s: tree[s] if s == options_section else None for s in OPTION_SECTIONS},
+            "train": tree["train"],
             "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
-            "data": {
-                k: v
-                for k, v in config.to_dict()["data"].items()
-                if k not in ("train_file", "validation_file")
-            },
+            "data": {k: v for k, v in tree["data"].items() if k not in ("train_file", "validation_file")},
             "deepspeed_stage": config.distributed.deepspeed_stage,
         },
         dataset={**adapters.dataset_fingerprint(files), **stats},
