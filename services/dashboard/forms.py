@@ -11,14 +11,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.config import DTYPES, FORMATS, METHODS, PTUNING_MODES, QUANTIZATIONS, SCHEDULERS
+from lorafleet.config import DTYPES, FORMATS, PTUNING_MODES, QUANTIZATIONS, SCHEDULERS
+from lorafleet.method_specs import (
+    METHOD_SPECS,
+    METHODS,
+    TRAINS_BLOCKS,
+    TRAINS_LORA,
+    TRAINS_PROMPT,
+    methods_with_options,
+)
 from lorafleet.templates import TEMPLATES
 from lorafleet.v1 import trainer_pb2 as pb
 
 DEFAULT = "(server default)"
 """The first option of every select: leave the field unset."""
 
-LORA_METHODS = ("lora", "qlora", "lora8bit")
+LORA_METHODS = methods_with_options(TRAINS_LORA)
+FREEZE_METHODS = methods_with_options(TRAINS_BLOCKS)
+PTUNING_METHODS = methods_with_options(TRAINS_PROMPT)
+_QUANTIZATION_HELP = (
+    ", ".join(f"{s.name} implies {s.base_quantization}" for s in METHOD_SPECS.values() if s.base_quantization)
+    + "."
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,7 @@ SECTIONS: list[tuple[str, list[FormField]]] = [
         FormField("model.name_or_path", "Base model", "text", ".cache/tiny/llama",
                   help="Directory on the trainer's machine, or a hub id (org/name)."),
         _select("model.dtype", "dtype", DTYPES),
-        _select("model.quantization", "Quantization", QUANTIZATIONS, help="qlora implies nf4."),
+        _select("model.quantization", "Quantization", QUANTIZATIONS, help=_QUANTIZATION_HELP),
     ]),
     ("Dataset", [
         FormField("dataset.train_file", "Training data (JSONL path on the trainer)", "text",
@@ -68,9 +82,9 @@ SECTIONS: list[tuple[str, list[FormField]]] = [
         FormField("lora.dropout", "LoRA dropout", "float", 0.05, methods=LORA_METHODS),
         FormField("lora.target_modules", "Target modules", "list", methods=LORA_METHODS,
                   help="Comma-separated; empty = the family's default; all-linear = every linear layer."),
-        FormField("freeze.trainable_layers", "Trainable layers (freeze)", "int", methods=("freeze",)),
-        _select("ptuning.mode", "P-tuning mode", PTUNING_MODES, methods=("ptuning",)),
-        FormField("ptuning.num_virtual_tokens", "Virtual tokens (ptuning)", "int", methods=("ptuning",)),
+        FormField("freeze.trainable_layers", "Trainable layers (freeze)", "int", methods=FREEZE_METHODS),
+        _select("ptuning.mode", "P-tuning mode", PTUNING_MODES, methods=PTUNING_METHODS),
+        FormField("ptuning.num_virtual_tokens", "Virtual tokens (ptuning)", "int", methods=PTUNING_METHODS),
     ]),
     ("Hyper-parameters", [
         FormField("hyperparameters.epochs", "Epochs", "float"),
