@@ -15,23 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.templates import TEMPLATES
 
 ALL_LINEAR = "all-linear"
 """LoRA target spec meaning every linear layer except the output head."""
-
-TEMPLATE_NAMES = (
-    "default",
-    "alpaca",
-    "qwen",
-    "llama2",
-    "llama3",
-    "baichuan",
-    "baichuan2",
-    "chatglm2",
-    "chatglm3",
-    "belle",
-)
-"""Every template name a family may point to (``lorafleet.templates`` implements them)."""
 
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BAICHUAN_TARGETS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,7 +43,7 @@ class Family:
     lora_targets: tuple[str, ...] | str
     """Leaf module names LoRA adapts by default, or ``all-linear``."""
     template: str
-    """Default prompt template name."""
+    """Default prompt template name: a key of ``lorafleet.templates.TEMPLATES``."""
     needs_remote_code: bool = False
     """Checkpoints ship their own modelling code (``auto_map``); loading needs ``trust_remote_code``."""
     name_hints: tuple[str, ...] = ()
@@ -71,6 +58,13 @@ class Family:
     """A vocabulary of exactly this size also selects this family among those sharing a model_type."""
     description: str = ""
     """Checkpoints this family covers, for humans."""
+
+    def __post_init__(self) -> None:
+        # A family that names a template lorafleet does not implement fails at import, not at training.
+        if self.template not in TEMPLATES:
+            raise ValueError(
+                f"family {self.name!r}: template {self.template!r} is not in {sorted(TEMPLATES)}"
+            )
 
 
 _REGISTRY: tuple[Family, ...] = (

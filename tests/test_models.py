@@ -21,7 +21,7 @@ from transformers import (
 import lorafleet.models as models
 from lorafleet.config import ModelConfig
 from lorafleet.errors import ConfigError, ModelLoadError
-from lorafleet.families import FAMILIES, GENERIC, TEMPLATE_NAMES, detect_family, get_family
+from lorafleet.families import FAMILIES, GENERIC, Family, detect_family, get_family
 from lorafleet.models import (
     base_model_fingerprint,
     count_parameters,
@@ -34,6 +34,7 @@ from lorafleet.models import (
     param_count_from_config,
     resolve_lora_targets,
 )
+from lorafleet.templates import TEMPLATES
 from lorafleet.tiny import build_tiny_model
 
 torch.set_num_threads(2)
@@ -145,13 +146,19 @@ def test_chatglm3_told_apart_by_its_local_tokenizer_code(tmp_path_factory: pytes
 
 def test_registry_is_consistent() -> None:
     for family in FAMILIES.values():
-        assert family.template in TEMPLATE_NAMES, family
+        assert family.template in TEMPLATES, family
         assert get_family(family.name) is family
     assert FAMILIES["baichuan"].needs_remote_code and FAMILIES["chatglm3"].needs_remote_code
     assert not FAMILIES["llama"].needs_remote_code
     assert FAMILIES["baichuan2"].lora_targets == ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert FAMILIES["qwen2"].template == "qwen" and FAMILIES["llama"].template == "llama2"
     assert GENERIC.lora_targets == "all-linear" and GENERIC.template == "default"
+
+
+def test_a_family_with_an_unknown_template_is_refused_at_definition() -> None:
+    with pytest.raises(ValueError, match="template 'chatml2' is not in"):
+        Family("mymodel", ("mymodel",), ("q_proj",), "chatml2")
+    assert Family("mymodel", ("mymodel",), ("q_proj",), "chatml").template == "chatml"
 
 
 def test_get_family_unknown_names_the_field() -> None:
