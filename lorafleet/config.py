@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,31 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def apply_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a config tree in place, each value read as YAML.
+
+    The same syntax as ``lorafleet train CONFIG key=value ...``: ``lora.rank=16`` sets an int,
+    ``lora.target_modules=[q_proj,v_proj]`` a list, ``model.name_or_path=`` an empty string.
+
+    Returns:
+        ``tree``, for chaining.
+
+    Raises:
+        ConfigError: every item that is not ``key=value``.
+    """
+    problems: list[FieldProblem] = []
+    for item in items:
+        try:
+            keys, value = _parse_override(item)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        _set_path(tree, keys, value)
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
 def _build(cls: type, data: Any, prefix: str, problems: list[FieldProblem]) -> Any:
     """Build dataclass ``cls`` from a mapping, recording unknown keys and wrong types as problems."""
     if not isinstance(data, dict):
@@ -355,9 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([FieldProblem("config", str(path), "the top level must be a mapping")])
         tree = loaded or {}
-    for item in overrides or []:
-        keys, value = _parse_override(item)
-        _set_path(tree, keys, value)
+    apply_overrides(tree, overrides or [])
     return config_from_dict(tree)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.config import RunConfig, config_from_dict, load_config
+from lorafleet.config import RunConfig, apply_overrides, config_from_dict, load_config
 from lorafleet.deepspeed_config import build_deepspeed_config
 from lorafleet.errors import ConfigError
 
@@ -43,6 +43,16 @@ def test_yaml_and_overrides(tmp_path):
     assert c.lora.target_modules == ["q_proj", "v_proj"]
     assert c.output.adapter_name == "my-adapter"
     assert c.train.max_steps == 7
+
+
+def test_apply_overrides_sets_yaml_values_and_lists_every_bad_item():
+    tree = {"lora": {"rank": 4}}
+    assert apply_overrides(tree, ["lora.rank=16", "train.seed=7", "model.name_or_path="]) is tree
+    assert tree == {"lora": {"rank": 16}, "train": {"seed": 7}, "model": {"name_or_path": ""}}
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(tree, ["no-equals", "lora.alpha=8", "also bad"])
+    assert [p.field for p in err.value.problems] == ["no-equals", "also bad"]
+    assert tree["lora"] == {"rank": 16, "alpha": 8}
 
 
 def test_every_example_config_loads():
