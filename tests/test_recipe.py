@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lorafleet.adapters import get_adapter, verify_files
 from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.method_specs import method_spec
 from lorafleet.runlog import read_records
 from services.trainer.recipe import run_training, strip_stop_strings
 from tests.training_utils import probe_batch, training_config
@@ -70,6 +71,10 @@ def test_method_trains_and_published_artifact_reproduces_the_model(
     assert m.base_model["kind"] == "local" and len(m.base_model["sha256"]) == 64
     assert m.dataset["files"] and m.metrics["eval_loss"] > 0
     assert get_adapter(config.output.adapters_root, f"t-{method}").path == pub.path
+    # The manifest records the method's own options section and no other.
+    spec = method_spec(method)
+    recorded = {s for s in ("lora", "ptuning", "freeze") if m.hyperparameters[s] is not None}
+    assert m.kind == spec.artifact_kind and recorded == ({spec.options_section} - {None})
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     batch = probe_batch(tokenizer, PROBE)
