@@ -10,6 +10,10 @@ Every piece is encoded on its own with ``add_special_tokens=False``; special mar
 ``<|im_start|>``...) are written into the template text, so nothing is added twice. Concatenating the
 pieces of :func:`encode_turns` gives the ids of the whole conversation.
 
+Message content is always text: a control token's text inside a query, an answer or a system
+prompt encodes as ordinary characters, so a user cannot forge a turn or a role (issue 16). Only the
+template's own markers become control tokens.
+
 The ``tokenizer`` template renders with the tokenizer's own jinja ``chat_template`` and splits
 prompt from response by diffing the renders of growing conversations.
 
@@ -21,8 +25,10 @@ Formats follow the original models (see the registry at the bottom); for example
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +36,9 @@ from lorafleet.errors import ConfigError, FieldProblem
 
 _SLOT_RE = re.compile(r"\{(query|answer|system|n|bos|eos)\}")
 _PROBE_ANSWER = "LORAFLEET_PROBE_ANSWER"
+
+_Part = tuple[str, bool]
+"""A run of rendered text and whether it is message content (True) or template markup (False)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,24 @@ def _fill(fmt: str, values: dict[str, str]) -> str:
     return _SLOT_RE.sub(lambda m: values.get(m.group(1), m.group(0)), fmt)
 
 
+def _fill_parts(fmt: str, values: dict[str, list[_Part]]) -> list[_Part]:
+    """Fill ``{slot}`` markers with parts; the format's own text is markup."""
+    parts: list[_Part] = []
+    pos = 0
+    for match in _SLOT_RE.finditer(fmt):
+        if match.start() > pos:
+            parts.append((fmt[pos : match.start()], False))
+        parts.extend(values.get(match.group(1), [(match.group(0), False)]))
+        pos = match.end()
+    if pos < len(fmt):
+        parts.append((fmt[pos:], False))
+    return parts
+
+
+def _join(parts: list[_Part]) -> str:
+    return "".join(text for text, _ in parts)
+
+
 def _special(tokenizer: Any, template: Template) -> dict[str, str]:
     """The bos/eos texts a template needs; raise when it needs an eos the tokenizer lacks."""
     eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
@@ -85,12 +112,39 @@ def _special(tokenizer: Any, template: Template) -> dict[str, str]:
     return {"eos": str(eos or ""), "bos": str(bos or "")}
 
 
-def _system_text(template: Template, system: str | None) -> str:
-    """Rendered system block, or empty when there is no system (or the template has no slot)."""
+def _system_parts(template: Template, system: str | None) -> list[_Part]:
+    """Rendered system block, or none when there is no system (or the template has no slot)."""
     chosen = template.default_system if system is None else system
     if not chosen or not template.system_format:
-        return ""
-    return _fill(template.system_format, {"system": chosen})
+        return []
+    return _fill_parts(template.system_format, {"system": [(chosen, True)]})
+
+
+def _render_parts(
+    template: Template, tokenizer: Any, turns: list[tuple[str, str]], system: str | None
+) -> list[tuple[list[_Part], list[_Part]]]:
+    """Each turn as (prompt parts, response parts); the first prompt opens with the prefix part."""
+    if template.use_chat_template:
+        return _chat_template_parts(tokenizer, turns, system)
+    special_text = _special(tokenizer, template)
+    special = {name: [(text, False)] for name, text in special_text.items()}
+    system_block = _system_parts(template, system)
+    pieces: list[tuple[list[_Part], list[_Part]]] = []
+    for index, (query, answer) in enumerate(turns):
+        query_parts: list[_Part] = [(query, True)]
+        if index == 0 and template.system_in_query:
+            query_parts = system_block + query_parts
+        values = {"query": query_parts, "n": [(str(index + 1), False)], **special}
+        prompt = _fill_parts(template.user_format, values)
+        if index == 0:
+            prefix = _fill(template.prefix, special_text)
+            head: list[_Part] = [(prefix, False)] if prefix else []
+            prompt = head + ([] if template.system_in_query else system_block) + prompt
+        elif template.separator:
+            prompt = [(template.separator, False), *prompt]
+        response = _fill_parts(template.assistant_format, {"answer": [(answer, True)], **special})
+        pieces.append((prompt, response))
+    return pieces
 
 
 def render_turns(
@@ -102,30 +156,15 @@ def render_turns(
     gives the whole conversation text.
 
     Args:
-        template: A registry template (not the ``tokenizer`` one; that renders through jinja).
-        tokenizer: Supplies the bos/eos texts.
+        template: From :func:`get_template`.
+        tokenizer: Supplies the bos/eos texts (and the jinja chat_template of ``tokenizer``).
         turns: (query, answer) pairs, oldest first.
         system: System prompt; None uses the template's default, "" means none.
 
     Returns:
         One (prompt, response) pair of strings per turn.
     """
-    if template.use_chat_template:
-        return _chat_template_pieces(tokenizer, turns, system)
-    special = _special(tokenizer, template)
-    system_block = _system_text(template, system)
-    pieces: list[tuple[str, str]] = []
-    for index, (query, answer) in enumerate(turns):
-        if index == 0 and template.system_in_query:
-            query = system_block + query
-        prompt = _fill(template.user_format, {"query": query, "n": str(index + 1), **special})
-        if index == 0:
-            head = template.prefix if template.system_in_query else template.prefix + system_block
-            prompt = _fill(head, special) + prompt
-        else:
-            prompt = template.separator + prompt
-        pieces.append((prompt, _fill(template.assistant_format, {"answer": answer, **special})))
-    return pieces
+    return [(_join(p), _join(r)) for p, r in _render_parts(template, tokenizer, turns, system)]
 
 
 def _messages(turns: list[tuple[str, str]], system: str | None) -> list[dict[str, str]]:
@@ -141,9 +180,11 @@ def _render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prom
     return str(text)
 
 
-def _chat_template_pieces(
-    tokenizer: Any, turns: list[tuple[str, str]], system: str | None
-) -> list[tuple[str, str]]:
+def _jinja_problem(message: str) -> ConfigError:
+    return ConfigError([FieldProblem("data.template", "tokenizer", message)])
+
+
+def _split_renders(tokenizer: Any, messages: list[dict[str, str]], turns: int) -> list[tuple[str, str]]:
     """Split a jinja chat-template render into per-turn prompt/response strings by prefix diffs.
 
     Render i with the generation prompt ends where answer i starts; render i without it ends after
@@ -151,42 +192,305 @@ def _chat_template_pieces(
     other templates; templates that rewrite earlier turns (e.g. stripping past reasoning) cannot be
     split this way and raise a ConfigError.
     """
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            [
-                FieldProblem(
-                    "data.template", "tokenizer", "the tokenizer has no chat_template; pick a named template"
-                )
-            ]
-        )
-    messages = _messages(turns, system)
-    offset = 1 if system else 0
+    offset = len(messages) - 2 * turns
     pieces: list[tuple[str, str]] = []
     done = ""
-    for index in range(len(turns)):
-        upto = messages[: offset + 2 * index + 1]
-        prompt_text = _render_chat(tokenizer, upto, True)
+    for index in range(turns):
+        prompt_text = _render_chat(tokenizer, messages[: offset + 2 * index + 1], True)
         full_text = _render_chat(tokenizer, messages[: offset + 2 * index + 2], False)
         if not prompt_text.startswith(done) or not full_text.startswith(prompt_text):
-            raise ConfigError(
-                [
-                    FieldProblem(
-                        "data.template",
-                        "tokenizer",
-                        "the tokenizer's chat_template rewrites earlier "
-                        "turns, so prompt and answer cannot be told apart; pick a named template",
-                    )
-                ]
+            raise _jinja_problem(
+                "the tokenizer's chat_template rewrites earlier "
+                "turns, so prompt and answer cannot be told apart; pick a named template"
             )
         pieces.append((prompt_text[len(done) :], full_text[len(prompt_text) :]))
         done = full_text
     return pieces
 
 
+def _chat_template_parts(
+    tokenizer: Any, turns: list[tuple[str, str]], system: str | None
+) -> list[tuple[list[_Part], list[_Part]]]:
+    """Per-turn parts of a jinja chat-template render, telling message content from markup.
+
+    Conversations whose content holds no control-token text render exactly as the template writes
+    them. Otherwise every message's content (without its outer whitespace, which templates often
+    trim) is wrapped in two private-use characters that appear nowhere else, the render is split
+    at them, and the result must equal the plain render: a template that changes content in other
+    ways (slices it, tests its first characters) cannot keep it apart from markup and is refused.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise _jinja_problem("the tokenizer has no chat_template; pick a named template")
+    messages = _messages(turns, system)
+    plain = _split_renders(tokenizer, messages, len(turns))
+    controls = _controls(tokenizer)
+    if not any(_holds_control_text(tokenizer, m["content"], controls) for m in messages):
+        return [([(p, False)], [(r, False)]) for p, r in plain]
+    open_mark, close_mark = _free_marks(tokenizer, messages)
+    marked = [{**m, "content": _wrap(m["content"], open_mark, close_mark)} for m in messages]
+    parts = [
+        (_unmark(p, open_mark, close_mark), _unmark(r, open_mark, close_mark))
+        for p, r in _split_renders(tokenizer, marked, len(turns))
+    ]
+    if [(_join(p), _join(r)) for p, r in parts] != plain:
+        raise _jinja_problem(
+            "the tokenizer's chat_template changes message content, so the control tokens in "
+            "it cannot be kept as text; pick a named template"
+        )
+    return parts
+
+
+def _chat_template_pieces(
+    tokenizer: Any, turns: list[tuple[str, str]], system: str | None
+) -> list[tuple[str, str]]:
+    """Per-turn (prompt, response) strings of a jinja chat-template render."""
+    return [(_join(p), _join(r)) for p, r in _chat_template_parts(tokenizer, turns, system)]
+
+
+# Private-use code points (BMP, planes 15 and 16) that can mark content inside a jinja render.
+_MARK_CANDIDATES = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+
+def _free_marks(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, str]:
+    """Two characters found in no message, in the chat_template source nor in a special token."""
+    specials = getattr(tokenizer, "special_tokens_map", {}) or {}
+    used = set(str(tokenizer.chat_template)).union(str(specials), *(m["content"] for m in messages))
+    free = (chr(c) for block in _MARK_CANDIDATES for c in block if chr(c) not in used)
+    marks = [next(free, ""), next(free, "")]
+    if not all(marks):
+        raise _jinja_problem("the messages use every private-use character; pick a named template")
+    return marks[0], marks[1]
+
+
+def _wrap(text: str, open_mark: str, close_mark: str) -> str:
+    core = text.strip()
+    if not core:
+        return text
+    lead = len(text) - len(text.lstrip())
+    return f"{text[:lead]}{open_mark}{core}{close_mark}{text[lead + len(core) :]}"
+
+
+def _unmark(text: str, open_mark: str, close_mark: str) -> list[_Part]:
+    """Split a marked render into parts; a lone mark means the template cut content apart."""
+    parts: list[_Part] = []
+    pos = 0
+    for match in re.finditer(f"{re.escape(open_mark)}(.*?){re.escape(close_mark)}", text, re.DOTALL):
+        parts += [(text[pos : match.start()], False), (match.group(1), True)]
+        pos = match.end()
+    parts.append((text[pos:], False))
+    if any(open_mark in t or close_mark in t for t, _ in parts):
+        raise _jinja_problem(
+            "the tokenizer's chat_template cuts message content apart, so the control tokens in "
+            "it cannot be kept as text; pick a named template"
+        )
+    return [(t, is_content) for t, is_content in parts if t]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class _Controls:
+    """A tokenizer's control tokens: its special and added tokens, whitespace-only ones excepted."""
+
+    ids: frozenset[int]
+    pattern: re.Pattern[str] | None
+    """Any control token's text, longest first (None when there is none)."""
+
+
+_CONTROLS_CACHE: weakref.WeakKeyDictionary[Any, tuple[int, _Controls]] = weakref.WeakKeyDictionary()
+
+
+def _controls(tokenizer: Any) -> _Controls:
+    """The control tokens of ``tokenizer``; cached while its added vocabulary keeps its size.
+
+    Whitespace-only added tokens (Gemma's ``"\\n"`` runs) are plain text in every template and are
+    not control tokens.
+    """
+    added: dict[int, Any] = dict(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    try:
+        cached = _CONTROLS_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable: compute every time
+        cached = None
+    if cached is not None and cached[0] == len(added):
+        return cached[1]
+    texts = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
+    specials = list(getattr(tokenizer, "all_special_tokens", None) or [])
+    for text in specials:
+        ids = tokenizer.convert_tokens_to_ids([text])
+        if ids and isinstance(ids[0], int):
+            texts.setdefault(ids[0], text)
+    texts = {i: t for i, t in texts.items() if t and not t.isspace()}
+    words = sorted(set(texts.values()), key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(w) for w in words)) if words else None
+    controls = _Controls(frozenset(texts), pattern)
+    with contextlib.suppress(TypeError):
+        _CONTROLS_CACHE[tokenizer] = (len(added), controls)
+    return controls
+
+
+def _holds_control_text(tokenizer: Any, text: str, controls: _Controls) -> bool:
+    """Whether ``text`` (or its normalized form) contains a control token's text anywhere."""
+    if controls.pattern is None or not text:
+        return False
+    if controls.pattern.search(text):
+        return True
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    return normalizer is not None and bool(controls.pattern.search(normalizer.normalize_str(text)))
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Ids of template markup: control-token texts in it become control tokens."""
     if not text:
         return []
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _after_newline(encode: Any, text: str, newline: list[int]) -> list[int]:
+    """Ids of ``text`` as if it followed other text: encoded after a newline that is then dropped.
+
+    Without it, SentencePiece-style tokenizers would start every separately encoded run with the
+    prefix space they give the start of a string.
+    """
+    ids = list(encode("\n" + text))
+    if newline and ids[: len(newline)] == newline:
+        return ids[len(newline) :]
+    return list(encode(text))
+
+
+def _plain_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of ``text`` with no added or special token matched: the model's own pieces only."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+    # The backend's pipeline without its added vocabulary; unlike split_special_tokens it also
+    # skips non-special added tokens, and it sets no flag on the shared tokenizer.
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    words = (
+        [text]
+        if backend.pre_tokenizer is None
+        else [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    )
+    return [token.id for word in words for token in backend.model.tokenize(word)]
+
+
+def _encode_as_text(tokenizer: Any, text: str, follows_text: bool, controls: _Controls) -> list[int]:
+    """Ids of content text that provably holds no control id.
+
+    A model whose vocabulary also holds a control token's text (``sop`` in a byte-level BPE) can
+    still merge it back; such text is encoded one character at a time instead.
+
+    Raises:
+        ConfigError: a single character encodes to a control token, so it cannot be text.
+    """
+    if follows_text:
+        ids = _after_newline(lambda s: _plain_ids(tokenizer, s), text, _plain_ids(tokenizer, "\n"))
+    else:
+        ids = _plain_ids(tokenizer, text)
+    if controls.ids.isdisjoint(ids):
+        return ids
+    if len(text) == 1:
+        raise ConfigError(
+            [FieldProblem("data.template", text, "the tokenizer has no way to write this character as text")]
+        )
+    return [
+        i
+        for index, char in enumerate(text)
+        for i in _encode_as_text(tokenizer, char, follows_text or index > 0, controls)
+    ]
+
+
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    return end > start and any(start < span_end and span_start < end for span_start, span_end in spans)
+
+
+def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """``spans`` cut to [start, end) and shifted to start at 0."""
+    return [(max(s, start) - start, min(e, end) - start) for s, e in spans if s < end and e > start]
+
+
+def _scan(
+    tokenizer: Any, text: str, content: list[tuple[int, int]], follows_text: bool, controls: _Controls
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Encode ``text`` as markup; also return the spans of control tokens made from content.
+
+    A fast tokenizer reports each token's characters, so a control token counts as made from
+    content when its characters overlap content. A slow one cannot say, so every control-token
+    text found inside content counts.
+    """
+    newline = _encode(tokenizer, "\n") if follows_text else []
+    if not getattr(tokenizer, "is_fast", False):
+        ids = (
+            _after_newline(lambda s: _encode(tokenizer, s), text, newline)
+            if follows_text
+            else _encode(tokenizer, text)
+        )
+        pattern = controls.pattern
+        found = [m.span() for s, e in content for m in pattern.finditer(text, s, e)] if pattern else []
+        return ids, found
+    shift = 1 if follows_text else 0
+    encoding = tokenizer("\n" * shift + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    if shift and ids[: len(newline)] == newline:
+        ids, offsets = ids[len(newline) :], offsets[len(newline) :]
+    elif shift:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets, shift = list(encoding["input_ids"]), list(encoding["offset_mapping"]), 0
+    found = [
+        (start - shift, end - shift)
+        for token, (start, end) in zip(ids, offsets, strict=True)
+        if token in controls.ids and _overlaps(start - shift, end - shift, content)
+    ]
+    return ids, found
+
+
+def _encode_content_safe(
+    tokenizer: Any, text: str, content: list[tuple[int, int]], follows_text: bool, controls: _Controls
+) -> list[int]:
+    """Ids of ``text`` where only markup may become control tokens; content stays text.
+
+    The text is encoded as a whole, as the model saw it in pre-training, so ordinary content gets
+    exactly the ids it always had. Each control token made (even in part) from content is
+    re-encoded as plain text, and the runs between are encoded again the same way, until no
+    content character is part of a control token. Each round works on strictly shorter text, so
+    it ends.
+    """
+    ids, found = _scan(tokenizer, text, content, follows_text, controls)
+    if not found:
+        return ids
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(found):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    out: list[int] = []
+    pos = 0
+    for start, end in [*merged, (len(text), len(text))]:
+        if start > pos:
+            run = text[pos:start]
+            out += _encode_content_safe(
+                tokenizer, run, _clip(content, pos, start), follows_text or pos > 0, controls
+            )
+        if end > start:
+            out += _encode_as_text(tokenizer, text[start:end], follows_text or start > 0, controls)
+        pos = end
+    return out
+
+
+def _encode_parts(tokenizer: Any, parts: list[_Part], controls: _Controls) -> list[int]:
+    """Ids of rendered parts: markup may hold control tokens, content never does."""
+    text = _join(parts)
+    content: list[tuple[int, int]] = []
+    pos = 0
+    for piece, is_content in parts:
+        if is_content and piece:
+            content.append((pos, pos + len(piece)))
+        pos += len(piece)
+    if not content:
+        return _encode(tokenizer, text)
+    return _encode_content_safe(tokenizer, text, content, False, controls)
 
 
 def encode_prefix(template: Template, tokenizer: Any) -> list[int]:
@@ -205,6 +509,11 @@ def encode_turns(
 ) -> list[tuple[list[int], list[int]]]:
     """Encode a conversation as (prompt_ids, response_ids) per turn.
 
+    Message content (queries, answers, the system prompt) is always text: a control token's text
+    in it (``<|im_start|>``, ``</s>``...) encodes as ordinary characters, never as the control
+    token, so content cannot forge turns or roles. Only the template's own markers become control
+    tokens. Content without control-token text gets the ids it would get as part of the whole text.
+
     Args:
         template: From :func:`get_template`.
         tokenizer: A Hugging Face tokenizer.
@@ -214,17 +523,21 @@ def encode_turns(
     Returns:
         One pair per turn. Response ids include the turn's end marker (eos, ``<|im_end|>``...).
         The first prompt starts with :func:`encode_prefix`'s ids.
+
+    Raises:
+        ConfigError: the template cannot be used with this tokenizer (no eos, a jinja template
+            that rewrites earlier turns or changes content holding control-token text).
     """
     prefix_ids = encode_prefix(template, tokenizer)
+    controls = _controls(tokenizer)
     encoded: list[tuple[list[int], list[int]]] = []
-    for index, (prompt, response) in enumerate(render_turns(template, tokenizer, turns, system)):
+    for index, (prompt, response) in enumerate(_render_parts(template, tokenizer, turns, system)):
         if index == 0 and prefix_ids:
             # The prefix is encoded on its own so its ids are stable whatever text follows.
-            prefix_text = _fill(template.prefix, _special(tokenizer, template))
-            prompt_ids = prefix_ids + _encode(tokenizer, prompt[len(prefix_text) :])
+            prompt_ids = prefix_ids + _encode_parts(tokenizer, prompt[1:], controls)
         else:
-            prompt_ids = _encode(tokenizer, prompt)
-        encoded.append((prompt_ids, _encode(tokenizer, response)))
+            prompt_ids = _encode_parts(tokenizer, prompt, controls)
+        encoded.append((prompt_ids, _encode_parts(tokenizer, response, controls)))
     return encoded
 
 
