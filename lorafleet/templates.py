@@ -25,13 +25,18 @@ Formats follow the original models (see the registry at the bottom); for example
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from lorafleet.control_tokens import (
+    ControlTokens,
+    control_tokens,
+    encode_keeping_content_text,
+    encode_markup,
+    holds_control_text,
+)
 from lorafleet.errors import ConfigError, FieldProblem
 
 _SLOT_RE = re.compile(r"\{(query|answer|system|n|bos|eos)\}")
@@ -223,8 +228,8 @@ def _chat_template_parts(
         raise _jinja_problem("the tokenizer has no chat_template; pick a named template")
     messages = _messages(turns, system)
     plain = _split_renders(tokenizer, messages, len(turns))
-    controls = _controls(tokenizer)
-    if not any(_holds_control_text(tokenizer, m["content"], controls) for m in messages):
+    controls = control_tokens(tokenizer)
+    if not any(holds_control_text(tokenizer, m["content"], controls) for m in messages):
         return [([(p, False)], [(r, False)]) for p, r in plain]
     open_mark, close_mark = _free_marks(tokenizer, messages)
     marked = [{**m, "content": _wrap(m["content"], open_mark, close_mark)} for m in messages]
@@ -286,200 +291,7 @@ def _unmark(text: str, open_mark: str, close_mark: str) -> list[_Part]:
     return [(t, is_content) for t, is_content in parts if t]
 
 
-# ----------------------------------------------------------------------------- encoding
-
-
-@dataclass(frozen=True)
-class _Controls:
-    """A tokenizer's control tokens: its special and added tokens, whitespace-only ones excepted."""
-
-    ids: frozenset[int]
-    pattern: re.Pattern[str] | None
-    """Any control token's text, longest first (None when there is none)."""
-
-
-_CONTROLS_CACHE: weakref.WeakKeyDictionary[Any, tuple[int, _Controls]] = weakref.WeakKeyDictionary()
-
-
-def _controls(tokenizer: Any) -> _Controls:
-    """The control tokens of ``tokenizer``; cached while its added vocabulary keeps its size.
-
-    Whitespace-only added tokens (Gemma's ``"\\n"`` runs) are plain text in every template and are
-    not control tokens.
-    """
-    added: dict[int, Any] = dict(getattr(tokenizer, "added_tokens_decoder", None) or {})
-    try:
-        cached = _CONTROLS_CACHE.get(tokenizer)
-    except TypeError:  # not weak-referenceable: compute every time
-        cached = None
-    if cached is not None and cached[0] == len(added):
-        return cached[1]
-    texts = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
-    specials = list(getattr(tokenizer, "all_special_tokens", None) or [])
-    for text in specials:
-        ids = tokenizer.convert_tokens_to_ids([text])
-        if ids and isinstance(ids[0], int):
-            texts.setdefault(ids[0], text)
-    texts = {i: t for i, t in texts.items() if t and not t.isspace()}
-    words = sorted(set(texts.values()), key=len, reverse=True)
-    pattern = re.compile("|".join(re.escape(w) for w in words)) if words else None
-    controls = _Controls(frozenset(texts), pattern)
-    with contextlib.suppress(TypeError):
-        _CONTROLS_CACHE[tokenizer] = (len(added), controls)
-    return controls
-
-
-def _holds_control_text(tokenizer: Any, text: str, controls: _Controls) -> bool:
-    """Whether ``text`` (or its normalized form) contains a control token's text anywhere."""
-    if controls.pattern is None or not text:
-        return False
-    if controls.pattern.search(text):
-        return True
-    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
-    return normalizer is not None and bool(controls.pattern.search(normalizer.normalize_str(text)))
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    """Ids of template markup: control-token texts in it become control tokens."""
-    if not text:
-        return []
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _after_newline(encode: Any, text: str, newline: list[int]) -> list[int]:
-    """Ids of ``text`` as if it followed other text: encoded after a newline that is then dropped.
-
-    Without it, SentencePiece-style tokenizers would start every separately encoded run with the
-    prefix space they give the start of a string.
-    """
-    ids = list(encode("\n" + text))
-    if newline and ids[: len(newline)] == newline:
-        return ids[len(newline) :]
-    return list(encode(text))
-
-
-def _plain_ids(tokenizer: Any, text: str) -> list[int]:
-    """Ids of ``text`` with no added or special token matched: the model's own pieces only."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
-    # The backend's pipeline without its added vocabulary; unlike split_special_tokens it also
-    # skips non-special added tokens, and it sets no flag on the shared tokenizer.
-    if backend.normalizer is not None:
-        text = backend.normalizer.normalize_str(text)
-    words = (
-        [text]
-        if backend.pre_tokenizer is None
-        else [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-    )
-    return [token.id for word in words for token in backend.model.tokenize(word)]
-
-
-def _encode_as_text(tokenizer: Any, text: str, follows_text: bool, controls: _Controls) -> list[int]:
-    """Ids of content text that provably holds no control id.
-
-    A model whose vocabulary also holds a control token's text (``sop`` in a byte-level BPE) can
-    still merge it back; such text is encoded one character at a time instead.
-
-    Raises:
-        ConfigError: a single character encodes to a control token, so it cannot be text.
-    """
-    if follows_text:
-        ids = _after_newline(lambda s: _plain_ids(tokenizer, s), text, _plain_ids(tokenizer, "\n"))
-    else:
-        ids = _plain_ids(tokenizer, text)
-    if controls.ids.isdisjoint(ids):
-        return ids
-    if len(text) == 1:
-        raise ConfigError(
-            [FieldProblem("data.template", text, "the tokenizer has no way to write this character as text")]
-        )
-    return [
-        i
-        for index, char in enumerate(text)
-        for i in _encode_as_text(tokenizer, char, follows_text or index > 0, controls)
-    ]
-
-
-def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    return end > start and any(start < span_end and span_start < end for span_start, span_end in spans)
-
-
-def _clip(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
-    """``spans`` cut to [start, end) and shifted to start at 0."""
-    return [(max(s, start) - start, min(e, end) - start) for s, e in spans if s < end and e > start]
-
-
-def _scan(
-    tokenizer: Any, text: str, content: list[tuple[int, int]], follows_text: bool, controls: _Controls
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Encode ``text`` as markup; also return the spans of control tokens made from content.
-
-    A fast tokenizer reports each token's characters, so a control token counts as made from
-    content when its characters overlap content. A slow one cannot say, so every control-token
-    text found inside content counts.
-    """
-    newline = _encode(tokenizer, "\n") if follows_text else []
-    if not getattr(tokenizer, "is_fast", False):
-        ids = (
-            _after_newline(lambda s: _encode(tokenizer, s), text, newline)
-            if follows_text
-            else _encode(tokenizer, text)
-        )
-        pattern = controls.pattern
-        found = [m.span() for s, e in content for m in pattern.finditer(text, s, e)] if pattern else []
-        return ids, found
-    shift = 1 if follows_text else 0
-    encoding = tokenizer("\n" * shift + text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
-    if shift and ids[: len(newline)] == newline:
-        ids, offsets = ids[len(newline) :], offsets[len(newline) :]
-    elif shift:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets, shift = list(encoding["input_ids"]), list(encoding["offset_mapping"]), 0
-    found = [
-        (start - shift, end - shift)
-        for token, (start, end) in zip(ids, offsets, strict=True)
-        if token in controls.ids and _overlaps(start - shift, end - shift, content)
-    ]
-    return ids, found
-
-
-def _encode_content_safe(
-    tokenizer: Any, text: str, content: list[tuple[int, int]], follows_text: bool, controls: _Controls
-) -> list[int]:
-    """Ids of ``text`` where only markup may become control tokens; content stays text.
-
-    The text is encoded as a whole, as the model saw it in pre-training, so ordinary content gets
-    exactly the ids it always had. Each control token made (even in part) from content is
-    re-encoded as plain text, and the runs between are encoded again the same way, until no
-    content character is part of a control token. Each round works on strictly shorter text, so
-    it ends.
-    """
-    ids, found = _scan(tokenizer, text, content, follows_text, controls)
-    if not found:
-        return ids
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(found):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    out: list[int] = []
-    pos = 0
-    for start, end in [*merged, (len(text), len(text))]:
-        if start > pos:
-            run = text[pos:start]
-            out += _encode_content_safe(
-                tokenizer, run, _clip(content, pos, start), follows_text or pos > 0, controls
-            )
-        if end > start:
-            out += _encode_as_text(tokenizer, text[start:end], follows_text or start > 0, controls)
-        pos = end
-    return out
-
-
-def _encode_parts(tokenizer: Any, parts: list[_Part], controls: _Controls) -> list[int]:
+def _encode_parts(tokenizer: Any, parts: list[_Part], controls: ControlTokens) -> list[int]:
     """Ids of rendered parts: markup may hold control tokens, content never does."""
     text = _join(parts)
     content: list[tuple[int, int]] = []
@@ -489,8 +301,8 @@ def _encode_parts(tokenizer: Any, parts: list[_Part], controls: _Controls) -> li
             content.append((pos, pos + len(piece)))
         pos += len(piece)
     if not content:
-        return _encode(tokenizer, text)
-    return _encode_content_safe(tokenizer, text, content, False, controls)
+        return encode_markup(tokenizer, text)
+    return encode_keeping_content_text(tokenizer, text, content, controls)
 
 
 def encode_prefix(template: Template, tokenizer: Any) -> list[int]:
@@ -501,7 +313,7 @@ def encode_prefix(template: Template, tokenizer: Any) -> list[int]:
     """
     if template.use_chat_template or not template.prefix:
         return []
-    return _encode(tokenizer, _fill(template.prefix, _special(tokenizer, template)))
+    return encode_markup(tokenizer, _fill(template.prefix, _special(tokenizer, template)))
 
 
 def encode_turns(
@@ -529,7 +341,7 @@ def encode_turns(
             that rewrites earlier turns or changes content holding control-token text).
     """
     prefix_ids = encode_prefix(template, tokenizer)
-    controls = _controls(tokenizer)
+    controls = control_tokens(tokenizer)
     encoded: list[tuple[list[int], list[int]]] = []
     for index, (prompt, response) in enumerate(_render_parts(template, tokenizer, turns, system)):
         if index == 0 and prefix_ids:
@@ -586,7 +398,7 @@ def stop_token_ids(template: Template, tokenizer: Any) -> list[int]:
     """Ids of the stop strings that are single tokens (for ``generate(eos_token_id=...)``)."""
     ids: list[int] = []
     for word in stop_strings(template, tokenizer):
-        encoded = _encode(tokenizer, word)
+        encoded = encode_markup(tokenizer, word)
         if len(encoded) == 1 and encoded[0] not in ids:
             ids.append(encoded[0])
     return ids
