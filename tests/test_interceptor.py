@@ -175,8 +175,8 @@ def test_table_maps_by_most_specific_class(probe: Probe, request_name: bytes, co
 
 def test_config_error_carries_field_violations_unary_and_stream(probe: Probe) -> None:
     expected = [
-        FieldViolation("spec.lora.rank", "must be in [1, 1024] (got 0)"),
-        FieldViolation("spec.model.dtype", "one of fp32, bf16, fp16 (got 'fp8')"),
+        FieldViolation("spec.lora.rank", "spec.lora.rank=0: must be in [1, 1024]"),
+        FieldViolation("spec.model.dtype", "spec.model.dtype='fp8': one of fp32, bf16, fp16"),
     ]
     err = _fails(lambda: probe.unary(b"bad-spec"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lorafleet.errors import FieldProblem, show_value
+from lorafleet.errors import FieldProblem
 
 MAX_MESSAGE_WIRE_CHARS = 4096
 """Characters of a status message on the wire: gRPC percent-encodes each byte outside printable
@@ -35,7 +35,8 @@ class FieldViolation:
     field: str
     """Dotted path of the field as the server names it, e.g. ``spec.lora.rank``."""
     description: str
-    """What is wrong and the value that was given, e.g. ``must be in [1, 1024] (got 0)``."""
+    """The field, the value it got and what is wrong, readable on its own:
+    ``spec.lora.rank=0: must be in [1, 1024]``."""
 
 
 def _wire_chars(char: str) -> int:
@@ -65,10 +66,6 @@ def truncate_utf8(text: str, limit: int) -> str:
     return data[: max(0, limit - 3)].decode("utf-8", errors="ignore") + "..."
 
 
-def _describe(problem: FieldProblem) -> str:
-    return f"{problem.message} (got {show_value(problem.value)})"
-
-
 def bad_request_status(code: grpc.StatusCode, message: str, problems: Iterable[FieldProblem]) -> grpc.Status:
     """A status with ``message`` and one ``BadRequest`` field violation per problem.
 
@@ -80,7 +77,7 @@ def bad_request_status(code: grpc.StatusCode, message: str, problems: Iterable[F
     for problem in problems:
         violation = bad_request.field_violations.add(
             field=truncate_utf8(problem.field, _MAX_FIELD_CHARS),
-            description=truncate_utf8(_describe(problem), _MAX_DESCRIPTION_CHARS),
+            description=truncate_utf8(str(problem), _MAX_DESCRIPTION_CHARS),
         )
         if bad_request.ByteSize() > MAX_DETAILS_BYTES:
             bad_request.field_violations.remove(violation)
