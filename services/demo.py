@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet import data
     from lorafleet.config import load_config
     from lorafleet.datagen import generate_datasets
-    from lorafleet.jobspec import config_to_spec
     from lorafleet.scoring import exact_match
     from lorafleet.tiny import build_tiny_model
     from lorafleet.v1 import inference_pb2 as ipb
     from lorafleet.v1 import inference_pb2_grpc
     from lorafleet.v1 import trainer_pb2 as tpb
     from services.trainer.client import TrainerClient, state_name, watch_with_progress
+    from services.trainer.jobspec import config_to_spec
 
     t0 = time.perf_counter()
     host = "127.0.0.1"

@@ -17,6 +17,7 @@ import grpc
 
 from lorafleet.v1 import trainer_pb2 as pb
 from lorafleet.v1 import trainer_pb2_grpc
+from services.common.field_errors import field_violations
 from services.common.grpc_util import channel
 
 _STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in pb.JobState.items()}
@@ -96,6 +97,21 @@ def watch_with_progress(client: TrainerClient, job_id: str, out: Any = sys.stder
     return client.get(job_id)
 
 
+def print_rpc_error(err: grpc.RpcError, out: Any = None) -> None:
+    """``error: CODE: message``; for a refused spec, its headline and then one line per field problem
+    (from the status details, so the message text is never parsed)."""
+    out = out or sys.stderr
+    details = (err.details() or "") if isinstance(err, grpc.Call) else str(err)
+    code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+    violations = field_violations(err)
+    if not violations:
+        print(f"error: {code}: {details}", file=out)
+        return
+    print(f"error: {code}: {details.splitlines()[0] if details else 'invalid request'}", file=out)
+    for v in violations:
+        print(f"  - {v.description}", file=out)
+
+
 def _print_job(job: pb.Job) -> None:
     p = job.progress
     loss = f"{p.loss:.4f}" if p.HasField("loss") else "-"
@@ -139,7 +155,7 @@ def main(command: str, argv: list[str]) -> int:
     try:
         if command == "submit":
             from lorafleet.config import load_config
-            from lorafleet.jobspec import config_to_spec
+            from services.trainer.jobspec import config_to_spec
 
             spec = config_to_spec(load_config(args.config, args.overrides))
             if args.max_attempts:
@@ -169,7 +185,7 @@ def main(command: str, argv: list[str]) -> int:
             print(final.log_tail, file=sys.stderr)
         return 0 if final.state == pb.JOB_STATE_SUCCEEDED else 1
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        print_rpc_error(e)
         return 2
     finally:
         client.close()

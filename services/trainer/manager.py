@@ -1,5 +1,8 @@
 """The job manager: queue, attempts, retries, cancel, events; the gRPC servicer is a thin layer over it.
 
+It takes plain ``JobRequest``s and returns ``JobRow``s (``services.trainer.store``); it knows nothing
+of protobuf or gRPC, and raises the errors of ``services.trainer.errors``.
+
 State machine of a job::
 
     QUEUED --start--> RUNNING --attempt ok--> SUCCEEDED
@@ -18,22 +21,26 @@ own run id in the adapters root), so a replayed finish cannot duplicate an adapt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lorafleet.errors import ConfigError, FieldProblem, LorafleetError
-from lorafleet.v1 import trainer_pb2 as pb
+from lorafleet.errors import ConfigError, FieldProblem
 from services.trainer import store as st
+from services.trainer.errors import (
+    IdempotencyConflictError,
+    JobNotFoundError,
+    JobStateError,
+    QueueFullError,
+)
 from services.trainer.launchers.base import EXIT_INVALID, AttemptPhase, AttemptRequest, Launcher
 from services.trainer.validation import validate_submission
 
@@ -41,22 +48,6 @@ log = logging.getLogger("lorafleet.trainer")
 
 _LOG_EVENT_LIMIT = 5000
 """Log lines kept as events per job (the full log stays in the attempt's output file)."""
-
-
-class JobNotFoundError(LorafleetError):
-    pass
-
-
-class JobStateError(LorafleetError):
-    """The job is not in a state that allows the request (cancel of a finished job)."""
-
-
-class QueueFullError(LorafleetError):
-    pass
-
-
-class IdempotencyConflictError(LorafleetError):
-    """The idempotency key was already used for a different spec."""
 
 
 @dataclass
@@ -71,10 +62,6 @@ class ManagerSettings:
     cancel_grace_s: float = 10.0
     remote_code_allow: list[str] = field(default_factory=list)
     check_memory: bool = True
-
-
-def _spec_sha256(spec: pb.JobSpec) -> str:
-    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
 
 
 _METRIC_KEYS = ("step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -151,9 +138,9 @@ class JobManager:
 
     # -- submit / read / cancel ----------------------------------------------------------------------
 
-    def submit(self, spec: pb.JobSpec, idempotency_key: str = "", dry_run: bool = False) -> st.JobRow:
+    def submit(self, request: st.JobRequest, idempotency_key: str = "", dry_run: bool = False) -> st.JobRow:
         """Validate and queue a job (or return the job an earlier submit with this key created)."""
-        digest = _spec_sha256(spec)
+        digest = request.sha256()
         if idempotency_key:
             if len(idempotency_key) > 128:
                 raise ConfigError(
@@ -161,7 +148,7 @@ class JobManager:
                 )
             existing = self.store.find_by_idempotency_key(idempotency_key)
             if existing is not None:
-                if existing.spec_sha256 != digest:
+                if existing.request_sha256 != digest:
                     raise IdempotencyConflictError(
                         f"idempotency_key={idempotency_key!r} was already used for job {existing.id} with a "
                         "different spec; use a new key for a new job"
@@ -171,7 +158,7 @@ class JobManager:
         job_dir = self.settings.state_dir / "jobs" / job_id
         run_dir = job_dir / "run"
         accepted = validate_submission(
-            spec,
+            request,
             self.launcher.capacity,
             {"output.run_dir": str(run_dir), "output.adapters_root": str(self.settings.adapters_root)},
             self.settings.remote_code_allow,
@@ -184,12 +171,12 @@ class JobManager:
             if estimate else {}
         )  # fmt: skip
         max_attempts = (
-            spec.max_attempts if spec.HasField("max_attempts") else self.settings.default_max_attempts
+            request.max_attempts if request.max_attempts is not None else self.settings.default_max_attempts
         )
         job = st.JobRow(
             id=job_id,
-            spec=spec.SerializeToString(deterministic=True),
-            spec_sha256=digest,
+            request=request,
+            request_sha256=digest,
             state=st.QUEUED,
             created_at=time.time(),
             idempotency_key=idempotency_key or None,
@@ -198,6 +185,7 @@ class JobManager:
             max_attempts=max_attempts,
             memory_estimate=memory,
             progress={"total_steps": 0, "step": 0},
+            config=accepted.config.to_dict(),
         )
         if dry_run:
             return job
@@ -209,7 +197,7 @@ class JobManager:
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "config.yaml"
             config_path.write_text(
-                yaml.safe_dump(accepted.config.to_dict(), sort_keys=False, allow_unicode=True),
+                yaml.safe_dump(job.config, sort_keys=False, allow_unicode=True),
                 encoding="utf-8",
             )
             try:
@@ -218,7 +206,7 @@ class JobManager:
                 # A concurrent submit with the same key won the race: return its job.
                 if idempotency_key:
                     existing = self.store.find_by_idempotency_key(idempotency_key)
-                    if existing is not None and existing.spec_sha256 == digest:
+                    if existing is not None and existing.request_sha256 == digest:
                         return existing
                 raise
             self._event(job.id, "state", {"state": st.QUEUED, "reason": "accepted", "attempt": 0})
@@ -235,7 +223,10 @@ class JobManager:
         return job
 
     def list_jobs(self, states: list[str], page_size: int, page_token: str) -> tuple[list[st.JobRow], str]:
-        size = 50 if page_size <= 0 else min(page_size, 500)
+        """One page of jobs in submission order, and the token of the next page ("" after the last)."""
+        if page_size < 0:
+            raise ConfigError([FieldProblem("page_size", page_size, "must be >= 0")])
+        size = 50 if page_size == 0 else min(page_size, 500)
         try:
             after = int(page_token) if page_token else 0
         except ValueError:
@@ -287,6 +278,33 @@ class JobManager:
         with self._changed:
             self._changed.wait(timeout)
 
+    def follow(
+        self,
+        job_id: str,
+        after_seq: int = 0,
+        kinds: tuple[str, ...] = (),
+        keep_going: Callable[[], bool] = lambda: True,
+    ) -> Iterator[st.EventRow]:
+        """The job's events after ``after_seq``, then new ones as they come, until the job has ended
+        and its last event was yielded (or ``keep_going`` says stop: the watcher left).
+
+        Raises:
+            JobNotFoundError: before the first event, for an unknown job.
+        """
+        self.get(job_id)
+        seq = after_seq
+        while keep_going():
+            events = self.events(job_id, seq, kinds)
+            for e in events:
+                seq = e.seq
+                yield e
+            # Ended, and everything up to the final state has been sent.
+            terminal = not events and self.get(job_id).state in st.TERMINAL
+            if terminal and not self.events(job_id, seq, kinds):
+                return
+            if not events:
+                self.wait_for_change(0.5)
+
     def _event(self, job_id: str, kind: str, payload: dict[str, Any]) -> None:
         self._events(job_id, [(kind, payload)])
 
@@ -319,10 +337,9 @@ class JobManager:
                 self._start_attempt(job, 1, f"started by the {self.launcher.name} launcher")
 
     def _request(self, job: st.JobRow, number: int) -> AttemptRequest:
-        spec = pb.JobSpec.FromString(job.spec)
-        config = yaml.safe_load((Path(job.run_dir).parent / "config.yaml").read_text(encoding="utf-8"))
-        d = config["distributed"]
-        resources = {k: getattr(spec.resources, k) for k in ("cpu", "memory") if spec.resources.HasField(k)}
+        d = job.config["distributed"]
+        r = job.request.resources
+        resources = {k: v for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v is not None}
         return AttemptRequest(
             job_id=job.id,
             attempt=number,
@@ -330,7 +347,7 @@ class JobManager:
             attempt_dir=Path(job.run_dir).parent / f"attempt-{number}",
             nodes=int(d["nnodes"]),
             processes_per_node=int(d["nproc_per_node"]),
-            gpus_per_node=spec.resources.gpus_per_node if spec.resources.HasField("gpus_per_node") else 0,
+            gpus_per_node=r.gpus_per_node or 0,
             launcher=str(d["launcher"]),
             deepspeed=int(d["deepspeed_stage"]) >= 0,
             resources=resources,
@@ -418,8 +435,7 @@ class JobManager:
             if rec.get("event") == "published":
                 ref = f"{rec['name']}@{rec['version']}"
             elif rec.get("event") == "already_published" and rec.get("version"):
-                spec = pb.JobSpec.FromString(job.spec)
-                ref = f"{spec.adapter_name}@{rec['version']}"
+                ref = f"{job.config['output']['adapter_name']}@{rec['version']}"
         self.store.update_job(job.id, final_metrics=metrics, adapter_ref=ref)
         self._set_state(
             self.get(job.id), st.SUCCEEDED, f"published {ref}" if ref else "finished", finished=True
@@ -523,11 +539,4 @@ def _error_line(tail: str) -> str:
     return ""
 
 
-__all__ = [
-    "IdempotencyConflictError",
-    "JobManager",
-    "JobNotFoundError",
-    "JobStateError",
-    "ManagerSettings",
-    "QueueFullError",
-]
+__all__ = ["JobManager", "ManagerSettings"]

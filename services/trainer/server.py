@@ -26,26 +26,18 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lorafleet import adapters as adapter_store
+from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.v1 import adapters_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common import grpc_util
+from services.common.interceptor import ErrorInterceptor
 from services.trainer import store as st
-from services.trainer.manager import (
-    IdempotencyConflictError,
-    JobManager,
-    JobNotFoundError,
-    JobStateError,
-    ManagerSettings,
-    QueueFullError,
-)
+from services.trainer.errors import STATUS_FOR
+from services.trainer.jobspec import request_from_spec, spec_from_request
+from services.trainer.manager import JobManager, ManagerSettings
 
 log = logging.getLogger("lorafleet.trainer")
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 MUTATING = [f"/{SERVICE}/SubmitJob", f"/{SERVICE}/CancelJob"]
-
-grpc_util.register_error(JobNotFoundError, grpc.StatusCode.NOT_FOUND)
-grpc_util.register_error(JobStateError, grpc.StatusCode.FAILED_PRECONDITION)
-grpc_util.register_error(QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED)
-grpc_util.register_error(IdempotencyConflictError, grpc.StatusCode.ALREADY_EXISTS)
 
 _STATE_TO_PB = {
     st.QUEUED: trainer_pb2.JOB_STATE_QUEUED,
@@ -85,14 +77,24 @@ def adapter_to_pb(published: adapter_store.PublishedAdapter) -> adapters_pb2.Ada
     )
 
 
+def states_from_pb(states: Any) -> list[str]:
+    """The store's state names of a ``ListJobs`` filter."""
+    out = []
+    for s in states:
+        if s not in _PB_TO_STATE:
+            raise ConfigError(
+                [FieldProblem("states", trainer_pb2.JobState.Name(s), "not a job state filter")]
+            )
+        out.append(_PB_TO_STATE[s])
+    return out
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Converts protobuf to ``JobManager`` calls and back; errors become statuses in the interceptor."""
+
     def __init__(self, manager: JobManager, adapters_root: Path) -> None:
         self.manager = manager
         self.adapters_root = adapters_root
-
-    def _rejected(self, method: str, code: grpc.StatusCode) -> None:
-        if method == "SubmitJob" and self.manager.metrics:
-            self.manager.metrics.submission_rejected(code.name)
 
     def job_to_pb(self, job: st.JobRow) -> trainer_pb2.Job:
         p = job.progress
@@ -107,7 +109,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 setattr(progress, key, float(p[key]))
         out = trainer_pb2.Job(
             id=job.id,
-            spec=trainer_pb2.JobSpec.FromString(job.spec),
+            spec=spec_from_request(job.request),
             state=_STATE_TO_PB[job.state],
             idempotency_key=job.idempotency_key or "",
             created_at=_ts(job.created_at),
@@ -148,65 +150,32 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 )
         return out
 
-    @grpc_util.handle_errors()
     def SubmitJob(
         self, request: trainer_pb2.SubmitJobRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.Job:
-        try:
-            job = self.manager.submit(request.spec, request.idempotency_key, request.dry_run)
-        except Exception as exc:
-            self._rejected("SubmitJob", grpc_util.status_for(exc)[0])
-            raise
-        return self.job_to_pb(job)
+        job_request = request_from_spec(request.spec)
+        return self.job_to_pb(self.manager.submit(job_request, request.idempotency_key, request.dry_run))
 
-    @grpc_util.handle_errors()
     def GetJob(self, request: trainer_pb2.GetJobRequest, context: grpc.ServicerContext) -> trainer_pb2.Job:
         return self.job_to_pb(self.manager.get(request.job_id))
 
-    @grpc_util.handle_errors()
     def ListJobs(
         self, request: trainer_pb2.ListJobsRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.ListJobsResponse:
-        states = []
-        for s in request.states:
-            if s not in _PB_TO_STATE:
-                from lorafleet.errors import ConfigError, FieldProblem
-
-                raise ConfigError(
-                    [FieldProblem("states", trainer_pb2.JobState.Name(s), "not a job state filter")]
-                )
-            states.append(_PB_TO_STATE[s])
-        if request.page_size < 0:
-            from lorafleet.errors import ConfigError, FieldProblem
-
-            raise ConfigError([FieldProblem("page_size", request.page_size, "must be >= 0")])
+        states = states_from_pb(request.states)
         rows, token = self.manager.list_jobs(states, request.page_size, request.page_token)
         return trainer_pb2.ListJobsResponse(jobs=[self.job_to_pb(r) for r in rows], next_page_token=token)
 
-    @grpc_util.handle_errors()
     def CancelJob(
         self, request: trainer_pb2.CancelJobRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.Job:
         return self.job_to_pb(self.manager.cancel(request.job_id, request.reason))
 
-    @grpc_util.handle_errors()
     def WatchJob(self, request: trainer_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Any:
-        self.manager.get(request.job_id)  # NOT_FOUND before the stream starts
-        seq = request.after_seq
         kinds = ("state", "metrics") if request.skip_logs else ()
-        while context.is_active():
-            events = self.manager.events(request.job_id, seq, kinds)
-            for e in events:
-                seq = e.seq
-                yield event_to_pb(e)
-            # Ended, and everything up to the final state has been sent.
-            terminal = not events and self.manager.get(request.job_id).state in st.TERMINAL
-            if terminal and not self.manager.events(request.job_id, seq, kinds):
-                return
-            if not events:
-                self.manager.wait_for_change(0.5)
+        events = self.manager.follow(request.job_id, request.after_seq, kinds, context.is_active)
+        yield from (event_to_pb(e) for e in events)
 
-    @grpc_util.handle_errors()
     def ListAdapters(
         self, request: trainer_pb2.ListAdaptersRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.ListAdaptersResponse:
@@ -217,7 +186,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             adapters=[adapter_to_pb(a) for a in found if not request.name or a.name == request.name]
         )
 
-    @grpc_util.handle_errors()
     def GetAdapter(self, request: trainer_pb2.GetAdapterRequest, context: grpc.ServicerContext) -> Any:
         name, version = adapter_store.parse_adapter_ref(request.ref)
         return adapter_to_pb(adapter_store.get_adapter(self.adapters_root, name, version))
@@ -307,9 +275,10 @@ class TrainerServer:
             ),
             self.metrics,
         )  # fmt: skip
-        interceptors = (
-            [grpc_util.BearerTokenInterceptor(args.auth_token, MUTATING)] if args.auth_token else []
-        )
+        # The error interceptor goes first: it also counts what the auth interceptor refuses.
+        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(STATUS_FOR, self._count_code)]
+        if args.auth_token:
+            interceptors.append(grpc_util.BearerTokenInterceptor(args.auth_token, MUTATING))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), interceptors=interceptors)
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
             TrainerServicer(self.manager, adapters_root), self.server
@@ -324,6 +293,10 @@ class TrainerServer:
             self.port = self.server.add_insecure_port(address)
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
+
+    def _count_code(self, method: str, code: str) -> None:
+        if method == "SubmitJob" and code != "OK":
+            self.metrics.submission_rejected(code)
 
     def start(self) -> None:
         self.manager.start()

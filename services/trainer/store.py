@@ -1,16 +1,20 @@
 """Durable job state: the ``JobStore`` interface and its embedded default, SQLite.
 
-Everything the service must not lose lives here: the accepted spec, the state, every attempt with
+Everything the service must not lose lives here, as JSON: the accepted request and the resolved run
+config, the state, every attempt with
 the launcher's handle (so a restarted service can find and adopt what it started), and every event
 a watcher may ask to replay (state changes, metric records, log lines). Each write is one
 transaction, so a SIGKILL at any moment leaves either the old or the new state, never half of one.
 
 The manager only talks to the ``JobStore`` protocol; another backend (PostgreSQL, say) implements
-the same methods.
+the same methods. Opening a store written by the first release (a serialized protobuf spec per job)
+migrates it in place, once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import sqlite3
 import threading
@@ -23,6 +27,52 @@ from typing import Any, Protocol
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """Resources a job asks for beyond its process layout (which is part of its config)."""
+
+    gpus_per_node: int | None = None
+    """None: the launcher's default (no GPUs); also sets one process per GPU unless the config says."""
+    cpu: str | None = None
+    """Kubernetes quantity, e.g. ``"8"``."""
+    memory: str | None = None
+    """Kubernetes quantity, e.g. ``"64Gi"``."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a client asks the trainer to run, free of any transport."""
+
+    config: dict[str, Any]
+    """The run-config tree the client set, shaped like a YAML run config (``{"lora": {"rank": 8}}``);
+    server-owned keys are absent and nothing is validated yet."""
+    overrides: dict[str, str] = field(default_factory=dict)
+    """``section.key`` -> YAML text, applied over ``config`` (keys without a typed spec field)."""
+    resources: ResourceRequest = field(default_factory=ResourceRequest)
+    max_attempts: int | None = None
+    """None: the server's default."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Free-form labels shown in listings (owner, experiment)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRequest:
+        return cls(
+            config=data["config"],
+            overrides=data.get("overrides", {}),
+            resources=ResourceRequest(**data.get("resources", {})),
+            max_attempts=data.get("max_attempts"),
+            labels=data.get("labels", {}),
+        )
+
+    def sha256(self) -> str:
+        """Digest of the request (an idempotency key names one request)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -46,9 +96,9 @@ class AttemptRow:
 @dataclass
 class JobRow:
     id: str
-    spec: bytes
-    """The accepted ``JobSpec``, serialized."""
-    spec_sha256: str
+    request: JobRequest
+    """What the client asked for."""
+    request_sha256: str
     state: str
     created_at: float
     idempotency_key: str | None = None
@@ -64,6 +114,8 @@ class JobRow:
     final_metrics: dict[str, float] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)
     memory_estimate: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved run config the recipe runs (``RunConfig.to_dict()``), server fields included."""
     queue_seq: int = 0
     """Order of submission (the queue is first in, first out)."""
     attempts: list[AttemptRow] = field(default_factory=list)
@@ -98,8 +150,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     queue_seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     idempotency_key TEXT UNIQUE,
-    spec BLOB NOT NULL,
-    spec_sha256 TEXT NOT NULL,
+    request TEXT NOT NULL,
+    request_sha256 TEXT NOT NULL,
     state TEXT NOT NULL,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -113,7 +165,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     adapter_ref TEXT NOT NULL DEFAULT '',
     final_metrics TEXT NOT NULL DEFAULT '{}',
     progress TEXT NOT NULL DEFAULT '{}',
-    memory_estimate TEXT NOT NULL DEFAULT '{}'
+    memory_estimate TEXT NOT NULL DEFAULT '{}',
+    config TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -140,7 +193,9 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (job_id, seq)
 );
 """
-_JSON_JOB = ("final_metrics", "progress", "memory_estimate")
+_JSON_JOB = ("final_metrics", "progress", "memory_estimate", "config")
+SCHEMA_VERSION = 2
+"""``PRAGMA user_version`` of the JSON store; 0 is the first release's (a serialized ``JobSpec`` per job)."""
 _JSON_ATTEMPT = ("handle",)
 
 
@@ -156,7 +211,17 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._open_schema()
+
+    def _open_schema(self) -> None:
+        """Create the tables, or bring an older store's up to :data:`SCHEMA_VERSION` first."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if version < SCHEMA_VERSION and "spec" in columns:
+            _migrate_from_protobuf(self._db, self.path.parent)
         self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- jobs ---------------------------------------------------------------------------------------
 
@@ -270,6 +335,8 @@ class SQLiteJobStore:
     def _encode(key: str, value: Any, json_fields: tuple[str, ...]) -> Any:
         if key in json_fields:
             return json.dumps(value, ensure_ascii=False)
+        if isinstance(value, JobRequest):
+            return json.dumps(value.to_dict(), ensure_ascii=False)
         if isinstance(value, bool):
             return int(value)
         return value
@@ -283,6 +350,7 @@ class SQLiteJobStore:
         for key in _JSON_JOB:
             data[key] = json.loads(data[key])
         data["cancel_requested"] = bool(data["cancel_requested"])
+        data["request"] = JobRequest.from_dict(json.loads(data["request"]))
         job = JobRow(**data)
         rows = self._db.execute(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY number", (job.id,)
@@ -292,3 +360,42 @@ class SQLiteJobStore:
             a["handle"] = json.loads(a["handle"])
             job.attempts.append(AttemptRow(**a))
         return job
+
+
+def _migrate_from_protobuf(db: sqlite3.Connection, state_dir: Path) -> None:
+    """Rewrite a first-release store (a serialized ``JobSpec`` per job) as JSON, in one transaction.
+
+    Each job's request comes from its spec, its resolved config from the ``config.yaml`` the
+    manager wrote beside the run (``<state_dir>/jobs/<id>/``), and its digest is recomputed, so an
+    idempotency key keeps matching the same request after the upgrade.
+    """
+    import yaml
+
+    from lorafleet.v1 import trainer_pb2
+    from services.trainer.jobspec import request_from_spec
+
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("ALTER TABLE jobs ADD COLUMN request TEXT NOT NULL DEFAULT '{}'")
+        db.execute("ALTER TABLE jobs ADD COLUMN request_sha256 TEXT NOT NULL DEFAULT ''")
+        db.execute("ALTER TABLE jobs ADD COLUMN config TEXT NOT NULL DEFAULT '{}'")
+        for row in db.execute("SELECT id, spec, run_dir FROM jobs").fetchall():
+            request = request_from_spec(trainer_pb2.JobSpec.FromString(row["spec"]))
+            config: dict[str, Any] = {}
+            for job_dir in (state_dir / "jobs" / row["id"], Path(row["run_dir"]).parent):
+                path = job_dir / "config.yaml"
+                if path.is_file():
+                    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                    break
+            encoded = json.dumps(request.to_dict(), ensure_ascii=False)
+            db.execute(
+                "UPDATE jobs SET request = ?, request_sha256 = ?, config = ? WHERE id = ?",
+                (encoded, request.sha256(), json.dumps(config, ensure_ascii=False), row["id"]),
+            )
+        db.execute("ALTER TABLE jobs DROP COLUMN spec")
+        db.execute("ALTER TABLE jobs DROP COLUMN spec_sha256")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -17,10 +17,10 @@ from lorafleet import data
 from lorafleet.adapters import validate_adapter_name
 from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
-from lorafleet.jobspec import spec_field, spec_to_config
 from lorafleet.memory import MemoryEstimate
-from lorafleet.v1 import trainer_pb2 as pb
+from services.trainer.jobspec import request_to_config, spec_field
 from services.trainer.launchers.base import Capacity
+from services.trainer.store import JobRequest
 
 _GIB = 1024**3
 
@@ -32,25 +32,25 @@ class Accepted:
 
 
 def _check_resources(
-    spec: pb.JobSpec, config: RunConfig, cap: Capacity, problems: list[FieldProblem]
+    request: JobRequest, config: RunConfig, cap: Capacity, problems: list[FieldProblem]
 ) -> None:
-    d, r = config.distributed, spec.resources
+    d, gpus = config.distributed, request.resources.gpus_per_node
     if d.nnodes > cap.max_nodes:
         problems.append(FieldProblem("spec.resources.nodes", d.nnodes,
                                      f"this launcher runs at most {cap.max_nodes} node(s) per job"))  # fmt: skip
     if d.nproc_per_node > cap.max_processes_per_node:
         problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
                                      f"at most {cap.max_processes_per_node} process(es) per node here"))  # fmt: skip
-    if r.HasField("gpus_per_node"):
-        if r.gpus_per_node < 0 or r.gpus_per_node > cap.max_gpus_per_node:
-            problems.append(FieldProblem("spec.resources.gpus_per_node", r.gpus_per_node,
+    if gpus is not None:
+        if gpus < 0 or gpus > cap.max_gpus_per_node:
+            problems.append(FieldProblem("spec.resources.gpus_per_node", gpus,
                                          f"must be in [0, {cap.max_gpus_per_node}] on this launcher"))  # fmt: skip
-        elif r.gpus_per_node and d.nproc_per_node != r.gpus_per_node:
+        elif gpus and d.nproc_per_node != gpus:
             problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
-                                         f"must equal gpus_per_node ({r.gpus_per_node}): one process per GPU"))  # fmt: skip
+                                         f"must equal gpus_per_node ({gpus}): one process per GPU"))  # fmt: skip
 
 
-def _check_model(spec: pb.JobSpec, config: RunConfig, allow: list[str], problems: list[FieldProblem]) -> bool:
+def _check_model(config: RunConfig, allow: list[str], problems: list[FieldProblem]) -> bool:
     from lorafleet.models import _is_local
 
     name = config.model.name_or_path
@@ -116,39 +116,40 @@ def _check_memory(config: RunConfig, cap: Capacity, problems: list[FieldProblem]
 
 
 def validate_submission(
-    spec: pb.JobSpec,
+    request: JobRequest,
     capacity: Capacity,
     server_fields: dict[str, Any],
     remote_code_allow: list[str] | None = None,
     check_memory: bool = True,
 ) -> Accepted:
-    """Accept ``spec`` or raise one ``ConfigError`` listing every problem found.
+    """Accept ``request`` or raise one ``ConfigError`` listing every problem found.
 
     Args:
-        spec: the submitted spec.
+        request: what the client asked for.
         capacity: the launcher's limits.
         server_fields: run-config paths the server sets (run dir, adapters root).
         remote_code_allow: models that may use ``trust_remote_code``.
         check_memory: estimate memory and refuse runs that cannot fit.
     """
     problems: list[FieldProblem] = []
-    if spec.adapter_name:
+    adapter_name = request.config.get("output", {}).get("adapter_name", "")
+    if adapter_name:
         try:
-            validate_adapter_name(spec.adapter_name)
+            validate_adapter_name(adapter_name)
         except LorafleetError as e:
-            problems.append(FieldProblem("spec.adapter_name", spec.adapter_name, e.reason.split(": ", 1)[-1]))
-    if spec.HasField("max_attempts") and not 1 <= spec.max_attempts <= 20:
-        problems.append(FieldProblem("spec.max_attempts", spec.max_attempts, "must be in [1, 20]"))
+            problems.append(FieldProblem("spec.adapter_name", adapter_name, e.reason.split(": ", 1)[-1]))
+    if request.max_attempts is not None and not 1 <= request.max_attempts <= 20:
+        problems.append(FieldProblem("spec.max_attempts", request.max_attempts, "must be in [1, 20]"))
     try:
-        config = spec_to_config(spec, server_fields)
+        config = request_to_config(request, server_fields)
     except ConfigError as e:
         # The name's own check already said it; don't say it twice.
         problems += [p for p in e.problems if not (p.field == "spec.adapter_name" and problems)]
         raise ConfigError(problems, context="invalid job spec") from None
     if problems:
         raise ConfigError(problems, context="invalid job spec")
-    _check_resources(spec, config, capacity, problems)
-    model_ok = _check_model(spec, config, remote_code_allow or [], problems)
+    _check_resources(request, config, capacity, problems)
+    model_ok = _check_model(config, remote_code_allow or [], problems)
     _check_data(config, problems)
     estimate = None
     if model_ok and check_memory and not problems and Path(config.model.name_or_path).expanduser().is_dir():

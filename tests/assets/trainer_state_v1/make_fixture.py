@@ -109,7 +109,9 @@ def main(out: Path) -> None:
     store.close()
     # What that release's server answers for each job: the migrated store must answer the same.
     store = st.SQLiteJobStore(state_dir / "jobs.sqlite3")
-    manager = JobManager(store, launcher, ManagerSettings(state_dir=state_dir, adapters_root=out / "adapters"))
+    manager = JobManager(
+        store, launcher, ManagerSettings(state_dir=state_dir, adapters_root=out / "adapters")
+    )
     servicer = TrainerServicer(manager, out / "adapters")
     expected = {}
     for job in store.list_jobs(limit=100):

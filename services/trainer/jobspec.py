@@ -1,8 +1,9 @@
-"""The trainer API's ``JobSpec`` and the recipe's ``RunConfig``: one mapping, both directions.
+"""The trainer API's ``JobSpec``, the plain ``JobRequest`` and the recipe's ``RunConfig``: one mapping.
 
-The service turns a submitted spec into a run config (``spec_to_config``) and reports config problems
-under the *spec's* field names (``spec.hyperparameters.learning_rate``, not ``train.learning_rate``),
-so a client sees the names it sent. The CLI turns a YAML run config into a spec (``config_to_spec``),
+The servicer turns a submitted spec into a plain request (``request_from_spec``) and back
+(``spec_from_request``); the manager turns a request into a run config (``request_to_config``), which
+reports config problems under the *spec's* field names (``spec.hyperparameters.learning_rate``, not
+``train.learning_rate``), so a client sees the names it sent. The CLI turns a YAML run config into a spec (``config_to_spec``),
 so ``lorafleet submit examples/lora.yaml`` submits exactly what ``lorafleet train`` would run.
 
 Fields the server owns (where runs and adapters live, rendezvous addresses) cannot be set by a client.
@@ -10,11 +11,13 @@ Fields the server owns (where runs and adapters live, rendezvous addresses) cann
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from lorafleet.config import RunConfig, _parse_override, _set_path, config_from_dict
+from lorafleet.config import RunConfig, apply_overrides, config_from_dict
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.v1 import trainer_pb2 as pb
+from services.trainer.store import JobRequest, ResourceRequest
 
 # (spec message field, config section): fields with the same name on both sides.
 _SECTIONS: list[tuple[str, str]] = [
@@ -86,8 +89,23 @@ def _message_values(message: Any) -> dict[str, Any]:
     return out
 
 
-def spec_to_tree(spec: pb.JobSpec) -> dict[str, Any]:
-    """The nested config mapping a spec describes (only what the client set; no server fields)."""
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, name = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[name] = value
+
+
+def _get_path(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def request_from_spec(spec: pb.JobSpec) -> JobRequest:
+    """The plain request a spec describes: only what the client set, nothing validated yet."""
     tree: dict[str, Any] = {}
     for msg, section in _SECTIONS:
         if spec.HasField(msg):
@@ -97,23 +115,56 @@ def spec_to_tree(spec: pb.JobSpec) -> dict[str, Any]:
     for (msg, name), cfg in _RENAMED.items():
         sub = getattr(spec, msg)
         if spec.HasField(msg) and sub.HasField(name):
-            _set_path(tree, cfg.split("."), getattr(sub, name))
-    resources = spec.resources
-    if resources.HasField("gpus_per_node") and not resources.HasField("processes_per_node"):
-        # One process per GPU unless the client says otherwise.
-        _set_path(tree, ["distributed", "nproc_per_node"], max(1, resources.gpus_per_node))
+            _set_path(tree, cfg, getattr(sub, name))
     if spec.method:
         tree["method"] = spec.method
     if spec.adapter_name:
-        _set_path(tree, ["output", "adapter_name"], spec.adapter_name)
-    return tree
+        _set_path(tree, "output.adapter_name", spec.adapter_name)
+    r = spec.resources
+    resources = ResourceRequest(
+        gpus_per_node=r.gpus_per_node if r.HasField("gpus_per_node") else None,
+        cpu=r.cpu if r.HasField("cpu") else None,
+        memory=r.memory if r.HasField("memory") else None,
+    )
+    return JobRequest(
+        config=tree,
+        overrides=dict(spec.overrides),
+        resources=resources,
+        max_attempts=spec.max_attempts if spec.HasField("max_attempts") else None,
+        labels=dict(spec.labels),
+    )
 
 
-def spec_to_config(spec: pb.JobSpec, server: dict[str, Any] | None = None) -> RunConfig:
-    """Build and validate the run config of a spec, with the server's own settings applied last.
+def spec_from_request(request: JobRequest) -> pb.JobSpec:
+    """The spec a client sent for ``request`` (the inverse of :func:`request_from_spec`)."""
+    tree = request.config
+    spec = pb.JobSpec(
+        method=str(tree.get("method", "")),
+        adapter_name=str(_get_path(tree, "output.adapter_name") or ""),
+        overrides=request.overrides,
+        labels=request.labels,
+    )
+    for msg, section in _SECTIONS:
+        if tree.get(section):
+            _set_message(getattr(spec, msg), tree[section])
+    for (msg, name), cfg in _RENAMED.items():
+        value = _get_path(tree, cfg)
+        if value is not None:
+            setattr(getattr(spec, msg), name, value)
+    r = request.resources
+    for name in ("gpus_per_node", "cpu", "memory"):
+        if getattr(r, name) is not None:
+            setattr(spec.resources, name, getattr(r, name))
+    if request.max_attempts is not None:
+        spec.max_attempts = request.max_attempts
+    return spec
+
+
+def request_to_config(request: JobRequest, server: dict[str, Any] | None = None) -> RunConfig:
+    """Build and validate the run config of a request, with the server's own settings applied last.
 
     Args:
-        spec: the submitted spec.
+        request: what the client asked for.
         server: config paths the server sets (``output.run_dir`` ...), e.g.
             ``{"output.run_dir": "/runs/j1/run", "output.adapters_root": "/adapters"}``.
 
@@ -121,26 +172,28 @@ def spec_to_config(spec: pb.JobSpec, server: dict[str, Any] | None = None) -> Ru
         ConfigError: every problem, each under the spec field the client used.
     """
     problems: list[FieldProblem] = []
-    if not spec.model.name_or_path:
+    if not _get_path(request.config, "model.name_or_path"):
         problems.append(
             FieldProblem("spec.model.name_or_path", "", "required: a local model directory or a hub id")
         )
-    if not spec.dataset.train_file:
+    if not _get_path(request.config, "data.train_file"):
         problems.append(FieldProblem("spec.dataset.train_file", "", "required: a JSON or JSONL file"))
-    tree = spec_to_tree(spec)
-    for key, raw in sorted(spec.overrides.items()):
+    tree = copy.deepcopy(request.config)
+    gpus = request.resources.gpus_per_node
+    if gpus is not None and _get_path(tree, "distributed.nproc_per_node") is None:
+        # One process per GPU unless the client says otherwise.
+        _set_path(tree, "distributed.nproc_per_node", max(1, gpus))
+    for key, raw in sorted(request.overrides.items()):
         field = f"spec.overrides[{key!r}]"
         if key in SERVER_OWNED or (key.split(".")[0] == "output" and key != "output.adapter_name"):
             problems.append(FieldProblem(field, raw, "set by the server, not by a job"))
             continue
         try:
-            path, value = _parse_override(f"{key}={raw}")
+            apply_overrides(tree, [f"{key}={raw}"])
         except ConfigError as e:
             problems += [FieldProblem(field, raw, p.message) for p in e.problems]
-            continue
-        _set_path(tree, path, value)
     for key, value in (server or {}).items():
-        _set_path(tree, key.split("."), value)
+        _set_path(tree, key, value)
     try:
         config = config_from_dict(tree)
     except ConfigError as e:
@@ -189,8 +242,9 @@ def spec_summary(spec: pb.JobSpec) -> str:
 __all__ = [
     "SERVER_OWNED",
     "config_to_spec",
+    "request_from_spec",
+    "request_to_config",
     "spec_field",
+    "spec_from_request",
     "spec_summary",
-    "spec_to_config",
-    "spec_to_tree",
 ]
