@@ -35,9 +35,10 @@ from trainer_utils import TERMINAL, TrainerProcess
 
 from lorafleet.v1 import inference_pb2, inference_pb2_grpc
 from lorafleet.v1 import trainer_pb2 as pb
+from services.common.field_errors import FieldViolation
 from services.dashboard import forms
 from services.dashboard import metrics as dash_metrics
-from services.dashboard.api import InferenceApi, ServiceError, TrainerApi, parse_field_errors
+from services.dashboard.api import InferenceApi, ServiceError, TrainerApi, field_errors
 from services.dashboard.settings import parse_settings
 
 pytestmark = pytest.mark.integration
@@ -142,17 +143,19 @@ def test_settings_flags_over_environment() -> None:
     assert parse_settings([], {}).trainer_addr == "127.0.0.1:50051"
 
 
-def test_parse_field_errors_matches_the_trainers_format() -> None:
-    details = (
-        "invalid job spec: 3 problem(s)\n  - spec.lora.rank=0: must be in [1, 1024]\n"
-        "  - spec.overrides['train.nope']='1': unknown field\n  - spec.dataset.train_file='/x: y': not found"
-    )
-    assert parse_field_errors(details) == {
-        "lora.rank": ["=0: must be in [1, 1024]"],
-        "overrides['train.nope']": ["='1': unknown field"],
-        "dataset.train_file": ["='/x: y': not found"],
+def test_field_errors_key_the_trainers_violations_by_form_path() -> None:
+    violations = [
+        FieldViolation("spec.lora.rank", "spec.lora.rank=0: must be in [1, 1024]"),
+        FieldViolation("spec.overrides['train.nope']", "spec.overrides['train.nope']='1': unknown field"),
+        FieldViolation("spec.dataset.train_file", "spec.dataset.train_file='/x: y': not found"),
+        FieldViolation("spec.lora.rank", "spec.lora.rank=0: second problem"),
+    ]
+    assert field_errors(violations) == {
+        "lora.rank": ["spec.lora.rank=0: must be in [1, 1024]", "spec.lora.rank=0: second problem"],
+        "overrides['train.nope']": ["spec.overrides['train.nope']='1': unknown field"],
+        "dataset.train_file": ["spec.dataset.train_file='/x: y': not found"],
     }
-    assert parse_field_errors("job_id='nope': no such job") == {}
+    assert field_errors([]) == {}
 
 
 # -- Jobs + Job detail: submit, see it listed, see the charts grow while it trains -------------------------

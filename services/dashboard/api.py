@@ -3,14 +3,14 @@
 Each client wraps the generated stub, adds the bearer token, puts a deadline on every call, records
 every call in the dashboard's Prometheus metrics (``services.dashboard.metrics``) and turns every
 ``grpc.RpcError`` into a :class:`ServiceError` that names the service, its address, the status code
-and the server's message, with an INVALID_ARGUMENT's problems split by spec field. Pages catch
+and the server's message, with a refused spec's problems by field, read from the status details
+(``google.rpc.BadRequest``). Pages catch
 ``ServiceError`` and show it; they never see a gRPC exception or a traceback. Nothing here imports
 Streamlit, so it is testable on its own.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from lorafleet.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.common.field_errors import FieldViolation, field_violations
 from services.common.grpc_util import channel
 from services.dashboard import metrics
 
@@ -47,9 +48,6 @@ _WHY = {
     "CLIENT_CONFIG": "cannot be reached with the dashboard's settings",
 }
 
-# One problem of a ConfigError: "  - spec.lora.rank=0: must be in [1, 1024]" (lorafleet.errors).
-_PROBLEM = re.compile(r"^\s*-\s+spec\.(?P<field>[A-Za-z_][\w.]*(?:\[[^\]]*\])?)(?P<rest>=.*)$")
-
 
 @dataclass
 class ServiceError(Exception):
@@ -63,7 +61,8 @@ class ServiceError(Exception):
     message: str
     """The server's own message (or gRPC's, when the service could not be reached)."""
     field_errors: dict[str, list[str]] = field(default_factory=dict)
-    """Problems by spec field without the ``spec.`` prefix (``lora.rank`` -> ["=0: must be ..."])."""
+    """Problems by spec field without the ``spec.`` prefix
+    (``lora.rank`` -> ["spec.lora.rank=0: must be in [1, 1024]"])."""
 
     def __post_init__(self) -> None:
         super().__init__(self.headline)
@@ -81,18 +80,15 @@ class ServiceError(Exception):
         return f"{self.headline}: {self.message}"
 
 
-def parse_field_errors(details: str) -> dict[str, list[str]]:
-    """Split an INVALID_ARGUMENT message into its problems, keyed by spec field.
+def field_errors(violations: list[FieldViolation]) -> dict[str, list[str]]:
+    """Field violations keyed by the form's field path (the spec path without ``spec.``).
 
     Returns:
-        ``{"lora.rank": ["=0: must be in [1, 1024]"], "overrides['x.y']": [...]}``; empty when the
-        message lists no field problems.
+        ``{"lora.rank": ["spec.lora.rank=0: must be in [1, 1024]"], "overrides['x.y']": [...]}``.
     """
     out: dict[str, list[str]] = {}
-    for line in details.splitlines():
-        m = _PROBLEM.match(line)
-        if m:
-            out.setdefault(m.group("field"), []).append(m.group("rest"))
+    for v in violations:
+        out.setdefault(v.field.removeprefix("spec."), []).append(v.description)
     return out
 
 
@@ -113,8 +109,7 @@ class _Client:
     def _error(self, e: grpc.RpcError) -> ServiceError:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = (e.details() if hasattr(e, "details") else "") or str(e)
-        fields = parse_field_errors(details) if code == grpc.StatusCode.INVALID_ARGUMENT else {}
-        return ServiceError(self.service, self.address, code.name, details, fields)
+        return ServiceError(self.service, self.address, code.name, details, field_errors(field_violations(e)))
 
     def _unary(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
         start = time.perf_counter()

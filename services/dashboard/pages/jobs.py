@@ -120,7 +120,7 @@ def _field(f: forms.FormField, errors: list[str]) -> None:
         else:
             st.text_input(f.label, value=value or "", key=key, help=help_text, placeholder="default")
         for message in errors:
-            st.error(f"`{f.path}{message}`", icon=":material/error:")
+            st.error(f"`{message}`", icon=":material/error:")
 
 
 def submit_form() -> None:
@@ -153,7 +153,7 @@ def submit_form() -> None:
         err = result[1]
         if err.field_errors:
             shown = {f for f in err.field_errors if f in forms.FIELDS}
-            others = [f"`{f}{m}`" for f, ms in err.field_errors.items() if f not in shown for m in ms]
+            others = [f"`{m}`" for f, ms in err.field_errors.items() if f not in shown for m in ms]
             text = f"The trainer refused the job: {sum(map(len, err.field_errors.values()))} problem(s), shown under their fields."
             if others:
                 text += " Not in this form: " + "; ".join(others)
