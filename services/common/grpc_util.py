@@ -1,110 +1,16 @@
-"""What both gRPC services share: the one map from domain errors to status codes, bearer-token auth,
-TLS, health and reflection.
-
-Servicer methods raise domain errors (``lorafleet.errors`` and each service's own); ``handle_errors``
-turns them into a status with the error's own message (which names the field and the value). Anything
-unexpected becomes INTERNAL with a generic message and a logged traceback: no stack traces or paths
-leak to clients, and the server keeps serving.
-"""
+"""What both gRPC services share besides error mapping (``services.common.interceptor``): bearer-token
+auth, TLS, client channels, health and reflection."""
 
 from __future__ import annotations
 
-import functools
 import hmac
-import inspect
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from lorafleet.errors import (
-    AdapterError,
-    AdapterNotFoundError,
-    ConfigError,
-    DatasetError,
-    LorafleetError,
-    ModelLoadError,
-)
-
-log = logging.getLogger("lorafleet.grpc")
-
-_STATUS_FOR: dict[type[BaseException], grpc.StatusCode] = {
-    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    DatasetError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelLoadError: grpc.StatusCode.INVALID_ARGUMENT,
-    AdapterNotFoundError: grpc.StatusCode.NOT_FOUND,
-    AdapterError: grpc.StatusCode.INVALID_ARGUMENT,
-}
-
-
-def register_error(cls: type[BaseException], code: grpc.StatusCode) -> None:
-    """Map a service's own error class to a status code (most specific class wins)."""
-    _STATUS_FOR[cls] = code
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for ``exc``."""
-    for cls in type(exc).__mro__:
-        if cls in _STATUS_FOR:
-            message = exc.reason if isinstance(exc, LorafleetError) else str(exc)
-            return _STATUS_FOR[cls], message
-    return grpc.StatusCode.INTERNAL, "internal error; the server logged the details"
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handle_errors(on_error: Callable[[str, grpc.StatusCode], None] | None = None) -> Callable[[F], F]:
-    """Decorate a servicer method (unary or server-streaming) to map raised errors to statuses.
-
-    Args:
-        on_error: called with (method name, code) for every error, e.g. to count rejections.
-    """
-
-    def decorate(method: F) -> F:
-        def fail(exc: BaseException, context: grpc.ServicerContext) -> None:
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            if on_error:
-                on_error(method.__name__, code)
-            context.abort(code, message)
-
-        if inspect.isgeneratorfunction(method):
-
-            @functools.wraps(method)
-            def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    yield from method(self, request, context)
-                except Exception as exc:
-                    if _aborted(context):
-                        raise
-                    fail(exc, context)
-
-            return stream  # type: ignore[return-value]
-
-        @functools.wraps(method)
-        def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                return method(self, request, context)
-            except Exception as exc:
-                if _aborted(context):
-                    raise
-                fail(exc, context)
-
-        return unary  # type: ignore[return-value]
-
-    return decorate
-
-
-def _aborted(context: grpc.ServicerContext) -> bool:
-    """Whether the method already ended the call with ``context.abort`` (which raises a bare Exception)."""
-    code = getattr(context, "code", None)
-    return callable(code) and code() is not None
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
