@@ -150,23 +150,20 @@ class EngineServer:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         # The server's defaults (services/inference/settings.py: 8 slots, max_rank 64, batch 32), with
         # a slot per adapter when there are more adapters than that.
-        self.engine = Engine(
-            model, None, num_slots=max(8, len(adapters)), max_rank=64, max_batch_size=max_batch
-        )
+        self.engine = Engine(model, num_slots=max(8, len(adapters)), max_rank=64, max_batch_size=max_batch)
         self.weights = {
             f"a{i:02d}": adapter_weights_from_peft_dir(path, f"a{i:02d}@1", model)
             for i, path in enumerate(adapters)
         }
 
     def serve(self, req: Request) -> None:
-        from services.inference.requests import GenerationRequest, SamplingParams
+        from services.inference.requests import GenerationRequest
+        from services.inference.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=req.max_new_tokens)
         adapter = None if req.adapter is None else self.weights[req.adapter]
         req.submitted = time.perf_counter()
-        handle = self.engine.submit(
-            GenerationRequest(req.prompt, adapter=adapter, params=params, detokenize=False)
-        )
+        handle = self.engine.submit(GenerationRequest(req.prompt, adapter=adapter, params=params))
         for event in handle:
             if not req.tokens:
                 req.first_token = time.perf_counter()

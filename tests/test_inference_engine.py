@@ -24,20 +24,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedConfig
 
+from services.inference.detokenizer import stop_string_check
 from services.inference.engine import Engine
+from services.inference.errors import EngineClosedError, PromptTooLongError, QueueFullError
 from services.inference.lora_batch import AdapterWeights, adapter_weights_from_peft_dir
+from services.inference.plane import Generation
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
     FINISH_STOP,
-    EngineClosed,
     EngineObserver,
     GenerationRequest,
-    PromptTooLong,
-    QueueFull,
     RequestHandle,
-    SamplingParams,
 )
+from services.inference.sampling import SamplingParams
 from tests.inference_utils import ADAPTERS, MAX_NEW, References, load_base
 
 TIMEOUT = 60.0
@@ -84,8 +84,8 @@ def make_engine(tiny_llama: Path) -> Iterator[Callable[..., Engine]]:
     """Engines over fresh base copies (the engine hooks its model in place); closed at teardown."""
     engines: list[Engine] = []
 
-    def make(quantization: str = "none", tokenizer: Any = None, **kwargs: Any) -> Engine:
-        engine = Engine(load_base(tiny_llama, quantization=quantization), tokenizer, **kwargs)
+    def make(quantization: str = "none", **kwargs: Any) -> Engine:
+        engine = Engine(load_base(tiny_llama, quantization=quantization), **kwargs)
         engines.append(engine)
         return engine
 
@@ -295,10 +295,17 @@ def test_stop_token_ids_and_stop_strings(
     make_engine: Callable[..., Engine], tokenizer: Any, prompts: list[list[int]], refs: References
 ) -> None:
     """A stop token ends generation after it; a stop string cuts the text before it (and the
-    streamed deltas add up to the returned text)."""
+    streamed deltas add up to the returned text). Text and stop strings are the plane's: the engine
+    gets a ``stop_check`` and the plane's ``Generation`` decodes."""
     prompt = prompts[3]
     reference = refs.tokens(None, prompt, 16)
-    engine = make_engine(tokenizer=tokenizer, num_slots=1, max_rank=8)
+    engine = make_engine(num_slots=1, max_rank=8)
+
+    def text_generation(params: SamplingParams) -> Generation:
+        check = stop_string_check(tokenizer, params.stop) if params.stop else None
+        handle = engine.submit(GenerationRequest(prompt, params=params, stop_check=check))
+        return Generation(handle, lambda: None, "", "", tokenizer, params.stop)
+
     stop_tok = reference[5]
     cut = reference.index(stop_tok) + 1
     out = engine.generate(GenerationRequest(prompt, params=greedy(16, stop_token_ids=(stop_tok,))), TIMEOUT)
@@ -308,15 +315,15 @@ def test_stop_token_ids_and_stop_strings(
     assert len(full_text) >= 8, full_text
     stop = full_text[4:7]
     expected = full_text[: full_text.index(stop)]
-    handle = engine.submit(GenerationRequest(prompt, params=greedy(16, stop_strings=(stop,))))
-    streamed = "".join(event.text for event in handle)
-    result = handle.result(TIMEOUT)
-    assert result.finish_reason == FINISH_STOP
+    generation = text_generation(greedy(16, stop=(stop,)))
+    streamed = "".join(chunk.text for chunk in generation)
+    result = generation.result(TIMEOUT)
+    assert result.usage.finish_reason == FINISH_STOP
     assert result.text == expected == streamed
     assert stop not in result.text
     assert len(result.token_ids) < len(reference)
 
-    plain = engine.generate(GenerationRequest(prompt, params=greedy(16)), TIMEOUT)
+    plain = text_generation(greedy(16)).result(TIMEOUT)
     assert plain.text == full_text
 
 
@@ -544,9 +551,9 @@ def test_bad_requests_raise_clear_errors(
         start=False,
     )
     ctx = engine.max_context
-    with pytest.raises(PromptTooLong, match="empty"):
+    with pytest.raises(PromptTooLongError, match="empty"):
         engine.submit(GenerationRequest([]))
-    with pytest.raises(PromptTooLong, match=f"at most {ctx - 1}"):
+    with pytest.raises(PromptTooLongError, match=f"at most {ctx - 1}"):
         engine.submit(GenerationRequest([5] * ctx))
     vocab = engine.vocab_size
     config = engine.model.config
@@ -560,16 +567,18 @@ def test_bad_requests_raise_clear_errors(
         engine.submit(GenerationRequest(prompts[0], adapter=weights_for(engine.model, adapter_dirs, "c")))
     with pytest.raises(ValueError, match=r"k_proj.*not a LoRA target"):
         engine.submit(GenerationRequest(prompts[0], adapter=weights_for(engine.model, adapter_dirs, "b")))
-    with pytest.raises(ValueError, match="stop_strings need an engine with a tokenizer"):
-        engine.submit(GenerationRequest(prompts[0], params=SamplingParams(stop_strings=("x",))))
+    with pytest.raises(ValueError, match="stop strings need a stop_check"):
+        engine.submit(GenerationRequest(prompts[0], params=SamplingParams(stop=("x",))))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit(GenerationRequest(prompts[0], params=SamplingParams(top_p=0.0)))
     # Nothing above was queued; the queue bound applies to the next ones.
     first = engine.submit(GenerationRequest(prompts[0]))
-    with pytest.raises(QueueFull, match="max_queued=1"):
+    with pytest.raises(QueueFullError, match="max_queued=1"):
         engine.submit(GenerationRequest(prompts[1]))
     engine.close()
-    with pytest.raises(EngineClosed):
+    with pytest.raises(EngineClosedError):
         first.result(TIMEOUT)
-    with pytest.raises(EngineClosed):
+    with pytest.raises(EngineClosedError):
         engine.submit(GenerationRequest(prompts[0]))
 
 
@@ -583,9 +592,8 @@ def test_bad_requests_raise_clear_errors(
         ({"top_k": -1}, "top_k"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size"),
-        ({"stop_strings": ("ok", "")}, "stop_strings"),
+        ({"stop": ("ok", "")}, "stop[1]"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs: dict[str, Any], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**kwargs)
+    assert [p.field for p in SamplingParams(**kwargs).validate()] == [field]

@@ -30,14 +30,8 @@ import services.inference.registry as registry_module
 from lorafleet.adapters import MANIFEST_NAME, Manifest, PublishedAdapter, new_staging_dir, publish, utc_now
 from lorafleet.errors import AdapterError, AdapterNotFoundError
 from lorafleet.models import base_model_fingerprint
-from services.inference.registry import (
-    AdapterCapacityError,
-    AdapterIncompatibleError,
-    AdapterLoadError,
-    AdapterRegistry,
-    RegistryEvent,
-    content_ref,
-)
+from services.inference.errors import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.registry import AdapterRegistry, RegistryEvent, content_ref
 
 # ---------------------------------------------------------------------------------------------
 # Real adapters, made once per module

@@ -2,7 +2,7 @@
 only (pickle is never read), a LoRA ``adapter_config.json``, a rank within the server's cap, and
 target modules that exist in the base model. The tensor table is read from the safetensors header
 alone. :mod:`services.inference.registry` runs these (after the manifest and file-hash checks) on
-every adapter before its first use; its errors are the ones defined here.
+every adapter before its first use; its errors are in ``errors.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lorafleet.errors import AdapterError
+from services.inference.errors import AdapterIncompatibleError, AdapterLoadError
 
 SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -24,16 +24,6 @@ PEFT_PREFIX = "base_model.model."
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_LISTED = 5
 """Problems quoted in one error message."""
-
-
-class AdapterIncompatibleError(AdapterError):
-    """The adapter is intact but this server cannot serve it: another base model, a rank above the
-    cap, target modules the base lacks, or not a LoRA adapter. Maps to FAILED_PRECONDITION."""
-
-
-class AdapterLoadError(AdapterError):
-    """The adapter artifact is unusable: unreadable manifest, corrupt or truncated files, pickle-only
-    weights, or the loader failed on it. Maps to FAILED_PRECONDITION (LoRAX answers 424)."""
 
 
 def _read_safetensors_header(path: Path) -> dict[str, Any]:

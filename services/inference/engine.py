@@ -17,10 +17,11 @@ dimension; leaving selects the remaining rows and trims columns that are padding
 row keeps its own length, from which the attention mask (padding masked) and position ids (the
 row's own token count) are built, so every row computes what it would compute alone.
 
-Adapter slots are reference-counted by in-flight requests: a slot holding ``a@1`` stays until its
-last request finishes, even when ``a@2`` arrives (``a@2`` gets another slot; slots are keyed by
-``AdapterWeights.ref``). A slot whose count is 0 keeps its weights for reuse until another adapter
-needs it. When no slot can be had, the request waits.
+Adapter slots (``slot_pool.SlotPool``) are reference-counted by in-flight requests; when no slot
+can be had, the request waits. Tokens are picked by ``processors.pick_tokens``.
+
+The engine works in token ids and tensors only: text and stop strings are the plane's
+(``detokenizer.py``), which reaches in through ``GenerationRequest.stop_check``.
 """
 
 from __future__ import annotations
@@ -36,22 +37,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.inference.errors import (
+    EngineClosedError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
+)
 from services.inference.lora_batch import LoraSlots, Mode
+from services.inference.processors import TokenSampler, pick_tokens
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
-    Detokenizer,
-    EngineClosed,
     EngineObserver,
     GenerationRequest,
     GenerationResult,
-    PromptTooLong,
-    QueueFull,
-    RequestFailed,
     RequestHandle,
 )
+from services.inference.slot_pool import SlotPool
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +70,10 @@ class _Seq:
         self.prompt = [int(t) for t in request.prompt_ids]
         self.adapter = request.adapter
         self.key = request.adapter.ref if request.adapter is not None else _BASE_KEY
-        self.params = request.params
+        self.max_new_tokens = request.params.new_tokens
         self.stop_ids = stop_ids
+        self.stop_check = request.stop_check
+        self.sampler = TokenSampler(request.params)
         self.generated: list[int] = []
         self.slot = -1
         self.slot_held = False
@@ -75,13 +81,6 @@ class _Seq:
         self.length = 0  # tokens in the KV cache for this row
         self.last_token_at = 0.0
         self.admitted_at = 0.0
-        self.generator: torch.Generator | None = None
-        if request.params.temperature > 0:
-            self.generator = torch.Generator()
-            seed = request.params.seed
-            self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        self.ngrams: dict[tuple[int, ...], set[int]] = {}
-        self.detok: Detokenizer | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -93,12 +92,11 @@ class Engine:
 
     Args:
         model: a transformers causal LM (fp32/bf16/fp16 or bitsandbytes 4/8-bit); put in eval mode.
-        tokenizer: for text deltas and stop strings; None = token ids only.
         num_slots: adapters resident at once (see ``LoraSlots``).
         max_rank: the largest adapter rank accepted.
         target_modules: linear layers adapters may adapt; None = all but the output head.
         max_batch_size: rows decoded together.
-        max_queued: requests waiting for admission before ``submit`` raises ``QueueFull``.
+        max_queued: requests waiting for admission before ``submit`` raises ``QueueFullError``.
         max_context: tokens a sequence (prompt + generated) may hold; None = the model's
             ``max_position_embeddings``.
         max_prefill_tokens: prompt tokens prefilled per iteration (at least one request is always
@@ -106,13 +104,14 @@ class Engine:
         lora_dtype: dtype of the slot tables (float32 matches PEFT).
         lora_mode: ``auto``, ``group`` or ``gather`` (see ``lora_batch``).
         observer: metric hooks.
+        eos_token_ids: end-of-sequence tokens when the model's generation config names none (the
+            tokenizer's, say).
         start: start the loop thread now (else call ``start()``).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Any | None = None,
         *,
         num_slots: int = 8,
         max_rank: int = 64,
@@ -124,12 +123,12 @@ class Engine:
         lora_dtype: torch.dtype = torch.float32,
         lora_mode: Mode = "auto",
         observer: EngineObserver | None = None,
+        eos_token_ids: Sequence[int] = (),
         start: bool = True,
     ) -> None:
         if max_batch_size < 1 or max_queued < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queued >= 0")
         self.model = model.eval()
-        self.tokenizer = tokenizer
         from transformers import PreTrainedConfig
 
         config = getattr(model, "config", None)
@@ -146,6 +145,9 @@ class Engine:
             raise ValueError("cannot tell the model's vocabulary size (no input embeddings, no vocab_size)")
         self.vocab_size = vocab
         self.slots = LoraSlots(model, target_modules, num_slots, max_rank, lora_dtype, lora_mode)
+        self._slot_pool = SlotPool(
+            self.slots, lambda ref, seconds, ok: self._notify("on_adapter_load", ref, seconds, ok)
+        )
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
         self.max_prefill_tokens = max_prefill_tokens
@@ -153,11 +155,12 @@ class Engine:
         self.device = next(model.parameters()).device
         gen_config = getattr(model, "generation_config", None)
         eos = getattr(gen_config, "eos_token_id", None)
-        if eos is None and tokenizer is not None:
-            eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = list(eos_token_ids)
         self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = getattr(gen_config, "pad_token_id", None)
-        self._pad_id = int(pad) if isinstance(pad, int) else (min(self.eos_ids) if self.eos_ids else 0)
+        self.pad_id = int(pad) if isinstance(pad, int) else (min(self.eos_ids) if self.eos_ids else 0)
+        """The token id that fills padding positions (the model's pad token, else its smallest eos)."""
 
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[_Seq]] = OrderedDict()
@@ -166,11 +169,6 @@ class Engine:
         self._num_waiting = 0
         self._cancelled: list[_Seq] = []
         self._closed = False
-        # Slot bookkeeping (guarded by _cond): which ref each slot holds, in-flight users, last use.
-        self._slot_ref: list[str | None] = [None] * num_slots
-        self._slot_users = [0] * num_slots
-        self._slot_used_at = [0.0] * num_slots
-        self._ref_slot: dict[str, int] = {}
         # Loop-thread state.
         self._running: list[_Seq] = []
         self._cache: Any = None
@@ -193,18 +191,19 @@ class Engine:
         """Queue a request; returns at once with its handle.
 
         Raises:
-            PromptTooLong: empty prompt, or no room for one generated token within ``max_context``.
+            PromptTooLongError: empty prompt, or no room for one generated token within
+                ``max_context``.
             ValueError: a prompt token id outside the vocabulary (it would fail the whole batch's
-                forward, not just this request), or the adapter does not fit this engine (rank,
-                modules, shapes).
-            QueueFull: ``max_queued`` requests are waiting.
-            EngineClosed: after ``close()``.
+                forward, not just this request), invalid sampling parameters, stop strings without
+                a ``stop_check``, or the adapter does not fit this engine (rank, modules, shapes).
+            QueueFullError: ``max_queued`` requests are waiting.
+            EngineClosedError: after ``close()``.
         """
         n = len(request.prompt_ids)
         if n == 0:
-            raise PromptTooLong("the prompt is empty; give at least one token")
+            raise PromptTooLongError("the prompt is empty; give at least one token")
         if n >= self.max_context:
-            raise PromptTooLong(
+            raise PromptTooLongError(
                 f"the prompt has {n} tokens; the model's context is {self.max_context} tokens, so a prompt "
                 f"may have at most {self.max_context - 1}"
             )
@@ -214,23 +213,28 @@ class Engine:
                 f"prompt_ids holds {len(bad)} token id(s) outside the vocabulary [0, {self.vocab_size}), "
                 f"e.g. {bad[0]}"
             )
+        problems = request.params.validate()
+        if problems:
+            raise ValueError("invalid sampling params: " + "; ".join(str(p) for p in problems))
+        if request.params.stop and request.stop_check is None:
+            raise ValueError(
+                "stop strings need a stop_check (the engine sees token ids only; see detokenizer.py)"
+            )
         if request.adapter is not None:
             self.slots.validate(request.adapter)
         stop_ids = frozenset(request.params.stop_token_ids) | (
             frozenset() if request.params.ignore_eos else self.eos_ids
         )
         rid = request.request_id or f"req-{next(self._ids)}"
-        handle = RequestHandle(self, rid, n)
+        handle = RequestHandle(rid, n, self.cancel)
         seq = _Seq(handle, request, stop_ids)
-        if self.tokenizer is not None and (request.detokenize or request.params.stop_strings):
-            seq.detok = Detokenizer(self.tokenizer, request.params.stop_strings)
-        elif request.params.stop_strings:
-            raise ValueError("stop_strings need an engine with a tokenizer")
         with self._cond:
             if self._closed:
-                raise EngineClosed("the engine is closed")
+                raise EngineClosedError("the engine is closed")
             if self._num_waiting >= self.max_queued:
-                raise QueueFull(f"{self._num_waiting} requests are waiting (max_queued={self.max_queued})")
+                raise QueueFullError(
+                    f"{self._num_waiting} requests are waiting (max_queued={self.max_queued})"
+                )
             if seq.key not in self._waiting:
                 self._waiting[seq.key] = deque()
                 self._rr_order.append(seq.key)
@@ -243,45 +247,9 @@ class Engine:
         """Submit and wait (convenience for tests and scripts)."""
         return self.submit(request).result(timeout)
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests not finished fail with ``EngineClosed``. Unhooks the model."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        with self._cond:
-            leftovers = [s for p in self._waiting.values() for s in p] + self._running
-            self._waiting.clear()
-            self._num_waiting = 0
-            self._running = []
-        for seq in leftovers:
-            seq.handle._finish(FINISH_ERROR, EngineClosed("the engine was closed"))
-        self.slots.remove()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def stats(self) -> dict[str, Any]:
-        """A snapshot: counters, queue sizes, and per slot its adapter ref and in-flight users."""
-        with self._cond:
-            return {
-                **self._counters,
-                "waiting": self._num_waiting,
-                "running": len(self._running),
-                "slots": [
-                    {"ref": ref, "users": users}
-                    for ref, users in zip(self._slot_ref, self._slot_users, strict=True)
-                ],
-            }
-
-    # ------------------------------------------------------------------------------------------
-    # Slots and admission (called with _cond held)
-
-    def _cancel(self, handle: RequestHandle) -> None:
+    def cancel(self, handle: RequestHandle) -> None:
+        """Stop generating for ``handle``; its adapter slot is released before this returns (a
+        queued request just leaves the queue). No-op once it is done."""
         with self._cond:
             if handle.done:
                 return
@@ -302,6 +270,41 @@ class Engine:
                     self._cond.notify_all()
                     return
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests not finished fail with ``EngineClosedError``. Unhooks the model."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            leftovers = [s for p in self._waiting.values() for s in p] + self._running
+            self._waiting.clear()
+            self._num_waiting = 0
+            self._running = []
+        for seq in leftovers:
+            seq.handle.finish(FINISH_ERROR, EngineClosedError("the engine was closed"))
+        self.slots.remove()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: counters, queue sizes, and per slot its adapter ref and in-flight users."""
+        with self._cond:
+            return {
+                **self._counters,
+                "waiting": self._num_waiting,
+                "running": len(self._running),
+                "slots": self._slot_pool.snapshot(),
+            }
+
+    # ------------------------------------------------------------------------------------------
+    # Slots and admission (called with _cond held)
+
     def _drop_key_if_empty(self, key: str) -> None:
         if not self._waiting.get(key):
             self._waiting.pop(key, None)
@@ -311,40 +314,23 @@ class Engine:
                 self._rr_next -= 1
 
     def _acquire_slot(self, seq: _Seq) -> bool:
-        """Give ``seq`` a slot for its adapter; False when every slot is busy with other adapters."""
+        """Give ``seq`` a slot for its adapter; False when every slot is busy with other adapters.
+
+        Raises:
+            RequestFailedError: the adapter could not be copied into a slot.
+        """
         if seq.adapter is None:
             seq.slot = -1
             return True
-        ref = seq.adapter.ref
-        slot = self._ref_slot.get(ref)
+        slot = self._slot_pool.acquire(seq.adapter)
         if slot is None:
-            free = [s for s in range(self.slots.num_slots) if self._slot_users[s] == 0]
-            if not free:
-                return False
-            slot = min(free, key=lambda s: (self._slot_ref[s] is not None, self._slot_used_at[s]))
-            old = self._slot_ref[slot]
-            if old is not None:
-                del self._ref_slot[old]
-            began = time.perf_counter()
-            try:
-                self.slots.load(slot, seq.adapter)
-            except Exception as e:  # a bad adapter fails its request only
-                self._slot_ref[slot] = None
-                self.slots.clear(slot)
-                self._notify("on_adapter_load", ref, time.perf_counter() - began, False)
-                raise RequestFailed(f"cannot load adapter {ref!r}: {e}") from e
-            self._notify("on_adapter_load", ref, time.perf_counter() - began, True)
-            self._slot_ref[slot] = ref
-            self._ref_slot[ref] = slot
-        self._slot_users[slot] += 1
-        self._slot_used_at[slot] = time.monotonic()
+            return False
         seq.slot, seq.slot_held = slot, True
         return True
 
     def _release_slot(self, seq: _Seq) -> None:
         if seq.slot_held:
-            self._slot_users[seq.slot] -= 1
-            self._slot_used_at[seq.slot] = time.monotonic()
+            self._slot_pool.release(seq.slot)
             seq.slot_held = False
 
     def _admit(self) -> list[_Seq]:
@@ -365,7 +351,7 @@ class Engine:
                 continue
             try:
                 got = self._acquire_slot(seq)
-            except RequestFailed as e:
+            except RequestFailedError as e:
                 pending.popleft()
                 self._num_waiting -= 1
                 self._finish(seq, FINISH_ERROR, e)
@@ -422,7 +408,7 @@ class Engine:
                         self._running, self._cache = [], None
                         for seq in failed:
                             self._release_slot(seq)
-                            self._finish(seq, FINISH_ERROR, RequestFailed(f"generation failed: {e}"))
+                            self._finish(seq, FINISH_ERROR, RequestFailedError(f"generation failed: {e}"))
                     continue
                 self._counters["steps"] += 1
                 adapters = len({s.slot for s in self._running if s.slot >= 0})
@@ -450,7 +436,7 @@ class Engine:
 
         width = max(len(s.prompt) for s in admitted)
         n = len(admitted)
-        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, seq in enumerate(admitted):
             ids[i, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
@@ -556,65 +542,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # Tokens
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick the next token of each row: HF's processors (repetition penalty, no-repeat n-gram),
-        then greedy, or temperature / top-k / top-p sampling with the request's own generator."""
-        scores = logits.float()
-        plain_greedy = [
-            i
-            for i, s in enumerate(seqs)
-            if s.params.temperature == 0
-            and s.params.repetition_penalty == 1
-            and not s.params.no_repeat_ngram_size
-        ]
-        picks: list[int] = [0] * len(seqs)
-        if plain_greedy:
-            idx = torch.tensor(plain_greedy, device=scores.device)
-            for i, tok in zip(plain_greedy, scores.index_select(0, idx).argmax(-1).tolist(), strict=True):
-                picks[i] = int(tok)
-        done = set(plain_greedy)
-        for i, seq in enumerate(seqs):
-            if i in done:
-                continue
-            row = scores[i].clone()
-            p = seq.params
-            if p.repetition_penalty != 1:
-                seen = torch.tensor(seq.all_ids, device=row.device)
-                picked = row.gather(0, seen)
-                picked = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-                row.scatter_(0, seen, picked)
-            if p.no_repeat_ngram_size:
-                banned = self._banned(seq)
-                if banned:
-                    row[torch.tensor(sorted(banned), device=row.device)] = -float("inf")
-            if p.temperature == 0:
-                picks[i] = int(row.argmax())
-                continue
-            row = row / p.temperature
-            if p.top_k:
-                kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-                row = row.masked_fill(row < kth, -float("inf"))
-            if p.top_p < 1:
-                sorted_logits, order = torch.sort(row, descending=False)
-                cum = sorted_logits.softmax(-1).cumsum(-1)
-                remove = cum <= (1 - p.top_p)
-                remove[-1] = False  # keep at least the most likely token
-                row = row.masked_fill(remove.scatter(0, order, remove), -float("inf"))
-            probs = row.softmax(-1)
-            picks[i] = int(torch.multinomial(probs.cpu(), 1, generator=seq.generator).item())
-        return picks
-
     @staticmethod
-    def _banned(seq: _Seq) -> set[int]:
-        """Tokens that would repeat an n-gram of the sequence (HF ``no_repeat_ngram_size``)."""
-        n = seq.params.no_repeat_ngram_size
-        ids = seq.all_ids
-        if len(ids) + 1 < n:
-            return set()
-        if not seq.ngrams:  # build once from the prompt and what came before
-            for j in range(len(ids) - n + 1):
-                seq.ngrams.setdefault(tuple(ids[j : j + n - 1]), set()).add(ids[j + n - 1])
-        return seq.ngrams.get(tuple(ids[len(ids) - n + 1 :]) if n > 1 else (), set())
+    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler."""
+        return pick_tokens([s.sampler for s in seqs], lambda i: seqs[i].all_ids, logits)
 
     def _accept(self, seq: _Seq, token: int) -> bool:
         """Record a generated token, stream it, and say whether the request is finished."""
@@ -630,22 +561,15 @@ class Engine:
         seq.last_token_at = now
         seq.generated.append(token)
         self._counters["tokens_generated"] += 1
-        n = seq.params.no_repeat_ngram_size
-        if n and seq.ngrams:
-            ids = seq.all_ids
-            seq.ngrams.setdefault(tuple(ids[len(ids) - n : -1]), set()).add(token)
-        text, stop_string = seq.detok.add(token) if seq.detok is not None else ("", False)
         reason = None
-        if stop_string or token in seq.stop_ids:
+        if token in seq.stop_ids or (seq.stop_check is not None and seq.stop_check(token)):
             reason = FINISH_STOP
         elif (
-            len(seq.generated) >= seq.params.max_new_tokens
+            len(seq.generated) >= seq.max_new_tokens
             or len(seq.prompt) + len(seq.generated) >= self.max_context
         ):
             reason = FINISH_LENGTH
-        if reason is not None and seq.detok is not None:
-            text += seq.detok.flush()
-        handle._emit((token,), text)
+        handle.emit((token,))
         if reason is None:
             return False
         with self._cond:
@@ -655,7 +579,7 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str, error: BaseException | None = None) -> None:
         if seq.handle.done:
             return
-        seq.handle._finish(reason, error)
+        seq.handle.finish(reason, error)
         self._counters["requests_finished"] += 1
         self._notify(
             "on_finish",

@@ -1,7 +1,8 @@
 """Prometheus metrics of the inference service.
 
 :class:`InferenceMetrics` owns its own :class:`~prometheus_client.CollectorRegistry` (a test process
-runs several servers side by side), is fed by the servicer (requests), by one
+runs several servers side by side), is fed by the server's ``ErrorInterceptor`` (the final code
+of every RPC), by one
 :class:`EngineObserver` per base model (queue, batch, latencies, tokens) and by the adapter
 registries' events (loads, evictions, failures), and is served on its own port with :meth:`serve`.
 

@@ -6,14 +6,13 @@ back). One :class:`BaseModelHost` per configured base owns a tokenizer, the mode
 :class:`~services.inference.registry.AdapterRegistry`. :class:`InferencePlane` routes a request to
 its host, validates it (``request_checks.py``: every problem at once, each naming the field and the
 value), resolves and pins the adapter (``name`` -> a concrete ``name@version``), renders chat
-messages with the template the adapter was trained with, and submits to the engine. The returned :class:`Generation` streams
-:class:`Chunk`s and ends with a :class:`Usage`; ``close()`` cancels it and frees its batch row and
-its adapter pin at once (the servicer calls it when the client goes away or the deadline passes).
+messages with the template the adapter was trained with, and submits token ids to the engine. The
+returned :class:`Generation` turns the engine's token ids into text (``detokenizer.py``: stop
+strings are applied here, the engine only sees a ``stop_check``), streams :class:`Chunk`s and ends
+with a :class:`Usage`; ``close()`` cancels it and frees its batch row and its adapter pin at once
+(the servicer calls it when the client goes away or the deadline passes).
 
-Errors, and the status codes ``server.py`` maps them to: :class:`InvalidRequestError` (a
-``ConfigError``) INVALID_ARGUMENT; :class:`ModelNotFoundError` NOT_FOUND; :class:`ModelNotReadyError`
-UNAVAILABLE; the registry's adapter errors as documented in ``registry.py``; the engine's
-``QueueFull`` RESOURCE_EXHAUSTED.
+Errors are those of ``errors.py`` (``server.py`` maps them to status codes).
 """
 
 from __future__ import annotations
@@ -22,57 +21,42 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorafleet import templates
 from lorafleet.config import ModelConfig
-from lorafleet.errors import ConfigError, FieldProblem, LorafleetError, show_value
+from lorafleet.errors import ConfigError, FieldProblem, show_value
 from lorafleet.models import base_model_fingerprint, load_model, load_tokenizer
-from services.inference.adapter_checks import AdapterIncompatibleError
+from services.inference.detokenizer import Detokenizer, detokenize, stop_string_check
 from services.inference.engine import Engine
+from services.inference.errors import (
+    AdapterIncompatibleError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
 from services.inference.lora_batch import adapter_weights_from_peft_dir
 from services.inference.registry import (
     AdapterRegistry,
     AdapterStatus,
     RegistryEvent,
 )
-from services.inference.request_checks import (
-    MAX_PROMPT_CHARS,
-    Message,
-    Sampling,
-    sampling_params,
-    split_messages,
-)
+from services.inference.request_checks import MAX_PROMPT_CHARS, Message, split_messages
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
     EngineObserver,
     GenerationRequest,
     RequestHandle,
-    SamplingParams,
 )
+from services.inference.sampling import SamplingLimits, SamplingParams
 from services.inference.settings import InferenceSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
-
-
-class InvalidRequestError(ConfigError):
-    """A request field is invalid; lists every problem, each naming the field and the value."""
-
-    def __init__(self, problems: list[FieldProblem]) -> None:
-        super().__init__(problems, "invalid request")
-
-
-class ModelNotFoundError(LorafleetError):
-    """The request names a base model this server does not serve."""
-
-
-class ModelNotReadyError(LorafleetError):
-    """The base model is still loading (or failed to load); retry later."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +118,9 @@ class HostedAdapterStatus:
 class Generation:
     """A submitted request: iterate for chunks, or call :meth:`result`; :meth:`close` always.
 
+    The text is decoded here from the engine's token ids, held back while a character or a possible
+    stop string is incomplete, and cut before a stop string.
+
     ``close`` is idempotent and thread-safe: it cancels the engine request (its batch row and adapter
     slot are free when ``cancel`` returns) and drops the registry pin of the adapter.
     """
@@ -144,17 +131,26 @@ class Generation:
         release: Callable[[], None],
         adapter_ref: str,
         template: str,
+        tokenizer: Any,
+        stop: tuple[str, ...] = (),
     ) -> None:
         self.handle = handle
         self.adapter_ref = adapter_ref
         self.template = template
+        self.tokenizer = tokenizer
+        self.stop = stop
         self._release = release
         self._lock = threading.Lock()
         self._closed = False
 
     def __iter__(self) -> Iterator[Chunk]:
+        detokenizer = Detokenizer(self.tokenizer, self.stop)
         for event in self.handle:
-            yield Chunk(event.text, event.token_ids)
+            text = "".join(detokenizer.add(token_id)[0] for token_id in event.token_ids)
+            yield Chunk(text, event.token_ids)
+        tail = detokenizer.flush()
+        if tail:
+            yield Chunk(tail, ())
         yield Chunk("", (), self.usage())
 
     def result(self, timeout: float | None = None) -> Completion:
@@ -162,10 +158,11 @@ class Generation:
 
         Raises:
             TimeoutError: not finished in ``timeout`` seconds.
-            RequestFailed / EngineClosed: the engine failed the request.
+            RequestFailedError / EngineClosedError: the engine failed the request.
         """
         done = self.handle.result(timeout)
-        return Completion(done.text, list(done.token_ids), self.usage())
+        text = detokenize(self.tokenizer, done.token_ids, self.stop)
+        return Completion(text, list(done.token_ids), self.usage())
 
     def usage(self) -> Usage:
         h = self.handle
@@ -234,10 +231,16 @@ class BaseModelHost:
             self.model = load_model(cfg, for_training=False).eval()
             self.template_name = self._resolve_template()
             self.template = templates.get_template(self.template_name, self.tokenizer)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
             self.engine = Engine(
-                self.model, self.tokenizer, num_slots=s.num_slots, max_rank=s.max_rank,
-                max_batch_size=s.max_batch_size, max_queued=s.max_queued, observer=self._observer,
-            )  # fmt: skip
+                self.model,
+                num_slots=s.num_slots,
+                max_rank=s.max_rank,
+                max_batch_size=s.max_batch_size,
+                max_queued=s.max_queued,
+                observer=self._observer,
+                eos_token_ids=[eos] if isinstance(eos, int) else [],
+            )
             self.max_context = self.engine.max_context
             model = self.model
             self.registry = AdapterRegistry(
@@ -268,7 +271,7 @@ class BaseModelHost:
     def _warm_up(self) -> None:
         """Generate one real token: readiness means the whole path works, not just that weights loaded."""
         assert self.engine is not None
-        ids = list(self.tokenizer.encode("Hello", add_special_tokens=True)) or [self.engine._pad_id]
+        ids = list(self.tokenizer.encode("Hello", add_special_tokens=True)) or [self.engine.pad_id]
         request = GenerationRequest(ids, params=SamplingParams(max_new_tokens=1), request_id="warm-up")
         result = self.engine.generate(request, timeout=self.server_settings.warmup_timeout_s)
         if len(result.token_ids) != 1:
@@ -368,12 +371,15 @@ class InferencePlane:
             raise ModelNotReadyError(f"model {host.name!r} {why}")
         return host
 
-    def generate(self, model: str, adapter: str, prompt: str, sampling: Sampling) -> Generation:
+    def generate(self, model: str, adapter: str, prompt: str, sampling: SamplingParams) -> Generation:
         """Submit a plain-prompt request (no template).
+
+        Args:
+            sampling: as the client sent it; an unset ``max_new_tokens`` takes the server default.
 
         Raises:
             InvalidRequestError, ModelNotFoundError, ModelNotReadyError, AdapterError subclasses,
-            QueueFull: see the module docstring.
+            QueueFullError (``errors.py``).
         """
         prepared = self._prepare(model, sampling)
         host = prepared.host
@@ -392,7 +398,7 @@ class InferencePlane:
             raise InvalidRequestError(problems)
         return self._submit(host, adapter, prepared.params, lambda _template: (ids, "", ()))
 
-    def chat(self, model: str, adapter: str, messages: list[Message], sampling: Sampling) -> Generation:
+    def chat(self, model: str, adapter: str, messages: list[Message], sampling: SamplingParams) -> Generation:
         """Submit a chat request rendered with the adapter's training template (or the base's).
 
         Raises:
@@ -416,11 +422,15 @@ class InferencePlane:
 
         return self._submit(host, adapter, prepared.params, render)
 
-    def _prepare(self, model: str, sampling: Sampling) -> _Prepared:
+    def _prepare(self, model: str, sampling: SamplingParams) -> _Prepared:
         host = self.ready_host(model)
-        problems: list[FieldProblem] = []
-        params = sampling_params(sampling, self.settings, problems)
-        return _Prepared(host, params or SamplingParams(), problems)
+        cfg = self.settings
+        limits = SamplingLimits(cfg.max_new_tokens_cap, cfg.max_stop_sequences, cfg.max_stop_length)
+        problems = sampling.validate(limits, prefix="sampling.")
+        if sampling.max_new_tokens is None:
+            default = min(cfg.default_max_new_tokens, cfg.max_new_tokens_cap)
+            sampling = replace(sampling, max_new_tokens=default)
+        return _Prepared(host, sampling, problems)
 
     def _submit(
         self,
@@ -452,11 +462,14 @@ class InferencePlane:
                     host.engine.slots.validate(weights)
                 except ValueError as e:
                     raise AdapterIncompatibleError(f"adapter {resolved.ref if resolved else ''}: {e}") from e
-            handle = host.engine.submit(GenerationRequest(ids, adapter=weights, params=params))
+            stop_check = stop_string_check(host.tokenizer, params.stop) if params.stop else None
+            request = GenerationRequest(ids, adapter=weights, params=params, stop_check=stop_check)
+            handle = host.engine.submit(request)
         except BaseException:
             release()
             raise
-        return Generation(handle, release, resolved.ref if resolved is not None else "", used_template)
+        ref = resolved.ref if resolved is not None else ""
+        return Generation(handle, release, ref, used_template, host.tokenizer, params.stop)
 
     @staticmethod
     def _check_length(host: BaseModelHost, ids: list[int], name: str, problems: list[FieldProblem]) -> None:
@@ -537,8 +550,6 @@ def _bind_event(
 
 
 def _with_stop_ids(params: SamplingParams, stop_ids: tuple[int, ...]) -> SamplingParams:
-    from dataclasses import replace
-
     merged = tuple(dict.fromkeys((*params.stop_token_ids, *stop_ids)))
     return replace(params, stop_token_ids=merged)
 
@@ -552,10 +563,6 @@ __all__ = [
     "Generation",
     "HostedAdapterStatus",
     "InferencePlane",
-    "InvalidRequestError",
     "Message",
-    "ModelNotFoundError",
-    "ModelNotReadyError",
-    "Sampling",
     "Usage",
 ]

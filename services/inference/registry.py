@@ -14,15 +14,12 @@ retried. Loaded weights live in an LRU cache bounded by a count and optionally b
 pinned by in-flight requests (:meth:`AdapterRegistry.acquire`) are never evicted, so a request that
 started on ``v1`` finishes on ``v1`` while new requests get ``v2``.
 
-Errors and the gRPC codes the server maps them to:
-
-- ``AdapterError`` (bad reference such as ``../x``) -> INVALID_ARGUMENT
-- ``AdapterNotFoundError`` (no such name or version) -> NOT_FOUND
-- ``AdapterIncompatibleError`` (another base, rank over the cap, missing modules, not LoRA) and
-  ``AdapterLoadError`` (corrupt, truncated, pickle-only, loader failed) -> FAILED_PRECONDITION
-- ``AdapterCapacityError`` (every resident slot is pinned by in-flight requests) -> RESOURCE_EXHAUSTED
-
-Subclasses come first in the server's mapping: all four are ``AdapterError`` subclasses.
+Errors (``errors.py`` and ``lorafleet.errors``; ``server.py`` maps them to status codes):
+``AdapterError`` for a bad
+reference such as ``../x``, ``AdapterNotFoundError`` for no such name or version,
+``AdapterIncompatibleError`` (another base, rank over the cap, missing modules, not LoRA),
+``AdapterLoadError`` (corrupt, truncated, pickle-only, loader failed) and ``AdapterCapacityError``
+(every resident slot is pinned by in-flight requests).
 """
 
 from __future__ import annotations
@@ -54,11 +51,10 @@ from services.inference.adapter_checks import (
     MAX_LISTED,
     PEFT_PREFIX,
     SAFETENSORS_WEIGHTS,
-    AdapterIncompatibleError,
-    AdapterLoadError,
     check_lora,
     check_weights_format,
 )
+from services.inference.errors import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +62,6 @@ _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 
 State = Literal["available", "loaded", "failed"]
 EventKind = Literal["load", "load_failure", "evict", "unload"]
-
-
-class AdapterCapacityError(AdapterError):
-    """Every resident slot (or the memory budget) is held by adapters pinned by in-flight requests;
-    retrying later can succeed. Maps to RESOURCE_EXHAUSTED."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""What a caller of the engine hands in and gets back: sampling parameters, the request, streamed
-token events, the final result, the handle that streams / waits / cancels, the engine's errors, the
-observer hooks (metrics), and the incremental detokenizer with stop-string hold-back. The decode loop
-itself is ``services.inference.engine``.
+"""What a caller of the engine hands in and gets back: the request (token ids, adapter, sampling
+parameters), the streamed token events, the final result, the handle that streams / waits /
+cancels, and the observer hooks (metrics). Token ids only: text is the plane's business
+(``detokenizer.py``). The decode loop itself is ``services.inference.engine``, which imports this
+module; this module imports nothing of the engine.
 """
 
 from __future__ import annotations
@@ -9,14 +10,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from services.inference.lora_batch import AdapterWeights
-
-if TYPE_CHECKING:
-    from services.inference.engine import Engine
+from services.inference.sampling import SamplingParams
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -24,99 +23,25 @@ FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
 
 
-class EngineError(Exception):
-    """Base class of the engine's errors."""
-
-
-class QueueFull(EngineError):
-    """``submit`` refused a request: ``max_queued`` requests are already waiting."""
-
-
-class PromptTooLong(EngineError, ValueError):
-    """The prompt leaves no room for a generated token within the model's context length."""
-
-
-class EngineClosed(EngineError):
-    """The engine was closed before the request could finish."""
-
-
-class RequestFailed(EngineError):
-    """The request failed inside the engine (bad adapter, model error); others keep running."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop; the semantics follow HF ``generate``.
-
-    Attributes:
-        max_new_tokens: generated-token limit (finish reason ``length``).
-        temperature: 0 = greedy; otherwise logits are divided by it before sampling.
-        top_p: nucleus sampling mass (1 = off).
-        top_k: keep the k most likely tokens (0 = off).
-        repetition_penalty: HF/CTRL penalty over prompt and generated tokens (1 = off).
-        no_repeat_ngram_size: forbid repeating any n-gram of the sequence (0 = off).
-        stop_token_ids: tokens that end generation (finish reason ``stop``; the token is returned).
-        stop_strings: texts that end generation; the returned text is cut before them.
-        seed: seed of this request's own ``torch.Generator``; None draws one from torch's default.
-        ignore_eos: do not stop at the model's eos token.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            problems.append("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            problems.append("repetition_penalty must be > 0")
-        if self.no_repeat_ngram_size < 0:
-            problems.append("no_repeat_ngram_size must be >= 0")
-        if any(not s for s in self.stop_strings):
-            problems.append("stop_strings must not be empty strings")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
 @dataclass
 class GenerationRequest:
-    """One generation: prompt token ids, the adapter (None = base model) and sampling params.
-
-    ``detokenize=False`` skips incremental detokenization (events then carry no text) unless stop
-    strings need it; useful for token-only clients and benchmarks.
-    """
+    """One generation: prompt token ids, the adapter (None = base model) and sampling params."""
 
     prompt_ids: Sequence[int]
     adapter: AdapterWeights | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
-    detokenize: bool = True
+    stop_check: Callable[[int], bool] | None = None
+    """Called on the engine's loop thread with each generated token id; True ends the request with
+    finish reason ``stop`` (the token is kept). How the layer above applies stop strings
+    (``detokenizer.stop_string_check``); keep it fast, it runs between decode steps."""
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """What one step produced for a request: new token ids and the text they completed.
-
-    ``text`` can be empty while a multi-byte character or a possible stop string is incomplete; the
-    held-back text comes with a later event.
-    """
+    """What one step produced for a request: its new token ids."""
 
     token_ids: tuple[int, ...]
-    text: str
 
 
 @dataclass(frozen=True)
@@ -125,7 +50,6 @@ class GenerationResult:
 
     request_id: str
     token_ids: list[int]
-    text: str
     finish_reason: str
     prompt_tokens: int
     ttft_s: float | None
@@ -165,19 +89,21 @@ class RequestHandle:
     Iterate it to stream ``TokenEvent``s as they are generated (iteration ends when the request
     finishes and raises its error if it failed), or call ``result()`` to wait for the whole answer.
     Both can be used together: ``result()`` does not consume the stream.
+
+    The producer (the engine) feeds it through :meth:`emit` and :meth:`finish`; ``cancel`` calls
+    the ``cancel`` function the producer gave, with this handle.
     """
 
-    def __init__(self, engine: Engine, request_id: str, prompt_tokens: int) -> None:
+    def __init__(self, request_id: str, prompt_tokens: int, cancel: Callable[[RequestHandle], None]) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
-        self._engine = engine
+        self._cancel = cancel
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done = threading.Event()
         self._tokens: list[int] = []
-        self._text = ""
         self._finish_reason: str | None = None
         self._error: BaseException | None = None
 
@@ -193,14 +119,14 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop generating; the adapter slot is released before this returns. No-op once done."""
-        self._engine._cancel(self)
+        self._cancel(self)
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Wait for the request to finish and return it.
 
         Raises:
             TimeoutError: not finished within ``timeout`` seconds.
-            RequestFailed / EngineClosed: the request failed.
+            RequestFailedError / EngineClosedError: the request failed.
         """
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
@@ -210,7 +136,6 @@ class RequestHandle:
         return GenerationResult(
             request_id=self.request_id,
             token_ids=list(self._tokens),
-            text=self._text,
             finish_reason=self._finish_reason,
             prompt_tokens=self.prompt_tokens,
             ttft_s=self.ttft_s,
@@ -242,13 +167,16 @@ class RequestHandle:
         """Why the request failed, if it did."""
         return self._error
 
-    # Called by the engine only.
-    def _emit(self, token_ids: tuple[int, ...], text: str) -> None:
-        self._tokens.extend(token_ids)
-        self._text += text
-        self._events.put(TokenEvent(token_ids, text))
+    # The producer's side.
 
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+    def emit(self, token_ids: tuple[int, ...]) -> None:
+        """Record and stream newly generated tokens."""
+        self._tokens.extend(token_ids)
+        self._events.put(TokenEvent(token_ids))
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        """End the request (``stop``, ``length``, ``cancelled`` or ``error`` with ``error``); the
+        first call wins."""
         if self._done.is_set():
             return
         self._finish_reason = reason
@@ -256,59 +184,3 @@ class RequestHandle:
         self.finished_at = time.monotonic()
         self._events.put(_END)
         self._done.set()
-
-
-class Detokenizer:
-    """Incremental detokenization with stop-string hold-back.
-
-    Decodes a window of recent tokens and emits only text that is final: not ending in an
-    incomplete UTF-8 sequence (byte-level BPE yields U+FFFD until the character is complete) and not
-    a possible beginning of a stop string.
-    """
-
-    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...]) -> None:
-        self.tokenizer = tokenizer
-        self.stop_strings = stop_strings
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.text = ""  # all final text so far
-        self.emitted = 0  # characters of ``text`` already emitted
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; returns ``(text to emit now, whether a stop string matched)``."""
-        self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop_strings:
-            start = max(0, self.emitted - max(len(s) for s in self.stop_strings))
-            hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                return self._take(len(self.text)), True
-            return self._take(len(self.text) - self._held_back()), False
-        return self._take(len(self.text)), False
-
-    def flush(self) -> str:
-        """Everything not emitted yet (at the end of the request)."""
-        return self._take(len(self.text))
-
-    def _held_back(self) -> int:
-        """Length of the longest text suffix that could still grow into a stop string."""
-        best = 0
-        for s in self.stop_strings:
-            for n in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-    def _take(self, upto: int) -> str:
-        upto = max(upto, self.emitted)
-        out = self.text[self.emitted : upto]
-        self.emitted = upto
-        return out

@@ -24,16 +24,15 @@ cancelled and the process exits 0. A second signal cancels the in-flight request
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
-from typing import Any, TypeVar
+from dataclasses import fields
+from typing import Any
 
 import grpc
 
@@ -41,240 +40,120 @@ from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
+from services.common.interceptor import CORE_STATUS, ErrorInterceptor
 from services.inference import settings as settings_module
-from services.inference.adapter_checks import AdapterIncompatibleError, AdapterLoadError
-from services.inference.metrics import InferenceMetrics
-from services.inference.plane import (
-    Completion,
-    Generation,
-    HostedAdapterStatus,
-    InferencePlane,
+from services.inference.errors import (
+    AdapterCapacityError,
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    EngineClosedError,
     ModelNotFoundError,
     ModelNotReadyError,
-    Usage,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
 )
-from services.inference.registry import AdapterCapacityError
-from services.inference.request_checks import Message, Sampling
-from services.inference.requests import EngineClosed, PromptTooLong, QueueFull, RequestFailed
+from services.inference.metrics import InferenceMetrics
+from services.inference.plane import Completion, Generation, HostedAdapterStatus, InferencePlane, Usage
+from services.inference.request_checks import Message
+from services.inference.sampling import SamplingParams
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("lorafleet.inference")
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+RPC_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name)
 MUTATING = [f"/{SERVICE}/LoadAdapter", f"/{SERVICE}/UnloadAdapter"]
 
-grpc_util.register_error(ModelNotFoundError, grpc.StatusCode.NOT_FOUND)
-grpc_util.register_error(ModelNotReadyError, grpc.StatusCode.UNAVAILABLE)
-grpc_util.register_error(AdapterIncompatibleError, grpc.StatusCode.FAILED_PRECONDITION)
-grpc_util.register_error(AdapterLoadError, grpc.StatusCode.FAILED_PRECONDITION)
-grpc_util.register_error(AdapterCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED)
-grpc_util.register_error(QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED)
-grpc_util.register_error(PromptTooLong, grpc.StatusCode.INVALID_ARGUMENT)
-grpc_util.register_error(EngineClosed, grpc.StatusCode.UNAVAILABLE)
-grpc_util.register_error(RequestFailed, grpc.StatusCode.INTERNAL)
+ERROR_STATUS: Mapping[type[BaseException], grpc.StatusCode] = {
+    **CORE_STATUS,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    AdapterIncompatibleError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
+    EngineClosedError: grpc.StatusCode.UNAVAILABLE,
+    RequestFailedError: grpc.StatusCode.INTERNAL,
+}
+"""Every error of ``errors.py`` (and the core's) -> the status the client gets; ``InvalidRequestError``
+is a ``ConfigError`` (INVALID_ARGUMENT, with a BadRequest field violation per problem)."""
 
 _NO_DEADLINE_S = 10 * 365 * 86400.0
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+_PARAM_NAMES = frozenset(f.name for f in fields(SamplingParams))
 
 
 # -- protobuf <-> plane ----------------------------------------------------------------------------
 
 
-def sampling_from_pb(s: pb.SamplingParams) -> Sampling:
-    """The sampling fields the client set (unset optional fields stay None)."""
-
-    def opt(name: str) -> Any:
-        return getattr(s, name) if s.HasField(name) else None
-
-    return Sampling(
-        max_new_tokens=opt("max_new_tokens"), temperature=opt("temperature"), top_p=opt("top_p"),
-        top_k=opt("top_k"), repetition_penalty=opt("repetition_penalty"),
-        no_repeat_ngram_size=opt("no_repeat_ngram_size"), stop=tuple(s.stop), seed=opt("seed"),
-    )  # fmt: skip
+def sampling_from_pb(s: pb.SamplingParams) -> SamplingParams:
+    """The sampling fields the client set, by name (each proto field is a ``SamplingParams`` field);
+    unset ones keep their defaults (an unset ``max_new_tokens`` takes the server's)."""
+    sent: dict[str, Any] = {}
+    for f in s.DESCRIPTOR.fields:
+        value = getattr(s, f.name)
+        if f.is_repeated:
+            if value:
+                sent[f.name] = tuple(value)
+        elif s.HasField(f.name):
+            sent[f.name] = value
+    return SamplingParams(**sent)
 
 
 def usage_to_pb(u: Usage) -> pb.Usage:
     return pb.Usage(
-        prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens,
+        prompt_tokens=u.prompt_tokens,
+        generated_tokens=u.generated_tokens,
         finish_reason=_FINISH.get(u.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-        time_to_first_token_s=u.time_to_first_token_s, total_time_s=u.total_time_s, adapter=u.adapter,
+        time_to_first_token_s=u.time_to_first_token_s,
+        total_time_s=u.total_time_s,
+        adapter=u.adapter,
         template=u.template,
-    )  # fmt: skip
+    )
 
 
 def adapter_status_to_pb(hosted: HostedAdapterStatus) -> pb.AdapterStatus:
     s = hosted.status
     return pb.AdapterStatus(
-        name=s.name, version=s.version, ref=s.ref, base_model=s.base_model, state=s.state, reason=s.reason,
-        rank=s.rank or 0, template=s.template, method=s.method, model=hosted.model,
-    )  # fmt: skip
+        name=s.name,
+        version=s.version,
+        ref=s.ref,
+        base_model=s.base_model,
+        state=s.state,
+        reason=s.reason,
+        rank=s.rank or 0,
+        template=s.template,
+        method=s.method,
+        model=hosted.model,
+    )
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+def list_models_to_pb(plane: InferencePlane) -> pb.ListModelsResponse:
+    infos, adapters = plane.list_models()
+    return pb.ListModelsResponse(
+        models=[
+            pb.BaseModelStatus(
+                name=i.name,
+                path=i.path,
+                dtype=i.dtype,
+                quantization=i.quantization,
+                state=i.state,
+                reason=i.reason,
+                template=i.template,
+                max_context=i.max_context,
+            )
+            for i in infos
+        ],
+        adapters=[adapter_status_to_pb(a) for a in adapters],
+    )
 
 
-def _rpc(method: F) -> F:
-    """``grpc_util.handle_errors`` (the one error -> status map), plus counting every error status
-    the handler ended with in ``lorafleet_inference_requests_total`` of its server."""
-    mapped = grpc_util.handle_errors()(method)
-    name = method.__name__
-
-    def count(self: InferenceServicer, context: grpc.ServicerContext) -> None:
-        code = _code(context)
-        if code is not None and code != grpc.StatusCode.OK:
-            self.metrics.request(name, code.name)
-
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream(self: InferenceServicer, request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                yield from mapped(self, request, context)
-            except Exception:
-                count(self, context)
-                raise
-
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    def unary(self: InferenceServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return mapped(self, request, context)
-        except Exception:
-            count(self, context)
-            raise
-
-    return unary  # type: ignore[return-value]
-
-
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Converts protobuf to plane calls and back; counts every answered RPC."""
-
-    def __init__(self, plane: InferencePlane, metrics: InferenceMetrics) -> None:
-        self.plane = plane
-        self.metrics = metrics
-
-    def _watch(self, method: str, generation: Generation, context: grpc.ServicerContext) -> list[bool]:
-        """Close ``generation`` as soon as the RPC ends for any reason (done, cancelled, deadline);
-        count the RPC when it ended without an answer or an error status. Returns a one-element flag
-        the handler sets once it has counted the outcome itself."""
-        answered = [False]
-
-        def on_done() -> None:
-            generation.close()
-            if not answered[0] and _code(context) is None:
-                self.metrics.request(method, _ended_code(context).name)
-
-        if not context.add_callback(on_done):  # already terminated
-            on_done()
-        return answered
-
-    def _unary(
-        self, method: str, generation: Generation, context: grpc.ServicerContext
-    ) -> pb.GenerateResponse:
-        answered = self._watch(method, generation, context)
-        try:
-            remaining = context.time_remaining()  # huge (not None) when the client set no deadline
-            wait = None if remaining is None or remaining > _NO_DEADLINE_S else remaining + 5.0
-            completion: Completion = generation.result(wait)
-        except TimeoutError:
-            completion = None  # type: ignore[assignment]
-        finally:
-            generation.close()
-        if completion is None or completion.usage.finish_reason == "cancelled":
-            code = _ended_code(context)
-            answered[0] = True
-            self.metrics.request(method, code.name)
-            context.abort(code, f"{method} ended before it finished: {code.name.lower()}")
-        answered[0] = True
-        self.metrics.request(method, "OK")
-        return pb.GenerateResponse(
-            text=completion.text, token_ids=completion.token_ids, usage=usage_to_pb(completion.usage)
-        )
-
-    def _stream(
-        self, method: str, generation: Generation, context: grpc.ServicerContext
-    ) -> Iterator[pb.GenerateChunk]:
-        answered = self._watch(method, generation, context)
-        try:
-            for chunk in generation:
-                if chunk.usage is not None:
-                    if chunk.usage.finish_reason == "cancelled":
-                        return  # the client is gone; on_done counts it
-                    answered[0] = True
-                    self.metrics.request(method, "OK")
-                    yield pb.GenerateChunk(usage=usage_to_pb(chunk.usage))
-                    return
-                yield pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
-        finally:
-            generation.close()
-
-    def _start_generate(self, request: pb.GenerateRequest) -> Generation:
-        return self.plane.generate(
-            request.model, request.adapter, request.prompt, sampling_from_pb(request.sampling)
-        )
-
-    def _start_chat(self, request: pb.ChatRequest) -> Generation:
-        messages = [Message(m.role, m.content) for m in request.messages]
-        return self.plane.chat(request.model, request.adapter, messages, sampling_from_pb(request.sampling))
-
-    @_rpc
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        return self._unary("Generate", self._start_generate(request), context)
-
-    @_rpc
-    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
-        yield from self._stream("GenerateStream", self._start_generate(request), context)
-
-    @_rpc
-    def Chat(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        return self._unary("Chat", self._start_chat(request), context)
-
-    @_rpc
-    def ChatStream(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> Any:
-        yield from self._stream("ChatStream", self._start_chat(request), context)
-
-    @_rpc
-    def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-    ) -> pb.ListModelsResponse:
-        infos, adapters = self.plane.list_models()
-        response = pb.ListModelsResponse(
-            models=[
-                pb.BaseModelStatus(
-                    name=i.name,
-                    path=i.path,
-                    dtype=i.dtype,
-                    quantization=i.quantization,
-                    state=i.state,
-                    reason=i.reason,
-                    template=i.template,
-                    max_context=i.max_context,
-                )
-                for i in infos
-            ],
-            adapters=[adapter_status_to_pb(a) for a in adapters],
-        )
-        self.metrics.request("ListModels", "OK")
-        return response
-
-    @_rpc
-    def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterStatus:
-        status = adapter_status_to_pb(self.plane.load_adapter(request.model, request.adapter))
-        self.metrics.request("LoadAdapter", "OK")
-        return status
-
-    @_rpc
-    def UnloadAdapter(
-        self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
-    ) -> pb.AdapterStatus:
-        status = adapter_status_to_pb(self.plane.unload_adapter(request.model, request.adapter))
-        self.metrics.request("UnloadAdapter", "OK")
-        return status
-
-
-def _code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    code = getattr(context, "code", None)
-    return code() if callable(code) else None
+def _close_when_done(generation: Generation, context: grpc.ServicerContext) -> None:
+    """Close ``generation`` as soon as the RPC ends for any reason (done, cancelled, deadline): its
+    batch row and adapter pin are freed at once."""
+    if not context.add_callback(generation.close):  # already terminated
+        generation.close()
 
 
 def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -283,6 +162,81 @@ def _ended_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+def unary_response(method: str, generation: Generation, context: grpc.ServicerContext) -> pb.GenerateResponse:
+    """Wait for the whole answer (within the RPC's deadline) and convert it."""
+    _close_when_done(generation, context)
+    try:
+        remaining = context.time_remaining()  # huge (not None) when the client set no deadline
+        wait = None if remaining is None or remaining > _NO_DEADLINE_S else remaining + 5.0
+        completion: Completion | None = generation.result(wait)
+    except TimeoutError:
+        completion = None
+    finally:
+        generation.close()
+    if completion is None or completion.usage.finish_reason == "cancelled":
+        code = _ended_code(context)
+        context.abort(code, f"{method} ended before it finished: {code.name.lower()}")
+    assert completion is not None
+    return pb.GenerateResponse(
+        text=completion.text, token_ids=completion.token_ids, usage=usage_to_pb(completion.usage)
+    )
+
+
+def stream_chunks(generation: Generation, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+    """Convert the chunks as they come; a stream the client left just ends."""
+    _close_when_done(generation, context)
+    try:
+        for chunk in generation:
+            if chunk.usage is not None:
+                if chunk.usage.finish_reason != "cancelled":
+                    yield pb.GenerateChunk(usage=usage_to_pb(chunk.usage))
+                return
+            yield pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
+    finally:
+        generation.close()
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Each RPC converts the request, makes one plane call and converts the answer. Errors and the
+    count of every RPC's code are the ``ErrorInterceptor``'s."""
+
+    def __init__(self, plane: InferencePlane) -> None:
+        self.plane = plane
+
+    def _generate(self, request: pb.GenerateRequest) -> Generation:
+        sampling = sampling_from_pb(request.sampling)
+        return self.plane.generate(request.model, request.adapter, request.prompt, sampling)
+
+    def _chat(self, request: pb.ChatRequest) -> Generation:
+        messages = [Message(m.role, m.content) for m in request.messages]
+        return self.plane.chat(request.model, request.adapter, messages, sampling_from_pb(request.sampling))
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        return unary_response("Generate", self._generate(request), context)
+
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Any:
+        yield from stream_chunks(self._generate(request), context)
+
+    def Chat(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        return unary_response("Chat", self._chat(request), context)
+
+    def ChatStream(self, request: pb.ChatRequest, context: grpc.ServicerContext) -> Any:
+        yield from stream_chunks(self._chat(request), context)
+
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return list_models_to_pb(self.plane)
+
+    def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterStatus:
+        return adapter_status_to_pb(self.plane.load_adapter(request.model, request.adapter))
+
+    def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
+    ) -> pb.AdapterStatus:
+        return adapter_status_to_pb(self.plane.unload_adapter(request.model, request.adapter))
 
 
 # -- wiring -------------------------------------------------------------------------------------------
@@ -308,10 +262,11 @@ class InferenceServer:
         self.settings = settings.validate()
         self.metrics = InferenceMetrics()
         self.plane = InferencePlane(settings, self.metrics.observer, self.metrics.registry_event)
-        self.servicer = InferenceServicer(self.plane, self.metrics)
-        interceptors = (
-            [grpc_util.BearerTokenInterceptor(settings.auth_token, MUTATING)] if settings.auth_token else []
-        )
+        self.servicer = InferenceServicer(self.plane)
+        # First, so that it also counts what the auth interceptor refuses.
+        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(ERROR_STATUS, self._count)]
+        if settings.auth_token:
+            interceptors.append(grpc_util.BearerTokenInterceptor(settings.auth_token, MUTATING))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="inference-rpc"),
             interceptors=interceptors,
@@ -333,6 +288,11 @@ class InferenceServer:
         self._loaded = threading.Event()
         self._loader: threading.Thread | None = None
         self._stopped = False
+
+    def _count(self, method: str, code: str) -> None:
+        """The final code of every RPC of the InferenceService (not health or reflection)."""
+        if method in RPC_METHODS:
+            self.metrics.request(method, code)
 
     def start(self) -> int:
         """Serve now, load the models in the background; returns the bound gRPC port."""

@@ -1,0 +1,223 @@
+"""Logits processors: one small class per sampling parameter, and the token pick built from them.
+
+Each processor owns one parameter of ``SamplingParams``: ``create(params)`` returns it when that
+parameter is on (None when off), and calling it maps one row's scores ``[vocab]`` (float32), given
+the row's token ids so far (prompt + generated), to new scores. ``PROCESSORS`` lists them in HF
+``generate``'s order: the processors that change which token is most likely (repetition penalty,
+no-repeat n-gram) first, then the warpers that only reshape the distribution for sampling
+(temperature, top-k, top-p).
+
+A processor says whether it keeps the argmax (``keeps_argmax``). Greedy requests (temperature 0)
+run only the processors that do not; a greedy request with none left is picked by one batched
+``argmax`` over the raw logits. So the fast path is derived from the processors a request has:
+a new parameter whose processor moves the argmax is applied at temperature 0 without touching
+this logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Protocol
+
+import torch
+
+from services.inference.sampling import SamplingParams
+
+
+class LogitsProcessor(Protocol):
+    """One sampling parameter's effect on one row's scores."""
+
+    keeps_argmax: ClassVar[bool]
+    """True when the most likely token is the same after this processor (it only matters when
+    sampling)."""
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        """New scores ``[vocab]`` for a row whose tokens so far are ``ids``; never edits ``scores``."""
+        ...
+
+
+class RepetitionPenalty:
+    """HF/CTRL repetition penalty (Keskar et al. 2019): for every token already in the sequence,
+    ``s = s * p if s < 0 else s / p``."""
+
+    keeps_argmax: ClassVar[bool] = False
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> RepetitionPenalty | None:
+        return cls(params.repetition_penalty) if params.repetition_penalty != 1 else None
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        seen = torch.tensor(list(ids), device=scores.device)
+        picked = scores.gather(0, seen)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(0, seen, picked)
+
+
+class NoRepeatNgram:
+    """HF ``no_repeat_ngram_size``: ban every token that would complete an n-gram already in the
+    sequence. The n-gram index grows with the sequence (each position is indexed once)."""
+
+    keeps_argmax: ClassVar[bool] = False
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._ngrams: dict[tuple[int, ...], set[int]] = {}
+        self._indexed = 0  # start of the next n-gram to index
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> NoRepeatNgram | None:
+        return cls(params.no_repeat_ngram_size) if params.no_repeat_ngram_size else None
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        if len(ids) + 1 < n:
+            return scores
+        for j in range(self._indexed, len(ids) - n + 1):
+            self._ngrams.setdefault(tuple(ids[j : j + n - 1]), set()).add(ids[j + n - 1])
+        self._indexed = max(self._indexed, len(ids) - n + 1)
+        banned = self._ngrams.get(tuple(ids[len(ids) - n + 1 :]), set())
+        if not banned:
+            return scores
+        return scores.index_fill(0, torch.tensor(sorted(banned), device=scores.device), -float("inf"))
+
+
+class Temperature:
+    """Divide the logits by the temperature (sampling only; 0 means greedy and builds no processor)."""
+
+    keeps_argmax: ClassVar[bool] = True
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> Temperature | None:
+        return cls(params.temperature) if params.temperature not in (0, 1) else None
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature
+
+
+class TopK:
+    """Keep the ``k`` highest scores (ties with the k-th kept), mask the rest."""
+
+    keeps_argmax: ClassVar[bool] = True
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> TopK | None:
+        return cls(params.top_k) if params.top_k > 0 else None
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        kth = torch.topk(scores, min(self.k, scores.numel())).values[-1]
+        return scores.masked_fill(scores < kth, -float("inf"))
+
+
+class TopP:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    probability mass reaches ``p``; the most likely token is always kept."""
+
+    keeps_argmax: ClassVar[bool] = True
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> TopP | None:
+        return cls(params.top_p) if params.top_p < 1 else None
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - self.p)
+        remove[-1] = False  # keep at least the most likely token
+        return scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+
+
+ProcessorFactory = Callable[[SamplingParams], LogitsProcessor | None]
+
+PROCESSORS: list[ProcessorFactory] = [
+    RepetitionPenalty.create,
+    NoRepeatNgram.create,
+    Temperature.create,
+    TopK.create,
+    TopP.create,
+]
+"""Every processor, in the order they apply (HF ``generate``'s)."""
+
+
+class TokenSampler:
+    """How one request picks its next token: its processors, and its generator when it samples.
+
+    Args:
+        params: the request's sampling parameters.
+        processors: the factories to build from (``PROCESSORS`` by default).
+    """
+
+    def __init__(self, params: SamplingParams, processors: Sequence[ProcessorFactory] | None = None) -> None:
+        self.greedy = params.temperature == 0
+        built = [
+            p
+            for make in (PROCESSORS if processors is None else processors)
+            if (p := make(params)) is not None
+        ]
+        # At temperature 0 the pick is the argmax: processors that keep it change nothing.
+        self.processors: list[LogitsProcessor] = [p for p in built if not (self.greedy and p.keeps_argmax)]
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            self.generator = torch.Generator()
+            seed = params.seed
+            self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    @property
+    def plain_argmax(self) -> bool:
+        """Whether the pick is the argmax of the raw logits: greedy, and no processor applies."""
+        return self.greedy and not self.processors
+
+    def pick(self, ids: Sequence[int], scores: torch.Tensor) -> int:
+        """The next token for a row whose tokens so far are ``ids``, from its scores ``[vocab]``."""
+        for processor in self.processors:
+            scores = processor(ids, scores)
+        if self.greedy:
+            return int(scores.argmax())
+        probs = scores.softmax(-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator).item())
+
+
+def pick_tokens(
+    samplers: Sequence[TokenSampler], ids_of: Callable[[int], Sequence[int]], logits: torch.Tensor
+) -> list[int]:
+    """The next token of every row of a batch.
+
+    Args:
+        samplers: one per row.
+        ids_of: row index -> that row's token ids so far (asked only for rows with processors).
+        logits: ``[rows, vocab]``, the last position of each row.
+    """
+    scores = logits.float()
+    plain = [i for i, s in enumerate(samplers) if s.plain_argmax]
+    picks = [0] * len(samplers)
+    if plain:  # one batched argmax for every plain greedy row
+        rows = scores.index_select(0, torch.tensor(plain, device=scores.device))
+        for i, token in zip(plain, rows.argmax(-1).tolist(), strict=True):
+            picks[i] = int(token)
+    for i, sampler in enumerate(samplers):
+        if not sampler.plain_argmax:
+            picks[i] = sampler.pick(ids_of(i), scores[i])
+    return picks
+
+
+__all__ = [
+    "PROCESSORS",
+    "LogitsProcessor",
+    "NoRepeatNgram",
+    "RepetitionPenalty",
+    "Temperature",
+    "TokenSampler",
+    "TopK",
+    "TopP",
+    "pick_tokens",
+]
