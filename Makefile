@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup assets tools test test-unit demo dashboard proto quality bench images clean help
+.PHONY: setup assets tools test test-unit demo dashboard proto proto-check quality bench images clean help
 
 help:
 	@echo "make demo | test | quality | bench | proto | setup | clean"
@@ -54,14 +54,26 @@ DASHBOARD_HOST ?= 127.0.0.1
 dashboard: setup
 	$(PY) -m services.dashboard --port $(DASHBOARD_PORT) --host $(DASHBOARD_HOST)
 
-# gRPC stubs: proto/lorafleet/v1/*.proto -> lorafleet/v1/*_pb2*.py (committed; `make quality` checks they are fresh).
+# gRPC stubs: proto/lorafleet/v1/*.proto -> lorafleet/v1/*_pb2*.py (committed, never edited by hand).
+PROTOC = $(PY) -m grpc_tools.protoc -Iproto
 proto: setup
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/lorafleet/v1/*.proto
+	$(PROTOC) --python_out=. --grpc_python_out=. --pyi_out=. proto/lorafleet/v1/*.proto
 
+# What CI runs first: lint, format, types, then the committed stubs against freshly generated ones.
 quality: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy lorafleet services
+	@$(MAKE) --no-print-directory -o $(STAMP) proto-check
+
+# Regenerates the stubs into a temporary directory and diffs them against $(STUBS): any difference,
+# or a stub without its .proto, fails (then run `make proto` and commit the result).
+STUBS ?= lorafleet/v1
+proto-check: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --pyi_out=$$tmp proto/lorafleet/v1/*.proto && \
+	  if diff -r -x __init__.py -x __pycache__ $$tmp/lorafleet/v1 $(STUBS); then echo "proto stubs: up to date"; \
+	  else echo "$(STUBS) differs from proto/ (above): run make proto and commit the stubs" >&2; exit 1; fi
 
 # Container images of the services (services/*/Dockerfile, built from the repository root). Needs a
 # Docker engine (none runs in CI: tests/test_dockerfiles.py parses the Dockerfiles instead).
