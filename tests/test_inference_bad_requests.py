@@ -19,6 +19,7 @@ from inference_utils import save_lora_adapter
 from safetensors.torch import load_file
 
 from lorafleet.v1 import inference_pb2 as pb
+from services.common.field_errors import field_violations
 
 pytestmark = pytest.mark.integration
 
@@ -153,6 +154,18 @@ def test_bad_request(env: dict[str, Any], rpc: str, request_: Any, code: grpc.St
     assert err.value.code() == code, err.value.details()
     for needle in needles:
         assert needle in err.value.details(), (needle, err.value.details())
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "ChatStream"])
+def test_field_problems_come_as_bad_request_details(env: dict[str, Any], rpc: str) -> None:
+    """Every problem is a ``google.rpc.BadRequest`` field violation in the status details, unary and
+    streamed, so clients never parse the message text."""
+    with pytest.raises(grpc.RpcError) as err:
+        call(env["stub"], rpc, chat(("user", "hi"), ("user", "again"), top_k=-3, temperature=-1.0))
+    assert err.value.code() == INV
+    got = {v.field: v.description for v in field_violations(err.value)}
+    assert set(got) == {"sampling.temperature", "sampling.top_k", "messages[1].role"}
+    assert got["sampling.top_k"] == "sampling.top_k=-3: must be >= 0; 0 = off"
 
 
 def test_expired_deadline(env: dict[str, Any]) -> None:

@@ -9,8 +9,9 @@
 
 The address, token and TLS CA come from flags or LORAFLEET_INFERENCE_ADDR, LORAFLEET_INFERENCE_TOKEN,
 LORAFLEET_INFERENCE_TLS_CA (like the trainer client). Sampling flags left unset take the server's
-defaults; ``--temperature 0`` is greedy. Errors print the server's status code and message (which
-names the field and value) and exit with 2; a REPL turn that fails prints the error and goes on.
+defaults; ``--temperature 0`` is greedy. Errors print the server's status code and message and exit
+with 2; a refused request prints each field problem the status details carry (``google.rpc.BadRequest``)
+on its own line. A REPL turn that fails prints the error and goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import grpc
 
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
+from services.common.field_errors import field_violations
 from services.common.grpc_util import channel
 
 _FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.FinishReason.items()}
@@ -177,7 +179,22 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="", help="base model name (optional when the server has one)")
 
 
+def describe_error(err: grpc.RpcError) -> str:
+    """``CODE: message`` of a failed call; when the status details list field problems, the message's
+    first line and then one ``- field=value: problem`` line each."""
+    code = err.code().name if callable(getattr(err, "code", None)) else "UNKNOWN"
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    violations = field_violations(err)
+    if not violations:
+        return f"{code}: {details}"
+    lines = [f"{code}: {(details or '').splitlines()[0] if details else 'invalid request'}"]
+    lines += [f"  - {v.description}" for v in violations]
+    return "\n".join(lines)
+
+
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:
+    """One flag per field of the protobuf ``SamplingParams`` (``sampling_from_args`` reads them by
+    name), plus ``--adapter`` and ``--quiet``."""
     ap.add_argument("--adapter", default="", help="NAME or NAME@VERSION; empty = the base model")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (the server default)")
@@ -191,13 +208,15 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace) -> pb.SamplingParams:
-    """The flags the user set; unset ones stay unset so the server's defaults apply."""
-    s = pb.SamplingParams(stop=args.stop)
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                 "no_repeat_ngram_size", "seed"):  # fmt: skip
-        value = getattr(args, name)
-        if value is not None:
-            setattr(s, name, value)
+    """The flags the user set, by the proto field's name; unset ones stay unset so the server's
+    defaults apply."""
+    s = pb.SamplingParams()
+    for f in s.DESCRIPTOR.fields:
+        value = getattr(args, f.name)
+        if f.is_repeated:
+            getattr(s, f.name).extend(value)
+        elif value is not None:
+            setattr(s, f.name, value)
     return s
 
 
@@ -255,7 +274,7 @@ def _repl(
         try:
             result = print_stream(client.chat_stream(turn, args.adapter, args.model, sampling), out)
         except grpc.RpcError as e:
-            out.write(f"\nerror: {e.code().name}: {e.details()}\n")
+            out.write(f"\nerror: {describe_error(e)}\n")
             continue
         except KeyboardInterrupt:  # Ctrl-C stops this answer (the call is cancelled), not the REPL
             out.write("\n(interrupted)\n")
@@ -308,7 +327,7 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
             print(usage_line(result.usage), file=sys.stderr)
         return 0 if result.usage is not None else 1
     except grpc.RpcError as e:
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -316,4 +335,12 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
         client.close()
 
 
-__all__ = ["InferenceClient", "StreamResult", "finish_name", "main", "print_stream", "usage_line"]
+__all__ = [
+    "InferenceClient",
+    "StreamResult",
+    "describe_error",
+    "finish_name",
+    "main",
+    "print_stream",
+    "usage_line",
+]
