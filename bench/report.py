@@ -79,9 +79,10 @@ def inference_table(result: dict[str, Any]) -> str:
             )
         same = block.get("outputs_identical", {})
         parts = [
-            f"{key} **{block[key]:.2f}**" for key in ("ratio_vs_naive", "ratio_vs_static_mixed", "mixed_vs_base")
+            f"{key} **{block[key]:.2f}**"
+            for key in ("ratio_vs_naive", "ratio_vs_static_mixed", "mixed_vs_base")
             if key in block
-        ]  # fmt: skip
+        ]
         identical = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items())
         ratios.append(
             f"- {n} adapter(s): {', '.join(parts)}"

@@ -113,8 +113,11 @@ class Manifest:
         if data["kind"] not in KINDS:
             raise AdapterError(f"manifest key 'kind' must be one of {list(KINDS)}, got {data['kind']!r}")
         for rel, info in data["files"].items():
-            if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
-                    and isinstance(info.get("size"), int)):  # fmt: skip
+            if not (
+                isinstance(info, dict)
+                and isinstance(info.get("sha256"), str)
+                and isinstance(info.get("size"), int)
+            ):
                 raise AdapterError(
                     f"manifest key 'files' entry {rel!r} needs a sha256 string and an integer size"
                 )
@@ -230,8 +233,15 @@ def dataset_fingerprint(paths: list[str]) -> dict[str, Any]:
             raise DatasetError(f"dataset file {raw!r} does not exist")
         digest = sha256_file(p)
         combined.update(digest.encode())
-        files.append({"path": str(raw), "name": p.name, "sha256": digest, "size": p.stat().st_size,
-                      "rows": _count_rows(p)})  # fmt: skip
+        files.append(
+            {
+                "path": str(raw),
+                "name": p.name,
+                "sha256": digest,
+                "size": p.stat().st_size,
+                "rows": _count_rows(p),
+            }
+        )
     return {"files": files, "sha256": combined.hexdigest()}
 
 
@@ -342,8 +352,10 @@ def publish(
     name_dir = root / name
     name_dir.mkdir(parents=True, exist_ok=True)
     if staging.stat().st_dev != root.stat().st_dev:
-        raise AdapterError(f"staging dir {str(staging)!r} is not on the filesystem of {str(root)!r}: "
-                           "use new_staging_dir() so that publishing is an atomic rename")  # fmt: skip
+        raise AdapterError(
+            f"staging dir {str(staging)!r} is not on the filesystem of {str(root)!r}: "
+            "use new_staging_dir() so that publishing is an atomic rename"
+        )
     files = _artifact_files(staging)
     if not files:
         raise AdapterError(f"staging dir {str(staging)!r} holds no file to publish")

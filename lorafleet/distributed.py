@@ -194,26 +194,35 @@ def launch_command(cfg: DistributedConfig, script_args: list[str]) -> list[str]:
     """
     module = ["-m", "services.trainer.recipe", *script_args]
     if cfg.launcher == "deepspeed":
-        return [
-            sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_nodes", str(cfg.nnodes), "--num_gpus", str(cfg.nproc_per_node),
-            "--node_rank", str(cfg.node_rank), "--master_addr", cfg.master_addr,
-            "--master_port", str(cfg.master_port), "--no_ssh", "--no_local_rank", "--module",
-            *module[1:],
-        ]  # fmt: skip
-    return [
-        sys.executable, "-m", "lorafleet.torchrun",
-        "--nnodes", str(cfg.nnodes), "--nproc_per_node", str(cfg.nproc_per_node),
-        "--node_rank", str(cfg.node_rank), "--master_addr", cfg.master_addr,
-        "--master_port", str(cfg.master_port), *module,
-    ]  # fmt: skip
+        topology = {
+            "--num_nodes": cfg.nnodes,
+            "--num_gpus": cfg.nproc_per_node,
+            "--node_rank": cfg.node_rank,
+            "--master_addr": cfg.master_addr,
+            "--master_port": cfg.master_port,
+        }
+        runner = [sys.executable, "-m", "deepspeed.launcher.runner", *_flags(topology)]
+        return [*runner, "--no_ssh", "--no_local_rank", "--module", *module[1:]]
+    topology = {
+        "--nnodes": cfg.nnodes,
+        "--nproc_per_node": cfg.nproc_per_node,
+        "--node_rank": cfg.node_rank,
+        "--master_addr": cfg.master_addr,
+        "--master_port": cfg.master_port,
+    }
+    return [sys.executable, "-m", "lorafleet.torchrun", *_flags(topology), *module]
+
+
+def _flags(values: dict[str, object]) -> list[str]:
+    """``{"--flag": value}`` as ``["--flag", "value", ...]``, in order."""
+    return [item for flag, value in values.items() for item in (flag, str(value))]
 
 
 def launch_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for launched ranks: CPU runs need DeepSpeed's CPU accelerator and one thread per rank.
 
-    Without ``OMP_NUM_THREADS=1`` several ranks on a small CPU oversubscribe it and run 3-5x slower
-    (shared/STACK.md).
+    Without ``OMP_NUM_THREADS=1`` several ranks on a small CPU oversubscribe it and run several times
+    slower (bench/README.md).
     """
     env = dict(os.environ if base is None else base)
     if not torch.cuda.is_available():

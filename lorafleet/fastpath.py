@@ -10,10 +10,10 @@ cross-entropy as ``ForCausalLMLoss``. It goes through the top-level forward, so 
 PEFT wrappers see an ordinary call. Models whose forward does not take a mask (remote-code
 ChatGLM / Baichuan, P-tuning's prompt encoder, which prepends virtual tokens) use the plain path.
 
-**CPU dropout.** ``torch.nn.functional.dropout`` on CPU draws its Bernoulli mask element by element
-and takes ~4x as long as ``torch.rand`` + a compare on the same tensor; PEFT applies a LoRA dropout
-to the input of every adapted layer, so on CPU it was a third of the forward time (profiled on the
-tiny llama, bench/train_bench.py). :class:`LoraDropout` keeps each element with probability exactly
+**CPU dropout.** ``torch.nn.functional.dropout`` on CPU draws its Bernoulli mask element by element,
+several times slower than ``torch.rand`` + a compare on the same tensor, and PEFT applies a LoRA
+dropout to the input of every adapted layer, so on CPU it is a large share of the forward (figures
+in bench/README.md). :class:`LoraDropout` keeps each element with probability exactly
 ``1 - p`` (``u >= p`` for ``u ~ U[0, 1)``), scales by ``1 / (1 - p)`` and saves a bool mask for the
 backward (the same memory as native dropout). On CUDA it calls the fused native kernel.
 """

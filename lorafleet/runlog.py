@@ -32,9 +32,22 @@ LOG_NAME = "trainer_log.jsonl"
 PLOT_NAME = "training_loss.png"
 FINAL_METRICS_NAME = "final_metrics.json"
 _RECORD_ORDER = (
-    "step", "total_steps", "epoch", "loss", "eval_loss", "eval_perplexity", "learning_rate", "grad_norm",
-    "tokens_per_s", "tokens", "elapsed_s", "eta_s", "percent", "peak_memory_bytes", "time",
-)  # fmt: skip
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "eval_perplexity",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens",
+    "elapsed_s",
+    "eta_s",
+    "percent",
+    "peak_memory_bytes",
+    "time",
+)
 
 
 def _clean(value: Any) -> Any:

@@ -36,11 +36,30 @@ _HAN_CHAR_RE = re.compile(f"[{_HAN}]")
 # non-space symbol is a token of its own.
 _LATIN_TOKEN_RE = re.compile(r"[^\W_]+(?:['’.\-][^\W_]+)*|_+|[^\w\s]")
 # Punctuation NFKC leaves alone, mapped to the ASCII that the full-width form means.
-_CJK_PUNCT = str.maketrans({
-    "。": ".", "、": ",", "「": '"', "」": '"', "『": '"', "』": '"', "“": '"', "”": '"',
-    "‘": "'", "’": "'", "【": "[", "】": "]", "《": "<", "》": ">", "〈": "<", "〉": ">",
-    "…": "...", "—": "-", "–": "-", "·": ".",
-})  # fmt: skip
+_CJK_PUNCT = str.maketrans(
+    {
+        "。": ".",
+        "、": ",",
+        "「": '"',
+        "」": '"',
+        "『": '"',
+        "』": '"',
+        "“": '"',
+        "”": '"',
+        "‘": "'",
+        "’": "'",
+        "【": "[",
+        "】": "]",
+        "《": "<",
+        "》": ">",
+        "〈": "<",
+        "〉": ">",
+        "…": "...",
+        "—": "-",
+        "–": "-",
+        "·": ".",
+    }
+)
 
 _jieba: Any = None
 _jieba_lock = threading.Lock()

@@ -162,17 +162,42 @@ def main(argv: list[str] | None = None) -> int:
     iport = args.inference_port if _port_free(host, args.inference_port) else 0
     trainer = ServiceProcess(
         "trainer",
-        ["trainer-server", "--host", host, "--port", str(tport), "--metrics-port", "0",
-         "--state-dir", str(out / "trainer"), "--adapters-root", str(adapters_root)],
+        [
+            "trainer-server",
+            "--host",
+            host,
+            "--port",
+            str(tport),
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(out / "trainer"),
+            "--adapters-root",
+            str(adapters_root),
+        ],
         out / "logs" / "trainer.log",
-    )  # fmt: skip
+    )
     inference = ServiceProcess(
         "inference",
-        ["inference-server", "--host", host, "--port", str(iport), "--metrics-port", "0",
-         "--model", f"{BASE_NAME}={TINY}", "--adapters-root", str(adapters_root),
-         "--max-batch-size", "32", "--scan-interval-s", "0.5"],
+        [
+            "inference-server",
+            "--host",
+            host,
+            "--port",
+            str(iport),
+            "--metrics-port",
+            "0",
+            "--model",
+            f"{BASE_NAME}={TINY}",
+            "--adapters-root",
+            str(adapters_root),
+            "--max-batch-size",
+            "32",
+            "--scan-interval-s",
+            "0.5",
+        ],
         out / "logs" / "inference.log",
-    )  # fmt: skip
+    )
     services = [trainer, inference]
     trainer_client: TrainerClient | None = None
     ichannel: grpc.Channel | None = None

@@ -37,8 +37,11 @@ def make_corpus(seed: int = 0, paragraphs: int = 160) -> str:
         ["喜欢", "正在学习", "每天阅读"],
         ["机器学习", "中国历史", "天气预报"],
     )
-    en = (["The teacher", "My friend", "A doctor"], ["likes", "is studying", "reads about"],
-          ["machine learning", "the history of China", "the weather"])  # fmt: skip
+    en = (
+        ["The teacher", "My friend", "A doctor"],
+        ["likes", "is studying", "reads about"],
+        ["machine learning", "the history of China", "the weather"],
+    )
     out = []
     for _ in range(paragraphs):
         n = rng.randint(2, 4)
