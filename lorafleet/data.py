@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from lorafleet.config import DataConfig
-from lorafleet.errors import ConfigError, DatasetError, FieldProblem, RowProblem
+from lorafleet.errors import ConfigError, DatasetError, FieldProblem, RowProblem, show_value
 from lorafleet.templates import Template, encode_prefix, encode_turns
 
 IGNORE_INDEX = -100
@@ -58,6 +59,7 @@ _SHAREGPT_ROLES = {
 }
 _OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 _MISSING: Any = object()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -127,11 +129,10 @@ def _read_records(path: str) -> tuple[list[tuple[int, Any]], list[RowProblem]]:
         raise DatasetError(f"{path}: the file is empty")
     try:
         whole = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         if text.lstrip().startswith("["):
-            raise DatasetError(
-                f"{path}: malformed JSON array at line {e.lineno} column {e.colno}: {e.msg}"
-            ) from e
+            where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise DatasetError(f"{path}: malformed JSON array{where}: {_json_failure(e)}") from e
         return _read_jsonl(path, text)
     if isinstance(whole, list):
         return list(enumerate(whole, start=1)), []
@@ -143,18 +144,29 @@ def _read_records(path: str) -> tuple[list[tuple[int, Any]], list[RowProblem]]:
     )
 
 
+def _json_failure(error: ValueError | RecursionError) -> str:
+    """What is wrong with a JSON text, in a few words (the parser's own message is short)."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    # int() refuses numbers of more than sys.get_int_max_str_digits() digits (CVE-2020-10735).
+    return f"cannot be read: {show_value(str(error))}"
+
+
 def _read_jsonl(path: str, text: str) -> tuple[list[tuple[int, Any]], list[RowProblem]]:
+    """One record per line. Lines end at ``\n`` only, as JSON Lines defines: a JSON string may hold
+    U+2028, U+0085 and the like, which ``str.splitlines`` would take for line ends."""
     records: list[tuple[int, Any]] = []
     problems: list[RowProblem] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(
-                RowProblem(path, number, "<json>", f"malformed JSON at column {e.colno}: {e.msg}")
-            )
+        except (ValueError, RecursionError) as e:
+            column = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            problems.append(RowProblem(path, number, "<json>", f"malformed JSON{column}: {_json_failure(e)}"))
     return records, problems
 
 
@@ -174,7 +186,7 @@ def _detect_format(records: list[tuple[int, Any]], cfg: DataConfig, path: str) -
             return "columns"
     raise DatasetError(
         f"{path}: cannot tell the data format: no row has 'messages', 'conversations', 'instruction' or "
-        f"the prompt column '{cfg.prompt_column}' (first row's keys: {first_keys}); set data.format "
+        f"the prompt column '{cfg.prompt_column}' (first row's keys: {show_value(first_keys)}); set data.format "
         "and the column names"
     )
 
@@ -205,6 +217,11 @@ class _Row:
             return None
         if not allow_empty and not value.strip():
             self.bad(field_name, "is empty")
+            return None
+        surrogate = _SURROGATE.search(value)
+        if surrogate:
+            # JSON can escape half of a UTF-16 pair ("\\ud800"); no tokenizer can encode that.
+            self.bad(field_name, f"is not valid Unicode: unpaired surrogate {surrogate.group()!r}")
             return None
         return value
 
@@ -256,7 +273,9 @@ def _parse_messages(row: _Row) -> Sample | None:
         raw_role = message.get(role_key)
         role = roles.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            row.bad(f"{where}.{role_key}", f"unknown role {raw_role!r}; expected one of {sorted(roles)}")
+            row.bad(
+                f"{where}.{role_key}", f"unknown role {show_value(raw_role)}; expected one of {sorted(roles)}"
+            )
             continue
         content = row.text(
             message.get(text_key, _MISSING), f"{where}.{text_key}", allow_empty=role == "system"

@@ -236,6 +236,32 @@ BAD_DATASETS = [
     ("top_level_scalar", "42", {}, "the top level is a JSON int"),
     ("malformed_json_array", '[{"instruction": "x",\n "output": }]', {}, "malformed JSON array at line 2"),
     ("undetectable_format", _jsonl({"foo": 1}), {}, "cannot tell the data format"),
+    # Found by tests/test_fuzz_data.py: each used to escape as a traceback or an unbounded message.
+    (
+        "number_too_long",
+        _jsonl(GOOD_ALPACA) + '{"instruction": ' + "7" * 5000 + "}\n",
+        {},
+        ":2: <json>: malformed JSON",
+    ),
+    (
+        "nested_too_deeply",
+        _jsonl(GOOD_ALPACA) + "[" * 100_000 + "\n",
+        {},
+        ":2: <json>: malformed JSON: nested too deeply",
+    ),
+    ("array_nested_too_deeply", "[" * 100_000, {}, "malformed JSON array: nested too deeply"),
+    (
+        "unpaired_surrogate",
+        _jsonl(GOOD_ALPACA) + '{"instruction": "x\\ud800", "output": "y"}\n',
+        {},
+        ":2: instruction: is not valid Unicode: unpaired surrogate",
+    ),
+    (
+        "long_role_is_shortened",
+        _jsonl({"messages": [{"role": "x" * 100_000, "content": "q"}]}),
+        {},
+        ":1: messages[0].role: unknown role 'xxxxxxxx",
+    ),
 ]
 
 
@@ -252,6 +278,29 @@ def test_bad_dataset_is_refused_with_line_and_field(
     assert info.value.reason.startswith(path)
     if expected.startswith(":"):
         assert f"{path}{expected}" in info.value.reason
+
+
+def test_long_values_are_shortened_in_problems(tmp_path: Path) -> None:
+    path = _write(tmp_path, _jsonl({"messages": [{"role": "x" * 100_000, "content": "q"}]}, {"k" * 10**5: 1}))
+    _, problems = load_samples(path, _cfg(format="messages"))
+    assert [p.line for p in problems] == [1, 2]
+    assert all(len(p.message) < 200 for p in problems)
+    with pytest.raises(DatasetError) as info:
+        load_samples(_write(tmp_path, _jsonl({"k" * 10**5: 1}), "keys.jsonl"), _cfg())
+    assert len(info.value.reason) < 600
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    # JSON strings may hold U+2028, U+0085 and the like raw; str.splitlines would break the row there
+    # and report the rows after it on the wrong lines.
+    odd = {"instruction": "a\u2028b\x85c\x1cd", "output": "e\u2029f"}
+    path = _write(tmp_path, _jsonl(odd, {"instruction": "x"}, GOOD_ALPACA))
+    samples, problems = load_samples(path, _cfg())
+    assert [(s.line, s.turns) for s in samples] == [
+        (1, [(odd["instruction"], odd["output"])]),
+        (3, [("计算 1 + 1", "2")]),
+    ]
+    assert [(p.line, p.field, p.message) for p in problems] == [(2, "output", "missing")]
 
 
 def test_missing_file(tmp_path: Path) -> None:
