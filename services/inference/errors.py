@@ -1,9 +1,10 @@
-"""Every error the inference service raises on purpose, in one place.
+"""Every error the inference service raises on purpose, and the status code each one becomes.
 
-The server maps each class to a status code in one explicit table (``server.py``, ``ERROR_STATUS``);
-this module imports no grpc, so the engine and the registry can raise these without knowing about
-the transport. Each error carries a human ``reason`` (``lorafleet.errors.LorafleetError``); the
-client sees that reason as the status message.
+``STATUS_FOR`` is the explicit table the server gives its ``ErrorInterceptor``: a new error class
+goes here, with its code, and nowhere else (the trainer's ``services/trainer/errors.py`` has the same
+shape). The engine and the registry only raise these; they never touch a status. Each error carries
+a human ``reason`` (``lorafleet.errors.LorafleetError``); the client sees that reason as the status
+message.
 
 The adapter errors that the trainer shares (``AdapterError`` for a malformed reference,
 ``AdapterNotFoundError``) live in ``lorafleet.errors``; the ones below subclass them.
@@ -11,7 +12,12 @@ The adapter errors that the trainer shares (``AdapterError`` for a malformed ref
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import grpc
+
 from lorafleet.errors import AdapterError, ConfigError, FieldProblem, LorafleetError
+from services.common.interceptor import CORE_STATUS
 
 
 class InvalidRequestError(ConfigError):
@@ -65,7 +71,23 @@ class RequestFailedError(EngineError):
     error); the other requests keep running."""
 
 
+STATUS_FOR: Mapping[type[BaseException], grpc.StatusCode] = {
+    **CORE_STATUS,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    AdapterIncompatibleError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
+    EngineClosedError: grpc.StatusCode.UNAVAILABLE,
+    RequestFailedError: grpc.StatusCode.INTERNAL,
+}
+"""Every error above (and the core's) -> the status the client gets; ``InvalidRequestError`` is a
+``ConfigError`` (INVALID_ARGUMENT, with a BadRequest field violation per problem)."""
+
 __all__ = [
+    "STATUS_FOR",
     "AdapterCapacityError",
     "AdapterIncompatibleError",
     "AdapterLoadError",

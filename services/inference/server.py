@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import fields
 from typing import Any
@@ -40,19 +40,9 @@ from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
-from services.common.interceptor import CORE_STATUS, ErrorInterceptor
+from services.common.interceptor import ErrorInterceptor
 from services.inference import settings as settings_module
-from services.inference.errors import (
-    AdapterCapacityError,
-    AdapterIncompatibleError,
-    AdapterLoadError,
-    EngineClosedError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    PromptTooLongError,
-    QueueFullError,
-    RequestFailedError,
-)
+from services.inference.errors import STATUS_FOR
 from services.inference.metrics import InferenceMetrics
 from services.inference.plane import Completion, Generation, HostedAdapterStatus, InferencePlane, Usage
 from services.inference.request_checks import Message
@@ -63,21 +53,6 @@ log = logging.getLogger("lorafleet.inference")
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 RPC_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name)
 MUTATING = [f"/{SERVICE}/LoadAdapter", f"/{SERVICE}/UnloadAdapter"]
-
-ERROR_STATUS: Mapping[type[BaseException], grpc.StatusCode] = {
-    **CORE_STATUS,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
-    AdapterIncompatibleError: grpc.StatusCode.FAILED_PRECONDITION,
-    AdapterLoadError: grpc.StatusCode.FAILED_PRECONDITION,
-    AdapterCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
-    EngineClosedError: grpc.StatusCode.UNAVAILABLE,
-    RequestFailedError: grpc.StatusCode.INTERNAL,
-}
-"""Every error of ``errors.py`` (and the core's) -> the status the client gets; ``InvalidRequestError``
-is a ``ConfigError`` (INVALID_ARGUMENT, with a BadRequest field violation per problem)."""
 
 _NO_DEADLINE_S = 10 * 365 * 86400.0
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -264,7 +239,7 @@ class InferenceServer:
         self.plane = InferencePlane(settings, self.metrics.observer, self.metrics.registry_event)
         self.servicer = InferenceServicer(self.plane)
         # First, so that it also counts what the auth interceptor refuses.
-        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(ERROR_STATUS, self._count)]
+        interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(STATUS_FOR, self._count)]
         if settings.auth_token:
             interceptors.append(grpc_util.BearerTokenInterceptor(settings.auth_token, MUTATING))
         self.server = grpc.server(
