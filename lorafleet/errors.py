@@ -16,7 +16,10 @@ _MAX_VALUE_CHARS = 80
 
 def show_value(value: Any) -> str:
     """Render a user value for an error message: repr, shortened so a huge value stays readable."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's 4300-digit conversion limit, possibly nested
+        return f"<{type(value).__name__} too long to show>"
     if len(text) > _MAX_VALUE_CHARS:
         text = text[: _MAX_VALUE_CHARS - 3] + "..."
     return text
