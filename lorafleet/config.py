@@ -16,6 +16,7 @@ their values parsed as YAML scalars. ``validate_config`` checks every field at o
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -240,26 +241,194 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError([FieldProblem(item, item, "an override must look like section.key=value")])
-    key, raw = item.split("=", 1)
+MAX_OVERRIDES = 64
+"""Overrides per config or job: more is a mistake or an attack, never a run."""
+MAX_OVERRIDE_KEY_CHARS = 128
+MAX_OVERRIDE_VALUE_CHARS = 4096
+"""Characters of one override's YAML text; the longest legitimate value (a system prompt) fits."""
+MAX_YAML_DEPTH = 16
+"""Nesting of YAML collections in an override value or config file; a run config needs 3."""
+MAX_CONFIG_FILE_BYTES = 1024 * 1024
+_KEY_RE = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*")
+
+
+class _UnsafeYamlError(yaml.YAMLError):
+    """YAML that could cost far more to load than its size: anchors, aliases, deep nesting."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses anchors and aliases and nests at most :data:`MAX_YAML_DEPTH` deep.
+
+    Aliases let a few hundred bytes expand exponentially ("billion laughs"); deep nesting makes
+    PyYAML's recursive composer overflow the stack. A run config needs neither.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _UnsafeYamlError("YAML anchors and aliases (&name, *name) are not accepted")
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _UnsafeYamlError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep is not accepted")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted path -> type text of every leaf field of a config dataclass."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        default = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(default):
+            out.update(_leaf_fields(type(default), f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = str(f.type)
+    return out
+
+
+_FIELD_TYPES = _leaf_fields(RunConfig)
+OVERRIDE_KEYS = frozenset(_FIELD_TYPES)
+"""Every key an override may name: the dotted path of each leaf field of :class:`RunConfig`."""
+_SECTION_NAMES = frozenset(k.partition(".")[0] for k in OVERRIDE_KEYS if "." in k)
+_MAX_ANY_INT = 2**63 - 1
+_INT32_MAX = 2**31 - 1
+_MAX_STEPS = 10_000_000
+_MAX_TOKENS = 262_144
+
+NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
+    "data.validation_split": (0.0, 1.0),
+    "data.max_source_length": (1, _MAX_TOKENS),
+    "data.max_target_length": (1, _MAX_TOKENS),
+    "data.packing_length": (16, _MAX_TOKENS),
+    "data.max_bad_fraction": (0.0, 1.0),
+    "data.max_samples": (1, _INT32_MAX),
+    "lora.rank": (1, 1024),
+    "lora.alpha": (0.0, 100_000.0),
+    "lora.dropout": (0.0, 1.0),
+    "freeze.trainable_layers": (0, 4096),
+    "ptuning.num_virtual_tokens": (1, 512),
+    "ptuning.encoder_hidden_size": (1, 65_536),
+    "train.epochs": (0.0, 1000.0),
+    "train.max_steps": (0, _MAX_STEPS),
+    "train.per_device_batch_size": (1, 4096),
+    "train.gradient_accumulation_steps": (1, 4096),
+    "train.learning_rate": (0.0, 1.0),
+    "train.warmup_ratio": (0.0, 1.0),
+    "train.weight_decay": (0.0, 100.0),
+    "train.max_grad_norm": (0.0, 1e6),
+    "train.seed": (0, _INT32_MAX),
+    "train.logging_steps": (1, _MAX_STEPS),
+    "train.eval_steps": (0, _MAX_STEPS),
+    "train.save_steps": (0, _MAX_STEPS),
+    "train.save_total_limit": (1, 1000),
+    "train.max_new_tokens": (1, 4096),
+    "train.max_eval_samples": (0, 1_000_000),
+    "train.num_threads": (0, 1024),
+    "distributed.deepspeed_stage": (-1, 3),
+    "distributed.nproc_per_node": (1, 1024),
+    "distributed.nnodes": (1, 4096),
+    "distributed.node_rank": (0, 4095),
+    "distributed.master_port": (1, 65_535),
+}
+"""Hard bounds of every numeric field, checked after the field's own (documented) checks: they catch
+overflow (``epochs=1e9``, ``max_steps=2**31-1``) and keep every value inside what the trainer API's
+proto fields carry (int32 at most), so an accepted config can always be stored and read back.
+Floats must also be finite."""
+
+MAX_STRING_CHARS = 4096
+"""Characters of a string field (a path at most PATH_MAX) unless :data:`STRING_LIMITS` says less."""
+STRING_LIMITS: dict[str, int] = {
+    "model.revision": 256,
+    "model.family": 64,
+    "model.attn_implementation": 64,
+    "data.prompt_column": 256,
+    "data.response_column": 256,
+    "data.system_column": 256,
+    "data.system": 8192,
+    "distributed.master_addr": 255,
+}
+MAX_LIST_ITEMS = 256
+"""Entries of a list field (module names); each entry at most :data:`MAX_LIST_ITEM_CHARS`."""
+MAX_LIST_ITEM_CHARS = 256
+
+
+def _key_label(key: str) -> str:
+    """A key as an error's field name: itself when well-formed, else its repr, shortened."""
+    text = key if _KEY_RE.fullmatch(key) and len(key) <= MAX_OVERRIDE_KEY_CHARS else repr(key)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def check_override_key(key: str) -> str | None:
+    """What is wrong with an override key, or None when it names a field of the run config.
+
+    The grammar is strict (lowercase ``section.field`` in ASCII, nothing else), so a key is
+    compared with others, such as the server-owned ones, exactly as written: no spacing, case,
+    look-alike or empty-segment spelling of a key can reach a field under another name.
+    """
+    if len(key) > MAX_OVERRIDE_KEY_CHARS or not _KEY_RE.fullmatch(key):
+        return "must be a known section.field key: lowercase ASCII letters, digits and '_', one '.'"
+    if key in OVERRIDE_KEYS:
+        return None
+    section, _, name = key.partition(".")
+    fields = sorted(k.partition(".")[2] for k in OVERRIDE_KEYS if k.startswith(f"{section}."))
+    if not fields:
+        return f"unknown section; expected one of {sorted(_SECTION_NAMES)}"
+    if not name:
+        return f"must name a field of the section, e.g. {section}.{fields[0]}"
+    return f"unknown field; expected one of {fields}"
+
+
+def parse_override_value(key: str, raw: str) -> Any:
+    """The value of one override, read as YAML; text that is not YAML stays text.
+
+    Raises:
+        ConfigError: the text is too long, or uses anchors, aliases or deep nesting.
+    """
+    if len(raw) > MAX_OVERRIDE_VALUE_CHARS:
+        raise ConfigError(
+            [FieldProblem(_key_label(key), raw, f"at most {MAX_OVERRIDE_VALUE_CHARS} characters")]
+        )
+    if raw == "":
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
+        return _load_yaml(raw)
+    except _UnsafeYamlError as e:
+        raise ConfigError([FieldProblem(_key_label(key), raw, str(e))]) from None
+    except (yaml.YAMLError, ValueError):
+        return raw  # e.g. ``a: b: c`` or a number too long to convert: the text itself
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(
+            [FieldProblem(_key_label(item), item, "an override must look like section.key=value")]
+        )
+    key, raw = item.split("=", 1)
+    problem = check_override_key(key)
+    if problem is not None:
+        raise ConfigError([FieldProblem(_key_label(key), raw, problem)])
+    return key, parse_override_value(key, raw)
+
+
+def set_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set the field ``key`` (checked by :func:`check_override_key`) of a config tree to ``value``."""
     node = tree
-    for part in path[:-1]:
+    *parents, name = key.split(".")
+    for part in parents:
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
             node[part] = child
         node = child
-    node[path[-1]] = value
+    node[name] = value
 
 
 def apply_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
@@ -267,21 +436,32 @@ def apply_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any
 
     The same syntax as ``lorafleet train CONFIG key=value ...``: ``lora.rank=16`` sets an int,
     ``lora.target_modules=[q_proj,v_proj]`` a list, ``model.name_or_path=`` an empty string.
+    Keys must name a field exactly (:func:`check_override_key`), once each; values are YAML without
+    anchors or aliases, at most :data:`MAX_OVERRIDE_VALUE_CHARS` characters.
 
     Returns:
         ``tree``, for chaining.
 
     Raises:
-        ConfigError: every item that is not ``key=value``.
+        ConfigError: every bad item, and too many items.
     """
+    items = list(items)
     problems: list[FieldProblem] = []
+    if len(items) > MAX_OVERRIDES:
+        problems.append(FieldProblem("overrides", len(items), f"at most {MAX_OVERRIDES} overrides"))
+        items = items[:MAX_OVERRIDES]
+    seen: set[str] = set()
     for item in items:
         try:
-            keys, value = _parse_override(item)
+            key, value = _parse_override(item)
         except ConfigError as e:
             problems += e.problems
             continue
-        _set_path(tree, keys, value)
+        if key in seen:
+            problems.append(FieldProblem(key, item, "given more than once"))
+            continue
+        seen.add(key)
+        set_override(tree, key, value)
     if problems:
         raise ConfigError(problems)
     return tree
@@ -307,9 +487,17 @@ def _build(cls: type, data: Any, prefix: str, problems: list[FieldProblem]) -> A
     return cls(**kwargs)
 
 
+def _short_int(value: int) -> str:
+    """An integer too long to print (Python refuses over 4300 digits) described by its size."""
+    return f"<integer of {value.bit_length()} bits>"
+
+
 def _coerce(value: Any, default: Any, type_text: Any, path: str, problems: list[FieldProblem]) -> Any:
     """Accept a YAML value for a field whose default tells its type; ints are fine for floats."""
     text = str(type_text)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_ANY_INT:
+        problems.append(FieldProblem(path, _short_int(value), "is far out of range"))
+        return default
     if value is None:
         if "None" in text:
             return None
@@ -374,9 +562,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError([FieldProblem("config", str(path), "file not found")])
+        if p.stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise ConfigError(
+                [FieldProblem("config", str(path), f"larger than {MAX_CONFIG_FILE_BYTES} bytes")]
+            )
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
+            loaded = _load_yaml(p.read_text(encoding="utf-8"))
+        except _UnsafeYamlError as e:
+            raise ConfigError([FieldProblem("config", str(path), str(e))]) from None
+        except (yaml.YAMLError, ValueError) as e:
             raise ConfigError([FieldProblem("config", str(path), f"not valid YAML: {e}")]) from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([FieldProblem("config", str(path), "the top level must be a mapping")])
@@ -396,13 +590,79 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
 
 
 def _check(problems: list[FieldProblem], ok: bool, field_path: str, value: Any, message: str) -> None:
-    if not ok:
+    """Record ``message`` for a field unless ``ok`` or the field already has a problem."""
+    if not ok and all(p.field != field_path for p in problems):
         problems.append(FieldProblem(field_path, value, message))
 
 
+def _leaf_values(c: RunConfig) -> dict[str, Any]:
+    tree = c.to_dict()
+    out: dict[str, Any] = {}
+    for path in _FIELD_TYPES:
+        section, _, name = path.rpartition(".")
+        out[path] = tree[section][name] if section else tree[name]
+    return out
+
+
+def _storable(text: str) -> bool:
+    """Text a store, a YAML file and a protobuf string can all carry: UTF-8 encodable, no NUL."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _check_storage(values: dict[str, Any], p: list[FieldProblem]) -> None:
+    """Finite floats, and strings (lists of strings) of bounded size that can be stored as text."""
+    for path, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(FieldProblem(path, value, "must be a finite number"))
+        elif isinstance(value, str):
+            limit = STRING_LIMITS.get(path, MAX_STRING_CHARS)
+            if len(value) > limit:
+                p.append(FieldProblem(path, value, f"at most {limit} characters"))
+            elif not _storable(value):
+                p.append(FieldProblem(path, value, "must be text without NUL characters or lone surrogates"))
+        elif isinstance(value, list):
+            if len(value) > MAX_LIST_ITEMS:
+                p.append(FieldProblem(path, f"<{len(value)} items>", f"at most {MAX_LIST_ITEMS} items"))
+            elif any(len(v) > MAX_LIST_ITEM_CHARS or not _storable(v) for v in value):
+                message = f"each entry at most {MAX_LIST_ITEM_CHARS} characters of text, no NUL"
+                p.append(FieldProblem(path, value, message))
+
+
+def _number_text(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _check_bounds(values: dict[str, Any], p: list[FieldProblem]) -> None:
+    for path, (low, high) in NUMERIC_BOUNDS.items():
+        value = values[path]
+        if value is not None:
+            message = f"must be in [{_number_text(low)}, {_number_text(high)}]"
+            _check(p, low <= value <= high, path, value, message)
+
+
+def _is_path(path: str, kind: str) -> bool:
+    """Whether ``path`` is an existing file or directory; False for names the OS refuses (too long)."""
+    try:
+        return Path(path).is_dir() if kind == "dir" else Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def validate_config(c: RunConfig) -> None:
-    """Check every field and their combinations; raise one ConfigError listing all problems."""
+    """Check every field and their combinations; raise one ConfigError listing all problems.
+
+    Storage checks come first (finite numbers, bounded storable text), each field's own checks next,
+    the hard :data:`NUMERIC_BOUNDS` last; a field is reported once, by the first check it fails.
+    """
     p: list[FieldProblem] = []
+    values = _leaf_values(c)
+    _check_storage(values, p)
     _check(p, c.method in METHODS, "method", c.method, f"must be one of {list(METHODS)}")
     m = c.model
     _check(p, bool(m.name_or_path.strip()), "model.name_or_path", m.name_or_path, "must not be empty")
@@ -431,11 +691,12 @@ def validate_config(c: RunConfig) -> None:
     if o.version != "auto":
         _check(
             p,
-            o.version.isdigit() and int(o.version) > 0,
+            bool(re.fullmatch(r"[1-9][0-9]{0,9}", o.version)) and int(o.version) <= _INT32_MAX,
             "output.version",
             o.version,
-            "must be 'auto' or a positive integer",
+            f"must be 'auto' or a positive integer up to {_INT32_MAX}",
         )
+    _check_bounds(values, p)
     if p:
         raise ConfigError(p)
 
@@ -590,7 +851,7 @@ def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:
     _check(p, t.save_total_limit >= 1, "train.save_total_limit", t.save_total_limit, "must be >= 1")
     _check(
         p,
-        t.resume in ("auto", "never") or Path(t.resume).is_dir(),
+        t.resume in ("auto", "never") or _is_path(t.resume, "dir"),
         "train.resume",
         t.resume,
         "must be 'auto', 'never' or an existing checkpoint directory",
@@ -631,7 +892,7 @@ def _validate_distributed(c: RunConfig, p: list[FieldProblem]) -> None:
     if d.deepspeed_config:
         _check(
             p,
-            Path(d.deepspeed_config).is_file(),
+            _is_path(d.deepspeed_config, "file"),
             "distributed.deepspeed_config",
             d.deepspeed_config,
             "file not found",

@@ -51,7 +51,8 @@ def test_apply_overrides_sets_yaml_values_and_lists_every_bad_item():
     assert tree == {"lora": {"rank": 16}, "train": {"seed": 7}, "model": {"name_or_path": ""}}
     with pytest.raises(ConfigError) as err:
         apply_overrides(tree, ["no-equals", "lora.alpha=8", "also bad"])
-    assert [p.field for p in err.value.problems] == ["no-equals", "also bad"]
+    # A malformed key is named by its repr, so spaces and look-alike characters show.
+    assert [p.field for p in err.value.problems] == ["'no-equals'", "'also bad'"]
     assert tree["lora"] == {"rank": 16, "alpha": 8}
 
 

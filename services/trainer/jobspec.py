@@ -14,7 +14,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lorafleet.config import RunConfig, apply_overrides, config_from_dict
+from lorafleet.config import (
+    MAX_OVERRIDES,
+    RunConfig,
+    check_override_key,
+    config_from_dict,
+    parse_override_value,
+    set_override,
+)
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.v1 import trainer_pb2 as pb
 from services.trainer.store import JobRequest, ResourceRequest
@@ -37,7 +44,6 @@ _RENAMED: dict[tuple[str, str], str] = {
     ("resources", "nodes"): "distributed.nnodes",
     ("resources", "processes_per_node"): "distributed.nproc_per_node",
 }
-# Config keys only the server sets.
 SERVER_OWNED = (
     "output.run_dir",
     "output.adapters_root",
@@ -46,6 +52,8 @@ SERVER_OWNED = (
     "distributed.master_addr",
     "distributed.master_port",
 )
+"""Config keys only the server sets. Override keys are checked by ``check_override_key`` first, which
+accepts exactly one spelling of each field, so comparing with this tuple cannot be sidestepped."""
 # A list field where one of these words alone means the config's string form.
 _LIST_KEYWORDS = {"target_modules": ("auto", "all-linear")}
 
@@ -68,7 +76,13 @@ SPEC_FIELD_FOR = _config_to_spec_paths()
 
 def spec_field(config_path: str) -> str:
     """The spec field a config path comes from (``spec.overrides[...]`` when it has no typed field)."""
-    return SPEC_FIELD_FOR.get(config_path, f"spec.overrides[{config_path!r}]")
+    return SPEC_FIELD_FOR.get(config_path) or _override_field(config_path)
+
+
+def _override_field(key: str) -> str:
+    """``spec.overrides['key']``, the key shortened so that an echoed field name stays small."""
+    text = repr(key)
+    return f"spec.overrides[{text if len(text) <= 64 else text[:60] + '...' + text[0]}]"
 
 
 def _message_values(message: Any) -> dict[str, Any]:
@@ -183,15 +197,7 @@ def request_to_config(request: JobRequest, server: dict[str, Any] | None = None)
     if gpus is not None and _get_path(tree, "distributed.nproc_per_node") is None:
         # One process per GPU unless the client says otherwise.
         _set_path(tree, "distributed.nproc_per_node", max(1, gpus))
-    for key, raw in sorted(request.overrides.items()):
-        field = f"spec.overrides[{key!r}]"
-        if key in SERVER_OWNED or (key.split(".")[0] == "output" and key != "output.adapter_name"):
-            problems.append(FieldProblem(field, raw, "set by the server, not by a job"))
-            continue
-        try:
-            apply_overrides(tree, [f"{key}={raw}"])
-        except ConfigError as e:
-            problems += [FieldProblem(field, raw, p.message) for p in e.problems]
+    _apply_overrides(tree, request.overrides, problems)
     for key, value in (server or {}).items():
         _set_path(tree, key, value)
     try:
@@ -201,6 +207,27 @@ def request_to_config(request: JobRequest, server: dict[str, Any] | None = None)
     if problems:
         raise ConfigError(problems, context="invalid job spec")
     return config
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: dict[str, str], problems: list[FieldProblem]) -> None:
+    """Apply a spec's overrides to ``tree``, each key checked strictly and server-owned keys refused."""
+    if len(overrides) > MAX_OVERRIDES:
+        count = f"<{len(overrides)} overrides>"
+        problems.append(FieldProblem("spec.overrides", count, f"at most {MAX_OVERRIDES} overrides"))
+        return
+    for key, raw in sorted(overrides.items()):
+        field = _override_field(key)
+        problem = check_override_key(key)
+        owned = key in SERVER_OWNED or (key.startswith("output.") and key != "output.adapter_name")
+        if problem is None and owned:
+            problem = "set by the server, not by a job"
+        if problem is not None:
+            problems.append(FieldProblem(field, raw, problem))
+            continue
+        try:
+            set_override(tree, key, parse_override_value(key, raw))
+        except ConfigError as e:
+            problems += [FieldProblem(field, raw, p.message) for p in e.problems]
 
 
 def _set_message(message: Any, values: dict[str, Any]) -> None:
