@@ -210,13 +210,15 @@ def test_streamed_text_is_written_chunk_by_chunk(server: InferenceProcess) -> No
 def test_load_and_unload_need_the_token(server: InferenceProcess) -> None:
     denied = cli("load", "beta", "--target", server.address)
     assert denied.returncode == 2 and "error: UNAUTHENTICATED" in denied.stderr
-    loaded = cli("load", "beta", "--target", server.address, "--token", TOKEN)
+    token_file = server.log_dir / "client-token"
+    token_file.write_text(TOKEN + "\n")
+    loaded = cli("load", "beta", "--target", server.address, "--token-file", str(token_file))
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout == "beta@1 on tiny: loaded\n"
     unloaded = cli("unload", "beta@1", "--target", server.address, env={"LORAFLEET_INFERENCE_TOKEN": TOKEN})
     assert unloaded.returncode == 0, unloaded.stderr
     assert unloaded.stdout == "beta@1 on tiny: available\n"
-    missing = cli("unload", "ghost", "--target", server.address, "--token", TOKEN)
+    missing = cli("unload", "ghost", "--target", server.address, "--token-file", str(token_file))
     assert missing.returncode == 2 and "error: NOT_FOUND" in missing.stderr and "'ghost'" in missing.stderr
 
 

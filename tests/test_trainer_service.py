@@ -230,8 +230,9 @@ def test_queue_limit_and_queued_cancel(trainer, tiny_llama, bundled_data) -> Non
     assert [j.id for j in rest.jobs] == [ids[1]] and not rest.next_page_token
 
 
-def test_bearer_token_guards_mutations(trainer, tiny_llama, bundled_data) -> None:
-    t = trainer("--auth-token", "s3cret", "--max-running", "0")
+def test_bearer_token_guards_mutations(trainer, tiny_llama, bundled_data, tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret\n")
+    t = trainer("--auth-token-file", str(tmp_path / "token"), "--max-running", "0")
     spec = lora_spec(tiny_llama, bundled_data)
     with pytest.raises(grpc.RpcError) as err:
         t.stub.SubmitJob(pb.SubmitJobRequest(spec=spec))

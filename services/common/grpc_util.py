@@ -12,9 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import with_token
+
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` metadata on the listed (mutating) methods."""
+    """Require ``authorization: Bearer <token>`` metadata on the listed methods (``services.common.auth``
+    says which)."""
 
     def __init__(self, token: str, protected: Iterable[str]) -> None:
         self._token = token.encode()
@@ -46,17 +49,21 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
 
 
 def channel(
-    address: str, tls_ca: str | None = None, options: list[tuple[str, Any]] | None = None
+    address: str,
+    tls_ca: str | None = None,
+    options: list[tuple[str, Any]] | None = None,
+    token: str = "",
 ) -> grpc.Channel:
     """A client channel: TLS when a CA file is given, plaintext otherwise.
 
     Args:
         options: gRPC channel arguments, e.g. ``[("grpc.max_reconnect_backoff_ms", 2000)]``.
+        token: sent as ``authorization: Bearer <token>`` on every call (none when empty).
     """
     if tls_ca:
         creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-        return grpc.secure_channel(address, creds, options=options)
-    return grpc.insecure_channel(address, options=options)
+        return with_token(grpc.secure_channel(address, creds, options=options), token)
+    return with_token(grpc.insecure_channel(address, options=options), token)
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: list[str]) -> health.HealthServicer:

@@ -100,9 +100,9 @@ class _Client:
     def __init__(self, address: str, token: str = "", tls_ca: str = "", timeout_s: float = 10.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.metadata: list[tuple[str, str]] = []  # the channel sends the token on every call
         try:
-            self.channel = channel(address, tls_ca or None, CHANNEL_OPTIONS)
+            self.channel = channel(address, tls_ca or None, CHANNEL_OPTIONS, token=token)
         except OSError as e:
             raise ServiceError(self.service, address, "CLIENT_CONFIG", f"TLS CA file {tls_ca!r}: {e}") from e
 

@@ -7,7 +7,8 @@
     lorafleet models                                           base models and adapters with state
     lorafleet load NAME[@V] | lorafleet unload NAME[@V]        explicit adapter load / unload
 
-The address, token and TLS CA come from flags or LORAFLEET_INFERENCE_ADDR, LORAFLEET_INFERENCE_TOKEN,
+The address, token and TLS CA come from flags or LORAFLEET_INFERENCE_ADDR, LORAFLEET_INFERENCE_TOKEN
+(or a file: --token-file, LORAFLEET_INFERENCE_TOKEN_FILE),
 LORAFLEET_INFERENCE_TLS_CA (like the trainer client). Sampling flags left unset take the server's
 defaults; ``--temperature 0`` is greedy. Errors print the server's status code and message and exit
 with 2; a refused request prints each field problem the status details carry (``google.rpc.BadRequest``)
@@ -25,8 +26,10 @@ from typing import IO, Any
 
 import grpc
 
+from lorafleet.errors import LorafleetError
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
+from services.common.auth import add_secret_refusal, read_token
 from services.common.field_errors import field_violations
 from services.common.grpc_util import channel
 
@@ -48,7 +51,7 @@ class StreamResult:
 
 
 class InferenceClient:
-    """A small wrapper over the stub: bearer token on LoadAdapter/UnloadAdapter, optional TLS, and
+    """A small wrapper over the stub: the bearer token (if any) on every call, optional TLS, and
     a default deadline per call (``timeout``; None = none).
 
     Example::
@@ -60,9 +63,8 @@ class InferenceClient:
 
     def __init__(self, addr: str, token: str = "", tls_ca: str = "", timeout: float | None = 300.0) -> None:
         self.addr = addr
-        self.channel = channel(addr, tls_ca or None)
+        self.channel = channel(addr, tls_ca or None, token=token)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
 
     # -- requests ----------------------------------------------------------------------------
@@ -120,11 +122,11 @@ class InferenceClient:
 
     def load_adapter(self, adapter: str, model: str = "") -> pb.AdapterStatus:
         request = pb.LoadAdapterRequest(model=model, adapter=adapter)
-        return self.stub.LoadAdapter(request, timeout=self.timeout, metadata=self.metadata)
+        return self.stub.LoadAdapter(request, timeout=self.timeout)
 
     def unload_adapter(self, adapter: str, model: str = "") -> pb.AdapterStatus:
         request = pb.UnloadAdapterRequest(model=model, adapter=adapter)
-        return self.stub.UnloadAdapter(request, timeout=self.timeout, metadata=self.metadata)
+        return self.stub.UnloadAdapter(request, timeout=self.timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -171,8 +173,9 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     env = os.environ.get
     ap.add_argument("--target", "--addr", dest="target", default=env("LORAFLEET_INFERENCE_ADDR", "127.0.0.1:50052"),
                     help="HOST:PORT of the inference service (env LORAFLEET_INFERENCE_ADDR)")  # fmt: skip
-    ap.add_argument("--token", default=env("LORAFLEET_INFERENCE_TOKEN", ""),
-                    help="bearer token for load/unload (env LORAFLEET_INFERENCE_TOKEN)")  # fmt: skip
+    ap.add_argument("--token-file", default=env("LORAFLEET_INFERENCE_TOKEN_FILE", ""),
+                    help="file holding the bearer token (or set LORAFLEET_INFERENCE_TOKEN)")  # fmt: skip
+    add_secret_refusal(ap, "--token", "use --token-file or LORAFLEET_INFERENCE_TOKEN")
     ap.add_argument("--tls-ca", default=env("LORAFLEET_INFERENCE_TLS_CA", ""),
                     help="PEM CA of a TLS server (env LORAFLEET_INFERENCE_TLS_CA)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
@@ -302,7 +305,12 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
     elif command != "models":
         raise ValueError(f"unknown inference client command {command!r}")
     args = ap.parse_args(argv)
-    client = InferenceClient(args.target, args.token, args.tls_ca, args.timeout)
+    try:
+        token = read_token(os.environ.get("LORAFLEET_INFERENCE_TOKEN", ""), args.token_file, "token_file")
+    except LorafleetError as e:
+        print(f"error: {e.reason}", file=sys.stderr)
+        return 2
+    client = InferenceClient(args.target, token, args.tls_ca, args.timeout)
     try:
         if command == "models":
             _print_models(client.list_models(), out)

@@ -1,6 +1,7 @@
 """Command-line client of the trainer service: ``lorafleet submit | jobs | watch | cancel``.
 
-The address, token and TLS CA come from flags or LORAFLEET_TRAINER_ADDR, LORAFLEET_TRAINER_TOKEN,
+The address, token and TLS CA come from flags or LORAFLEET_TRAINER_ADDR, LORAFLEET_TRAINER_TOKEN
+(or a file: --token-file, LORAFLEET_TRAINER_TOKEN_FILE),
 LORAFLEET_TRAINER_TLS_CA. ``submit`` takes the same YAML run config and ``key=value`` overrides as
 ``lorafleet train``, so a run that works by hand is submitted unchanged.
 """
@@ -15,8 +16,10 @@ from typing import Any
 
 import grpc
 
+from lorafleet.errors import LorafleetError
 from lorafleet.v1 import trainer_pb2 as pb
 from lorafleet.v1 import trainer_pb2_grpc
+from services.common.auth import add_secret_refusal, read_token
 from services.common.field_errors import field_violations
 from services.common.grpc_util import channel
 
@@ -25,21 +28,23 @@ _STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in pb.JobState.
 
 def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--addr", default=os.environ.get("LORAFLEET_TRAINER_ADDR", "127.0.0.1:50051"))
-    ap.add_argument("--token", default=os.environ.get("LORAFLEET_TRAINER_TOKEN", ""))
+    ap.add_argument("--token-file", default=os.environ.get("LORAFLEET_TRAINER_TOKEN_FILE", ""),
+                    help="file holding the bearer token (or set LORAFLEET_TRAINER_TOKEN)")  # fmt: skip
+    add_secret_refusal(ap, "--token", "use --token-file or LORAFLEET_TRAINER_TOKEN")
     ap.add_argument("--tls-ca", default=os.environ.get("LORAFLEET_TRAINER_TLS_CA", ""))
 
 
 class TrainerClient:
-    """A small typed wrapper over the stub that adds the bearer token to mutating calls."""
+    """A small typed wrapper over the stub; the bearer token (if any) goes with every call, so it
+    also works against a server whose token guards reads (``--auth-scope all``)."""
 
     def __init__(self, addr: str, token: str = "", tls_ca: str = "") -> None:
-        self.channel = channel(addr, tls_ca or None)
+        self.channel = channel(addr, tls_ca or None, token=token)
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
 
     def submit(self, spec: pb.JobSpec, idempotency_key: str = "", dry_run: bool = False) -> pb.Job:
         request = pb.SubmitJobRequest(spec=spec, idempotency_key=idempotency_key, dry_run=dry_run)
-        return self.stub.SubmitJob(request, metadata=self.metadata)
+        return self.stub.SubmitJob(request)
 
     def get(self, job_id: str) -> pb.Job:
         return self.stub.GetJob(pb.GetJobRequest(job_id=job_id))
@@ -57,7 +62,7 @@ class TrainerClient:
                 return jobs
 
     def cancel(self, job_id: str, reason: str = "") -> pb.Job:
-        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), metadata=self.metadata)
+        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason))
 
     def watch(self, job_id: str, skip_logs: bool = True) -> Iterator[pb.JobEvent]:
         yield from self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, skip_logs=skip_logs))
@@ -151,7 +156,12 @@ def main(command: str, argv: list[str]) -> int:
         if command == "cancel":
             ap.add_argument("--reason", default="")
     args = ap.parse_args(argv)
-    client = TrainerClient(args.addr, args.token, args.tls_ca)
+    try:
+        token = read_token(os.environ.get("LORAFLEET_TRAINER_TOKEN", ""), args.token_file, "token_file")
+    except LorafleetError as e:
+        print(f"error: {e.reason}", file=sys.stderr)
+        return 2
+    client = TrainerClient(args.addr, token, args.tls_ca)
     try:
         if command == "submit":
             from lorafleet.config import load_config
