@@ -9,6 +9,8 @@ row validation (first bad rows quoted); the memory estimate fits a process's mem
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,13 @@ from lorafleet.adapters import validate_adapter_name
 from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
 from lorafleet.memory import MemoryEstimate
-from services.trainer.jobspec import request_to_config, spec_field
+from services.trainer.jobspec import request_to_config, spec_field, spec_from_request
 from services.trainer.launchers.base import Capacity
 from services.trainer.store import JobRequest
 
 _GIB = 1024**3
+_QUANTITY_RE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+"""A Kubernetes resource quantity in the forms a job asks for (``8``, ``500m``, ``64Gi``)."""
 
 
 @dataclass
@@ -59,6 +63,9 @@ def _check_model(config: RunConfig, allow: list[str], problems: list[FieldProble
     except ModelLoadError as e:
         problems.append(FieldProblem("spec.model.name_or_path", name, e.reason.split(": ", 1)[-1]))
         return False
+    except (OSError, ValueError):  # a name the OS refuses, e.g. a component over NAME_MAX
+        problems.append(FieldProblem("spec.model.name_or_path", name, "not a usable path or hub id"))
+        return False
     if config.model.trust_remote_code and not _remote_code_allowed(name, allow):
         problems.append(FieldProblem("spec.model.trust_remote_code", True,
                                      f"remote code is not allowed for {name!r}: the server's allow-list is "
@@ -83,13 +90,39 @@ def _check_data(config: RunConfig, problems: list[FieldProblem]) -> None:
         if not path:
             continue
         spec_field = f"spec.dataset.{field_name}"
-        if not Path(path).is_file():
+        if not _is_file(path):
             problems.append(FieldProblem(spec_field, path, "file not found on the server"))
             continue
         try:
             data.load_dataset(path, d)
         except DatasetError as e:
             problems.append(FieldProblem(spec_field, path, e.reason))
+
+
+def _is_file(path: str) -> bool:
+    """Whether ``path`` is a file; False for names the OS refuses (a component over NAME_MAX)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_quantities(request: JobRequest, problems: list[FieldProblem]) -> None:
+    for name in ("cpu", "memory"):
+        value = getattr(request.resources, name)
+        if value is not None and not (isinstance(value, str) and _QUANTITY_RE.fullmatch(value)):
+            message = "must be a Kubernetes quantity such as 8, 500m or 64Gi"
+            problems.append(FieldProblem(f"spec.resources.{name}", value, message))
+
+
+def _check_storable(request: JobRequest, config: RunConfig, problems: list[FieldProblem]) -> None:
+    """What is accepted must survive the store (strict JSON, UTF-8) and every read back into a proto."""
+    try:
+        json.dumps(request.to_dict(), allow_nan=False).encode("utf-8")
+        json.dumps(config.to_dict(), allow_nan=False).encode("utf-8")
+        spec_from_request(JobRequest.from_dict(request.to_dict())).SerializeToString()
+    except (ValueError, TypeError, OverflowError) as e:  # UnicodeEncodeError is a ValueError
+        problems.append(FieldProblem("spec", type(e).__name__, f"cannot be stored and read back: {e}"))
 
 
 def _check_memory(config: RunConfig, cap: Capacity, problems: list[FieldProblem]) -> MemoryEstimate | None:
@@ -140,12 +173,15 @@ def validate_submission(
             problems.append(FieldProblem("spec.adapter_name", adapter_name, e.reason.split(": ", 1)[-1]))
     if request.max_attempts is not None and not 1 <= request.max_attempts <= 20:
         problems.append(FieldProblem("spec.max_attempts", request.max_attempts, "must be in [1, 20]"))
+    _check_quantities(request, problems)
     try:
         config = request_to_config(request, server_fields)
     except ConfigError as e:
         # The name's own check already said it; don't say it twice.
-        problems += [p for p in e.problems if not (p.field == "spec.adapter_name" and problems)]
+        named = {p.field for p in problems}
+        problems += [p for p in e.problems if p.field not in named]
         raise ConfigError(problems, context="invalid job spec") from None
+    _check_storable(request, config, problems)
     if problems:
         raise ConfigError(problems, context="invalid job spec")
     _check_resources(request, config, capacity, problems)
