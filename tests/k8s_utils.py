@@ -224,8 +224,9 @@ def _container_problems(where: str, pod: dict[str, Any], c: dict[str, Any]) -> l
     if problem := image_problem(str(c.get("image", ""))):
         problems.append(f"{who}: {problem}")
     for e in c.get("env") or []:
-        if _SECRET_NAME.search(e["name"]) and "value" in e:
-            problems.append(f"{who}: env {e['name']} holds a value; use a secretKeyRef")
+        # A *_FILE variable holds the path of a mounted Secret, not the secret.
+        if _SECRET_NAME.search(e["name"]) and "value" in e and not e["name"].endswith("_FILE"):
+            problems.append(f"{who}: env {e['name']} holds a value; use a secretKeyRef or a mounted Secret")
     return problems
 
 

@@ -265,6 +265,35 @@ def test_references_resolve_and_services_select_their_pods(
     assert ("ServiceAccount", config["LORAFLEET_K8S_SERVICE_ACCOUNT"]) in names
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servers_read_their_token_from_the_mounted_secret(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """The trainer and inference servers get their bearer token as a file from the lorafleet-auth
+    Secret (services/common/auth.py), never as an argument or an environment value."""
+    docs = rendered[overlay]
+    for name, upper in (("trainer", "TRAINER"), ("inference", "INFERENCE")):
+        pods = [
+            (meta, pod)
+            for _, meta, pod in pod_specs(docs)
+            if any(c["name"] == name for c in pod["containers"])
+        ]
+        assert len(pods) == 1, name
+        _, pod = pods[0]
+        container = next(c for c in pod["containers"] if c["name"] == name)
+        env = {e["name"]: e for e in container.get("env") or []}
+        token_file = env[f"LORAFLEET_{upper}_AUTH_TOKEN_FILE"]["value"]
+        assert f"LORAFLEET_{upper}_AUTH_TOKEN" not in env
+        assert not any(
+            "token" in str(a).lower() for a in [*container.get("command", []), *container.get("args", [])]
+        )
+        mount = next(m for m in container["volumeMounts"] if token_file.startswith(m["mountPath"] + "/"))
+        assert mount.get("readOnly") is True
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "lorafleet-auth"
+        assert [i["path"] for i in volume["secret"]["items"]] == [token_file.rsplit("/", 1)[1]]
+
+
 def test_shared_volumes_are_mounted_where_the_launcher_expects_them(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
