@@ -36,14 +36,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lorafleet.errors import AdapterError, AdapterNotFoundError, DatasetError
+from lorafleet.errors import AdapterError, AdapterNotFoundError, DatasetError, show_value
 
 MANIFEST_NAME = "lorafleet_manifest.json"
 STAGING_DIR = ".staging"
 KINDS = ("lora", "ptuning", "full_model")
 MANIFEST_SCHEMA = 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+MAX_VERSION = 2**31 - 1
+"""Highest adapter version: the protos carry versions as ``int32``, and every version directory,
+manifest and reference is checked against this one bound, so no published version is unsendable."""
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 _REQUIRED = ("name", "version", "kind", "method", "base_model", "created_at", "files")
 _CHUNK = 1 << 20
 _MAX_PUBLISH_ATTEMPTS = 1000
@@ -108,8 +111,10 @@ class Manifest:
         _check_type(data, "created_at", str)
         _check_type(data, "files", dict)
         version = data["version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise AdapterError(f"manifest key 'version' must be a non-negative integer, got {version!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_VERSION:
+            raise AdapterError(
+                f"manifest key 'version' must be an integer in [0, {MAX_VERSION}], got {version!r}"
+            )
         if data["kind"] not in KINDS:
             raise AdapterError(f"manifest key 'kind' must be one of {list(KINDS)}, got {data['kind']!r}")
         for rel, info in data["files"].items():
@@ -165,7 +170,7 @@ def validate_adapter_name(name: str) -> str:
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise AdapterError(
-            f"adapter name {name!r} is invalid: use 1-64 characters of ASCII letters, digits, '.', '_', '-', "
+            f"adapter name {show_value(name)} is invalid: use 1-64 characters of ASCII letters, digits, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
@@ -178,16 +183,22 @@ def parse_adapter_ref(ref: str) -> tuple[str, int | None]:
         AdapterError: an invalid name, or a version that is not a positive integer.
     """
     if not isinstance(ref, str):
-        raise AdapterError(f"adapter reference {ref!r} must be a string like 'name' or 'name@3'")
+        raise AdapterError(f"adapter reference {show_value(ref)} must be a string like 'name' or 'name@3'")
     name, sep, version = ref.partition("@")
     validate_adapter_name(name)
     if not sep or version == "latest":
         return name, None
-    if not _VERSION_RE.fullmatch(version):
+    if not _is_version(version):
         raise AdapterError(
-            f"adapter reference {ref!r}: version {version!r} must be a positive integer or 'latest'"
+            f"adapter reference {show_value(ref)}: version {show_value(version)} must be an integer in "
+            f"[1, {MAX_VERSION}] or 'latest'"
         )
     return name, int(version)
+
+
+def _is_version(text: str) -> bool:
+    """``text`` names a version directory: digits without padding, in ``[1, MAX_VERSION]``."""
+    return bool(_VERSION_RE.fullmatch(text)) and int(text) <= MAX_VERSION
 
 
 def sha256_file(path: str | Path) -> str:
@@ -310,7 +321,7 @@ def _write_manifest(staging: Path, manifest: Manifest) -> None:
 def _existing_versions(name_dir: Path) -> list[int]:
     if not name_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in name_dir.iterdir() if _VERSION_RE.fullmatch(p.name) and p.is_dir())
+    return sorted(int(p.name) for p in name_dir.iterdir() if _is_version(p.name) and p.is_dir())
 
 
 def publish(
@@ -344,8 +355,10 @@ def publish(
         raise AdapterError(f"manifest name {manifest.name!r} does not match the publish name {name!r}")
     if manifest.kind not in KINDS:
         raise AdapterError(f"manifest kind {manifest.kind!r} must be one of {list(KINDS)}")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        raise AdapterError(f"version {version!r} must be a positive integer or None")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
+    ):
+        raise AdapterError(f"version {version!r} must be an integer in [1, {MAX_VERSION}] or None")
     staging, root = Path(staging_dir), Path(adapters_root)
     if not staging.is_dir():
         raise AdapterError(f"staging dir {str(staging)!r} does not exist")
@@ -361,6 +374,8 @@ def publish(
         raise AdapterError(f"staging dir {str(staging)!r} holds no file to publish")
     candidate = version if version is not None else (max(_existing_versions(name_dir), default=0) + 1)
     for _ in range(_MAX_PUBLISH_ATTEMPTS):
+        if candidate > MAX_VERSION:
+            raise AdapterError(f"cannot publish {name}: every version up to {MAX_VERSION} is taken")
         final = dataclasses.replace(manifest, name=name, version=candidate, files=files)
         _write_manifest(staging, final)
         target = name_dir / str(candidate)
