@@ -431,7 +431,7 @@ def test_kubectl_lines_name_objects_the_manifests_define() -> None:
     assert (ROOT / "k8s" / "overlays" / "gpu" / "kustomization.yaml").is_file()
     assert yaml.safe_load((base / "kustomization.yaml").read_text())["namespace"] == "lorafleet"
     docs = [d for d in yaml.safe_load_all((base / "trainer.yaml").read_text()) if d]
-    assert '"name": "lorafleet-auth"' in json.dumps(docs)  # the secret the server reads its token from
+    assert '"lorafleet-auth"' in json.dumps(docs)  # the Secret the server reads its token from
     [service] = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "lorafleet-trainer"]
     assert 50051 in [p["port"] for p in service["spec"]["ports"]]
 
