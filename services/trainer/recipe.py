@@ -701,6 +701,27 @@ def _save_checkpoint(
     barrier()
 
 
+def _leave_reason(config_path: str, reason: str) -> None:
+    """Write why the job is invalid where the manager reads it, from whichever rank found it.
+
+    Only for a managed attempt (``LORAFLEET_ATTEMPT`` set). Written to a temporary file and renamed,
+    so the manager reads a whole reason or none; any rank may win, each reason is true.
+    """
+    from services.trainer.launchers.base import REASON_FILE, attempt_dir
+
+    attempt = os.environ.get("LORAFLEET_ATTEMPT", "")
+    if not attempt.isdigit():
+        return
+    directory = attempt_dir(Path(config_path), int(attempt))
+    tmp = directory / f"{REASON_FILE}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(reason, encoding="utf-8")
+        os.replace(tmp, directory / REASON_FILE)
+    except OSError as e:  # the log still carries rank 0's line
+        print(f"warning: cannot write {directory / REASON_FILE}: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -710,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args[0], args[1:])
         result = run_training(config)
     except LorafleetError as e:
+        _leave_reason(args[0], e.reason)
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"error: {e.reason}", file=sys.stderr)

@@ -18,6 +18,26 @@ from typing import Any, Protocol
 
 # Exit status of the recipe when the job itself is wrong (bad config or data): never retried.
 EXIT_INVALID = 2
+REASON_FILE = "invalid_reason.txt"
+"""Written (atomically) into the attempt directory by whichever rank exits with ``EXIT_INVALID``."""
+
+
+def attempt_dir(config_path: Path, attempt: int) -> Path:
+    """The directory of attempt ``attempt``: beside the job's ``config.yaml``, on the same volume for
+    the manager and for every training process (local runs and pods alike)."""
+    return config_path.parent / f"attempt-{attempt}"
+
+
+def read_reason(directory: Path, max_chars: int = 2000) -> str:
+    """The reason a rank left in ``directory`` before exiting with ``EXIT_INVALID``; "" when none.
+
+    Why a file: with several processes the first rank to fail makes the launcher stop the others, so
+    a reason printed only by rank 0 may never reach the log; the failing rank itself writes this.
+    """
+    try:
+        return (directory / REASON_FILE).read_text(encoding="utf-8", errors="replace").strip()[:max_chars]
+    except OSError:
+        return ""
 
 
 class AttemptPhase(enum.StrEnum):
