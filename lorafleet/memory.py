@@ -25,11 +25,11 @@ dominate LoRA runs) and how ZeRO / offload split the model states. This module c
   checkpointing keeps only each layer's input plus one layer being recomputed (and its gradients).
 - logits: b*s*vocab for the logits, their fp32 log-softmax and its gradient (the loss runs in fp32).
 - a fixed framework allowance: 512 MiB on CUDA (context, cuBLAS workspace, allocator slack),
-  384 MiB on CPU (the measured resident size of a process that has imported torch + transformers).
+  384 MiB on CPU (the resident size of a process that has imported torch + transformers).
 
-It is an estimate. On a tiny llama trained on CPU (tests/test_memory.py) the forward-saved tensors
-match autograd's own to within a few percent and the peak RSS growth is about 1.2-1.35x the
-estimate (allocator slack and kernel scratch space, not modelled). Not counted: DeepSpeed's
+It is an estimate: tests/test_memory.py checks the forward-saved tensors against autograd's own on
+a tiny llama, and bench/README.md (Memory estimate) gives how measured peak RSS compares with it
+(allocator slack and kernel scratch space are not modelled). Not counted: DeepSpeed's
 communication buckets, LoRA dropout's copy of each adapted layer's input (roughly offset by frozen
 linear layers not keeping theirs), KV-head sharing (GQA keeps smaller k/v: a slight overestimate).
 """
@@ -48,7 +48,7 @@ MIB = 1024**2
 CUDA_OVERHEAD_BYTES = 512 * MIB
 """CUDA context + cuBLAS workspace + caching-allocator slack per process."""
 CPU_OVERHEAD_BYTES = 384 * MIB
-"""Resident size of a Python process after importing torch and transformers (measured: ~340 MiB)."""
+"""Resident size of a Python process after importing torch and transformers, rounded up (bench/README.md)."""
 NF4_BYTES_PER_PARAM = (4 + 0.127) / 8
 """4-bit code + double-quantised absmax (8 bits per 64-block, fp32 per 256 blocks) = 4.127 bits."""
 
@@ -57,9 +57,16 @@ _ADAM_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 _MASTER_BYTES = 4
 _ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2")
 _COMPONENTS = (
-    "frozen_weights_bytes", "trainable_weights_bytes", "master_weights_bytes", "gradients_bytes",
-    "optimizer_bytes", "gather_buffer_bytes", "activations_bytes", "logits_bytes", "overhead_bytes",
-)  # fmt: skip
+    "frozen_weights_bytes",
+    "trainable_weights_bytes",
+    "master_weights_bytes",
+    "gradients_bytes",
+    "optimizer_bytes",
+    "gather_buffer_bytes",
+    "activations_bytes",
+    "logits_bytes",
+    "overhead_bytes",
+)
 _HOST_COMPONENTS = ("host_weights_bytes", "host_optimizer_bytes")
 
 
@@ -107,8 +114,14 @@ class MemoryEstimate:
     @property
     def model_states_bytes(self) -> int:
         """Weights, master copy, gradients and optimizer state on the device."""
-        return (self.frozen_weights_bytes + self.trainable_weights_bytes + self.master_weights_bytes
-                + self.gradients_bytes + self.optimizer_bytes + self.gather_buffer_bytes)  # fmt: skip
+        return (
+            self.frozen_weights_bytes
+            + self.trainable_weights_bytes
+            + self.master_weights_bytes
+            + self.gradients_bytes
+            + self.optimizer_bytes
+            + self.gather_buffer_bytes
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Components and totals in bytes, the same rounded to GiB under ``gib``, and the assumptions."""
@@ -351,14 +364,27 @@ def estimate_training_memory(
     logits = tokens * vocab_size * (12 + (w if w < 4 else 0))
 
     assumptions = {
-        "total_params": total_params, "trainable_params": trainable_params, "num_layers": num_layers,
-        "hidden_size": hidden_size, "intermediate_size": inter, "num_heads": heads, "vocab_size": vocab_size,
-        "method": method, "dtype": dtype, "quantization": quantization, "batch_size": batch_size,
-        "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing, "zero_stage": zero_stage,
-        "world_size": world_size, "offload_optimizer": offload_optimizer, "offload_param": offload_param,
-        "gated_mlp": gated, "attn_implementation": attn_implementation,
+        "total_params": total_params,
+        "trainable_params": trainable_params,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "intermediate_size": inter,
+        "num_heads": heads,
+        "vocab_size": vocab_size,
+        "method": method,
+        "dtype": dtype,
+        "quantization": quantization,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "zero_stage": zero_stage,
+        "world_size": world_size,
+        "offload_optimizer": offload_optimizer,
+        "offload_param": offload_param,
+        "gated_mlp": gated,
+        "attn_implementation": attn_implementation,
         "rule_of_thumb_bytes": rule_of_thumb_bytes(total_params, method, quantization, dtype),
-    }  # fmt: skip
+    }
     return MemoryEstimate(
         frozen_weights_bytes=int(frozen_w),
         trainable_weights_bytes=int(trainable_w),

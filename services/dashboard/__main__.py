@@ -27,11 +27,22 @@ APP = Path(__file__).resolve().parent / "app.py"
 def streamlit_argv(port: int, host: str, dashboard_args: Sequence[str]) -> list[str]:
     """The ``streamlit run`` command line (as ``sys.argv``) for the dashboard."""
     return [
-        "streamlit", "run", str(APP),
-        "--server.port", str(port), "--server.address", host, "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-        "--", *dashboard_args,
-    ]  # fmt: skip
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+        "--",
+        *dashboard_args,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,62 +58,112 @@ def _select(
 
 
 SECTIONS: list[tuple[str, list[FormField]]] = [
-    ("Base model", [
-        FormField("model.name_or_path", "Base model", "text", ".cache/tiny/llama",
-                  help="Directory on the trainer's machine, or a hub id (org/name)."),
-        _select("model.dtype", "dtype", DTYPES),
-        _select("model.quantization", "Quantization", QUANTIZATIONS, help=_QUANTIZATION_HELP),
-    ]),
-    ("Dataset", [
-        FormField("dataset.train_file", "Training data (JSONL path on the trainer)", "text",
-                  ".cache/data/cblue_train.jsonl"),
-        FormField("dataset.validation_file", "Validation data", "text", ".cache/data/cblue_validation.jsonl"),
-        _select("dataset.format", "Format", FORMATS),
-        _select("dataset.template", "Template", ["auto", *sorted(TEMPLATES)],
-                help="Use the same template for serving; the adapter's manifest records it."),
-        FormField("dataset.max_source_length", "Max prompt tokens", "int", 128),
-        FormField("dataset.max_target_length", "Max answer tokens", "int", 16),
-        FormField("dataset.max_samples", "Max samples", "int"),
-    ]),
-    ("Method", [
-        FormField("method", "Method", "select", "lora", options=METHODS),
-        FormField("lora.rank", "LoRA rank", "int", 8, methods=LORA_METHODS),
-        FormField("lora.alpha", "LoRA alpha", "float", 16.0, methods=LORA_METHODS),
-        FormField("lora.dropout", "LoRA dropout", "float", 0.05, methods=LORA_METHODS),
-        FormField("lora.target_modules", "Target modules", "list", methods=LORA_METHODS,
-                  help="Comma-separated; empty = the family's default; all-linear = every linear layer."),
-        FormField("freeze.trainable_layers", "Trainable layers (freeze)", "int", methods=FREEZE_METHODS),
-        _select("ptuning.mode", "P-tuning mode", PTUNING_MODES, methods=PTUNING_METHODS),
-        FormField("ptuning.num_virtual_tokens", "Virtual tokens (ptuning)", "int", methods=PTUNING_METHODS),
-    ]),
-    ("Hyper-parameters", [
-        FormField("hyperparameters.epochs", "Epochs", "float"),
-        FormField("hyperparameters.max_steps", "Max steps", "int", 40, help="Overrides epochs when set."),
-        FormField("hyperparameters.per_device_batch_size", "Batch size per process", "int", 8),
-        FormField("hyperparameters.gradient_accumulation_steps", "Gradient accumulation", "int"),
-        FormField("hyperparameters.learning_rate", "Learning rate", "float", 2e-3),
-        _select("hyperparameters.lr_scheduler", "LR schedule", SCHEDULERS),
-        FormField("hyperparameters.warmup_ratio", "Warm-up ratio", "float"),
-        FormField("hyperparameters.logging_steps", "Log every (steps)", "int", 2),
-        FormField("hyperparameters.eval_steps", "Evaluate every (steps)", "int"),
-        FormField("hyperparameters.num_threads", "CPU threads per process", "int"),
-        FormField("hyperparameters.predict_with_generate", "Score generations", "bool", options=(DEFAULT, "yes", "no"),
-                  help="Generate on the validation set at the end: BLEU-4, ROUGE-1/2/L, accuracy."),
-        FormField("hyperparameters.max_eval_samples", "Max scored samples", "int"),
-    ]),
-    ("Resources", [
-        FormField("resources.nodes", "Nodes", "int"),
-        FormField("resources.processes_per_node", "Processes per node", "int"),
-        FormField("resources.gpus_per_node", "GPUs per node", "int"),
-        _select("deepspeed.zero_stage", "DeepSpeed ZeRO stage", ("0", "1", "2", "3")),
-        FormField("max_attempts", "Max attempts", "int"),
-    ]),
-    ("Publish", [
-        FormField("adapter_name", "Adapter name", "text", "dash-lora",
-                  help="Published as <adapters_root>/<name>/<version>/; empty = not published."),
-        FormField("labels", "Labels", "labels", help="k=v, comma-separated (owner=me, exp=a)."),
-    ]),
-]  # fmt: skip
+    (
+        "Base model",
+        [
+            FormField(
+                "model.name_or_path",
+                "Base model",
+                "text",
+                ".cache/tiny/llama",
+                help="Directory on the trainer's machine, or a hub id (org/name).",
+            ),
+            _select("model.dtype", "dtype", DTYPES),
+            _select("model.quantization", "Quantization", QUANTIZATIONS, help=_QUANTIZATION_HELP),
+        ],
+    ),
+    (
+        "Dataset",
+        [
+            FormField(
+                "dataset.train_file",
+                "Training data (JSONL path on the trainer)",
+                "text",
+                ".cache/data/cblue_train.jsonl",
+            ),
+            FormField(
+                "dataset.validation_file", "Validation data", "text", ".cache/data/cblue_validation.jsonl"
+            ),
+            _select("dataset.format", "Format", FORMATS),
+            _select(
+                "dataset.template",
+                "Template",
+                ["auto", *sorted(TEMPLATES)],
+                help="Use the same template for serving; the adapter's manifest records it.",
+            ),
+            FormField("dataset.max_source_length", "Max prompt tokens", "int", 128),
+            FormField("dataset.max_target_length", "Max answer tokens", "int", 16),
+            FormField("dataset.max_samples", "Max samples", "int"),
+        ],
+    ),
+    (
+        "Method",
+        [
+            FormField("method", "Method", "select", "lora", options=METHODS),
+            FormField("lora.rank", "LoRA rank", "int", 8, methods=LORA_METHODS),
+            FormField("lora.alpha", "LoRA alpha", "float", 16.0, methods=LORA_METHODS),
+            FormField("lora.dropout", "LoRA dropout", "float", 0.05, methods=LORA_METHODS),
+            FormField(
+                "lora.target_modules",
+                "Target modules",
+                "list",
+                methods=LORA_METHODS,
+                help="Comma-separated; empty = the family's default; all-linear = every linear layer.",
+            ),
+            FormField("freeze.trainable_layers", "Trainable layers (freeze)", "int", methods=FREEZE_METHODS),
+            _select("ptuning.mode", "P-tuning mode", PTUNING_MODES, methods=PTUNING_METHODS),
+            FormField(
+                "ptuning.num_virtual_tokens", "Virtual tokens (ptuning)", "int", methods=PTUNING_METHODS
+            ),
+        ],
+    ),
+    (
+        "Hyper-parameters",
+        [
+            FormField("hyperparameters.epochs", "Epochs", "float"),
+            FormField("hyperparameters.max_steps", "Max steps", "int", 40, help="Overrides epochs when set."),
+            FormField("hyperparameters.per_device_batch_size", "Batch size per process", "int", 8),
+            FormField("hyperparameters.gradient_accumulation_steps", "Gradient accumulation", "int"),
+            FormField("hyperparameters.learning_rate", "Learning rate", "float", 2e-3),
+            _select("hyperparameters.lr_scheduler", "LR schedule", SCHEDULERS),
+            FormField("hyperparameters.warmup_ratio", "Warm-up ratio", "float"),
+            FormField("hyperparameters.logging_steps", "Log every (steps)", "int", 2),
+            FormField("hyperparameters.eval_steps", "Evaluate every (steps)", "int"),
+            FormField("hyperparameters.num_threads", "CPU threads per process", "int"),
+            FormField(
+                "hyperparameters.predict_with_generate",
+                "Score generations",
+                "bool",
+                options=(DEFAULT, "yes", "no"),
+                help="Generate on the validation set at the end: BLEU-4, ROUGE-1/2/L, accuracy.",
+            ),
+            FormField("hyperparameters.max_eval_samples", "Max scored samples", "int"),
+        ],
+    ),
+    (
+        "Resources",
+        [
+            FormField("resources.nodes", "Nodes", "int"),
+            FormField("resources.processes_per_node", "Processes per node", "int"),
+            FormField("resources.gpus_per_node", "GPUs per node", "int"),
+            _select("deepspeed.zero_stage", "DeepSpeed ZeRO stage", ("0", "1", "2", "3")),
+            FormField("max_attempts", "Max attempts", "int"),
+        ],
+    ),
+    (
+        "Publish",
+        [
+            FormField(
+                "adapter_name",
+                "Adapter name",
+                "text",
+                "dash-lora",
+                help="Published as <adapters_root>/<name>/<version>/; empty = not published.",
+            ),
+            FormField("labels", "Labels", "labels", help="k=v, comma-separated (owner=me, exp=a)."),
+        ],
+    ),
+]
 
 FIELDS: dict[str, FormField] = {f.path: f for _, fields in SECTIONS for f in fields}
 

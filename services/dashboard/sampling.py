@@ -15,8 +15,15 @@ def sampling_controls(
     t = st.slider("Temperature", 0.0, 2.0, temperature, 0.05, key=f"{prefix}.temperature", help="0 = greedy")
     top_p = st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key=f"{prefix}.top_p")
     top_k = st.number_input("Top-k", 0, 1000, 0, 1, key=f"{prefix}.top_k", help="0 = off")
-    n = st.number_input("Max new tokens", 1, 4096, max_new_tokens, 1, key=f"{prefix}.max_new_tokens",
-                        help="The service caps it.")  # fmt: skip
+    n = st.number_input(
+        "Max new tokens",
+        1,
+        4096,
+        max_new_tokens,
+        1,
+        key=f"{prefix}.max_new_tokens",
+        help="The service caps it.",
+    )
     rep = st.slider(
         "Repetition penalty", 1.0, 2.0, 1.0, 0.05, key=f"{prefix}.repetition_penalty", help="1 = off"
     )

@@ -190,22 +190,39 @@ class K8sSettings:
 
         kwargs: dict[str, Any] = {}
         strings = {
-            "IMAGE": "image", "NAMESPACE": "namespace", "IMAGE_PULL_POLICY": "image_pull_policy",
-            "SERVICE_ACCOUNT": "service_account", "PYTHON": "python", "WORKING_DIR": "working_dir",
-            "MODELS_PVC": "models_claim", "MODELS_PATH": "models_mount_path",
-            "DATASETS_PVC": "datasets_claim", "DATASETS_PATH": "datasets_mount_path",
-            "ADAPTERS_PVC": "adapters_claim", "ADAPTERS_PATH": "adapters_mount_path",
-            "RUNS_PVC": "runs_claim", "RUNS_PATH": "runs_mount_path", "CACHE_DIR": "cache_dir",
-            "SHM_SIZE": "shm_size", "PRIORITY_CLASS": "priority_class", "JOB_TEMPLATE": "job_template",
-        }  # fmt: skip
+            "IMAGE": "image",
+            "NAMESPACE": "namespace",
+            "IMAGE_PULL_POLICY": "image_pull_policy",
+            "SERVICE_ACCOUNT": "service_account",
+            "PYTHON": "python",
+            "WORKING_DIR": "working_dir",
+            "MODELS_PVC": "models_claim",
+            "MODELS_PATH": "models_mount_path",
+            "DATASETS_PVC": "datasets_claim",
+            "DATASETS_PATH": "datasets_mount_path",
+            "ADAPTERS_PVC": "adapters_claim",
+            "ADAPTERS_PATH": "adapters_mount_path",
+            "RUNS_PVC": "runs_claim",
+            "RUNS_PATH": "runs_mount_path",
+            "CACHE_DIR": "cache_dir",
+            "SHM_SIZE": "shm_size",
+            "PRIORITY_CLASS": "priority_class",
+            "JOB_TEMPLATE": "job_template",
+        }
         ints = {
-            "MASTER_PORT": "master_port", "METRICS_PORT": "metrics_port", "ACTIVE_DEADLINE_SECONDS": "active_deadline_seconds",
+            "MASTER_PORT": "master_port",
+            "METRICS_PORT": "metrics_port",
+            "ACTIVE_DEADLINE_SECONDS": "active_deadline_seconds",
             "TTL_SECONDS_AFTER_FINISHED": "ttl_seconds_after_finished",
-            "TERMINATION_GRACE_SECONDS": "termination_grace_seconds", "MAX_NODES": "max_nodes",
-            "MAX_GPUS_PER_NODE": "max_gpus_per_node", "MAX_PROCESSES_PER_NODE": "max_processes_per_node",
-            "MEMORY_BYTES_PER_PROCESS": "memory_bytes_per_process", "RUN_AS_USER": "run_as_user",
-            "RUN_AS_GROUP": "run_as_group", "FS_GROUP": "fs_group",
-        }  # fmt: skip
+            "TERMINATION_GRACE_SECONDS": "termination_grace_seconds",
+            "MAX_NODES": "max_nodes",
+            "MAX_GPUS_PER_NODE": "max_gpus_per_node",
+            "MAX_PROCESSES_PER_NODE": "max_processes_per_node",
+            "MEMORY_BYTES_PER_PROCESS": "memory_bytes_per_process",
+            "RUN_AS_USER": "run_as_user",
+            "RUN_AS_GROUP": "run_as_group",
+            "FS_GROUP": "fs_group",
+        }
         for var, attr in strings.items():
             if (value := get(var)) is not None:
                 kwargs[attr] = value
@@ -467,13 +484,37 @@ def _check_request(settings: K8sSettings, request: AttemptRequest) -> None:
 
 
 TEMPLATE_VALUES = (
-    "job_name", "service_name", "namespace", "labels", "annotations", "selector", "nodes",
-    "active_deadline_seconds", "ttl_seconds_after_finished", "container_name", "exit_invalid",
-    "service_account", "termination_grace_seconds", "run_as_user", "run_as_group", "fs_group",
-    "image_pull_secrets", "node_selector", "tolerations", "priority_class", "image",
-    "image_pull_policy", "working_dir", "command", "env", "master_port", "metrics_port", "resources",
-    "volume_mounts", "volumes",
-)  # fmt: skip
+    "job_name",
+    "service_name",
+    "namespace",
+    "labels",
+    "annotations",
+    "selector",
+    "nodes",
+    "active_deadline_seconds",
+    "ttl_seconds_after_finished",
+    "container_name",
+    "exit_invalid",
+    "service_account",
+    "termination_grace_seconds",
+    "run_as_user",
+    "run_as_group",
+    "fs_group",
+    "image_pull_secrets",
+    "node_selector",
+    "tolerations",
+    "priority_class",
+    "image",
+    "image_pull_policy",
+    "working_dir",
+    "command",
+    "env",
+    "master_port",
+    "metrics_port",
+    "resources",
+    "volume_mounts",
+    "volumes",
+)
 """The placeholders the launcher fills in the Job template; a template must use every one of them."""
 _PLACEHOLDER = re.compile(r"\$\{([a-z_]+)(\??)\}")
 

@@ -35,11 +35,14 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "eval_loss": ("eval_loss", "Latest evaluation loss (nats per token)."),
     "learning_rate": ("learning_rate", "Learning rate at the latest logging step."),
     "grad_norm": ("grad_norm", "Gradient norm at the latest logging step."),
-    "tokens_per_s": ("tokens_per_second", "Training throughput over the latest interval (non-padding tokens per second)."),
+    "tokens_per_s": (
+        "tokens_per_second",
+        "Training throughput over the latest interval (non-padding tokens per second).",
+    ),
     "tokens": ("processed_tokens", "Non-padding tokens trained on so far."),
     "eta_s": ("eta_seconds", "Estimated seconds to the end of the run."),
     "peak_memory_bytes": ("peak_memory_bytes", "Peak memory of the main process (CUDA allocated, else RSS)."),
-}  # fmt: skip
+}
 
 
 class RunMetrics:

@@ -25,16 +25,18 @@ def _published_rows(
     rows = []
     for a in adapters:
         status = served.get(a.ref) if served is not None else None
-        rows.append({
-            "adapter": a.ref,
-            "inference": status.state if status else ("unknown" if served is None else "not seen"),
-            "base model": a.base_model,
-            "method": a.method,
-            "template": a.template,
-            "metrics": _metrics_text(dict(a.metrics)),
-            "dataset sha256": a.dataset_sha256[:12],
-            "created": a.created_at,
-        })  # fmt: skip
+        rows.append(
+            {
+                "adapter": a.ref,
+                "inference": status.state if status else ("unknown" if served is None else "not seen"),
+                "base model": a.base_model,
+                "method": a.method,
+                "template": a.template,
+                "metrics": _metrics_text(dict(a.metrics)),
+                "dataset sha256": a.dataset_sha256[:12],
+                "created": a.created_at,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -87,10 +89,22 @@ if published is not None:
             ref = st.selectbox("Adapter", refs, key="adapters.selected")
             b1, b2 = st.columns(2)
             model = _model_for(ref, models)
-            b1.button("Load", icon=":material/upload:", key="adapters.load", on_click=_act, args=("load", ref, model),
-                      disabled=models is None)  # fmt: skip
-            b2.button("Unload", icon=":material/download:", key="adapters.unload",
-                      on_click=_act, args=("unload", ref, model), disabled=models is None)  # fmt: skip
+            b1.button(
+                "Load",
+                icon=":material/upload:",
+                key="adapters.load",
+                on_click=_act,
+                args=("load", ref, model),
+                disabled=models is None,
+            )
+            b2.button(
+                "Unload",
+                icon=":material/download:",
+                key="adapters.unload",
+                on_click=_act,
+                args=("unload", ref, model),
+                disabled=models is None,
+            )
             result = st.session_state.pop(RESULT, None)
             if result and result[0] == "ok":
                 st.success(result[1])
@@ -107,16 +121,31 @@ if published is not None:
 st.subheader("Inference service")
 if models is not None:
     base_rows = [
-        {"model": m.name, "state": m.state, "dtype": m.dtype, "quantization": m.quantization,
-         "template": m.template, "max context": m.max_context, "path": m.path, "reason": m.reason}
+        {
+            "model": m.name,
+            "state": m.state,
+            "dtype": m.dtype,
+            "quantization": m.quantization,
+            "template": m.template,
+            "max context": m.max_context,
+            "path": m.path,
+            "reason": m.reason,
+        }
         for m in models.models
-    ]  # fmt: skip
+    ]
     ui.table(pd.DataFrame(base_rows), "adapters-models")
     served_rows = [
-        {"adapter": a.ref, "state": a.state, "base model": a.base_model, "rank": a.rank, "method": a.method,
-         "template": a.template, "reason": a.reason}
+        {
+            "adapter": a.ref,
+            "state": a.state,
+            "base model": a.base_model,
+            "rank": a.rank,
+            "method": a.method,
+            "template": a.template,
+            "reason": a.reason,
+        }
         for a in models.adapters
-    ]  # fmt: skip
+    ]
     if served_rows:
         ui.table(pd.DataFrame(served_rows), "adapters-served")
     else:

@@ -45,9 +45,12 @@ def _usage_line(u: inference_pb2.Usage) -> str:
 
 
 def run_comparison(
-    labels: list[str], adapters: list[str], model: str, messages: list[tuple[str, str]],
+    labels: list[str],
+    adapters: list[str],
+    model: str,
+    messages: list[tuple[str, str]],
     params: inference_pb2.SamplingParams,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Stream every target into its own column as the deltas arrive; return the finished results."""
     api = ui.inference_api()
     results: list[dict[str, Any]] = [{"label": lab, "text": "", "usage": "", "error": None} for lab in labels]
@@ -115,14 +118,22 @@ with left:
     choices = sampling.targets(models, model)
     adapter_labels = [lab for lab in choices if lab != ui.BASE_MODEL]
     picked = st.multiselect(
-        "Adapters (2 to 4)", adapter_labels, default=adapter_labels[:2], max_selections=MAX_ADAPTERS,
+        "Adapters (2 to 4)",
+        adapter_labels,
+        default=adapter_labels[:2],
+        max_selections=MAX_ADAPTERS,
         key="compare.adapters",
-    )  # fmt: skip
+    )
     with_base = st.checkbox("Also ask the base model", value=True, key="compare.base")
     system = st.text_input("System prompt", "", key="compare.system")
     prompt = st.text_area("Prompt", key="compare.prompt", height=100)
-    go = st.button("Compare", type="primary", icon=":material/compare:", key="compare.go",
-                   disabled=len(picked) < 2 or not prompt.strip())  # fmt: skip
+    go = st.button(
+        "Compare",
+        type="primary",
+        icon=":material/compare:",
+        key="compare.go",
+        disabled=len(picked) < 2 or not prompt.strip(),
+    )
     if len(picked) < 2:
         st.caption(f"Pick at least 2 adapters ({len(adapter_labels)} served).")
 

@@ -20,20 +20,22 @@ def _job_rows(jobs: list[pb.Job]) -> pd.DataFrame:
     rows = []
     for j in jobs:
         p = j.progress
-        rows.append({
-            "job": j.id,
-            "state": ui.state_name(j.state),
-            "progress": p.percent if p.total_steps else None,
-            "step": f"{p.step}/{p.total_steps}" if p.total_steps else "",
-            "loss": ui.optional(p, "loss"),
-            "eval loss": ui.optional(p, "eval_loss"),
-            "tokens/s": ui.optional(p, "tokens_per_s"),
-            "method": j.spec.method,
-            "adapter": j.adapter.ref or j.spec.adapter_name,
-            "attempts": len(j.attempts),
-            "created": ui.fmt_time(j.created_at),
-            "reason": j.reason,
-        })  # fmt: skip
+        rows.append(
+            {
+                "job": j.id,
+                "state": ui.state_name(j.state),
+                "progress": p.percent if p.total_steps else None,
+                "step": f"{p.step}/{p.total_steps}" if p.total_steps else "",
+                "loss": ui.optional(p, "loss"),
+                "eval loss": ui.optional(p, "eval_loss"),
+                "tokens/s": ui.optional(p, "tokens_per_s"),
+                "method": j.spec.method,
+                "adapter": j.adapter.ref or j.spec.adapter_name,
+                "attempts": len(j.attempts),
+                "created": ui.fmt_time(j.created_at),
+                "reason": j.reason,
+            }
+        )
     return pd.DataFrame(rows)
 
 
