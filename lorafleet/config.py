@@ -9,8 +9,12 @@ A config file mirrors these dataclasses section by section::
     train: {max_steps: 100, learning_rate: 2.0e-3}
 
 Overrides use dotted paths (``train.learning_rate=1e-4``, ``lora.target_modules=[q_proj,v_proj]``),
-their values parsed as YAML scalars. ``validate_config`` checks every field at once and raises one
-``ConfigError`` naming each bad field and value.
+their values parsed as YAML scalars. A key must name one field exactly (lowercase ASCII
+``section.field``); values and config files are YAML without anchors or aliases, nested at most
+:data:`MAX_YAML_DEPTH` deep, so a small input cannot expand into a large one. ``validate_config``
+checks every field at once and raises one ``ConfigError`` naming each bad field and value: each
+field's documented range, and for every field a hard bound (:data:`NUMERIC_BOUNDS`, finite floats,
+bounded storable strings) that keeps any accepted config inside what the trainer API can carry.
 """
 
 from __future__ import annotations
