@@ -39,12 +39,13 @@ from torch import nn
 
 from services.inference.errors import (
     EngineClosedError,
+    NonFiniteLogitsError,
     PromptTooLongError,
     QueueFullError,
     RequestFailedError,
 )
 from services.inference.lora_batch import LoraSlots, Mode
-from services.inference.processors import TokenSampler, pick_tokens
+from services.inference.processors import Pick, TokenSampler, pick_tokens
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -396,20 +397,21 @@ class Engine:
                     continue
                 began = time.perf_counter()
                 prefill_tokens = sum(len(s.prompt) for s in admitted)
-                try:
-                    if admitted:
+                if admitted:
+                    try:
                         self._prefill(admitted)
-                    if self._running:
+                    except Exception as e:  # fails the admitted rows only: the running cache is untouched
+                        logger.exception("prefill failed; failing %d requests", len(admitted))
+                        self._fail([s for s in admitted if s not in self._running], e)
+                if self._running:
+                    try:
                         self._decode_step()
-                except Exception as e:  # a model error fails the batch, not the engine
-                    logger.exception("generation step failed; failing %d requests", len(self._running))
-                    with self._cond:
-                        failed = self._running + [s for s in admitted if s not in self._running]
-                        self._running, self._cache = [], None
-                        for seq in failed:
-                            self._release_slot(seq)
-                            self._finish(seq, FINISH_ERROR, RequestFailedError(f"generation failed: {e}"))
-                    continue
+                    except Exception as e:  # a model error fails the batch, not the engine
+                        logger.exception("decode step failed; failing %d requests", len(self._running))
+                        with self._cond:
+                            failed, self._running, self._cache = self._running, [], None
+                        self._fail(failed, e)
+                        continue
                 self._counters["steps"] += 1
                 adapters = len({s.slot for s in self._running if s.slot >= 0})
                 self._notify(
@@ -431,7 +433,46 @@ class Engine:
         return out
 
     def _prefill(self, admitted: list[_Seq]) -> None:
-        """Prefill new prompts as one left-padded batch, emit first tokens, merge survivors."""
+        """Prefill new prompts as one left-padded batch, emit first tokens, merge survivors.
+
+        When the batched forward raises, each prompt is prefilled alone, so the one that breaks the
+        forward fails by itself (nothing was emitted or cached before the forward).
+        """
+        try:
+            logits, cache = self._prefill_forward(admitted)
+        except Exception:
+            if len(admitted) == 1:
+                raise
+            logger.exception("prefill of %d requests failed; retrying them one by one", len(admitted))
+            for seq in admitted:
+                try:
+                    self._prefill([seq])
+                except Exception as e:
+                    logger.exception("prefill of request %s failed", seq.handle.request_id)
+                    self._fail([seq], e)
+            return
+        picks = self._sample(admitted, logits)
+        survivors = [
+            i
+            for i, (seq, pick) in enumerate(zip(admitted, picks, strict=True))
+            if not self._accept(seq, pick)
+        ]
+        n = len(admitted)
+        if len(survivors) < n:
+            with self._cond:
+                for i in range(n):
+                    if i not in survivors:
+                        self._release_slot(admitted[i])
+            if not survivors:
+                return
+            sel = torch.tensor(survivors, device=self.device)
+            for layer in self._layers(cache):
+                layer.keys = layer.keys.index_select(0, sel)
+                layer.values = layer.values.index_select(0, sel)
+        self._join([admitted[i] for i in survivors], cache)
+
+    def _prefill_forward(self, admitted: list[_Seq]) -> tuple[torch.Tensor, Any]:
+        """The prefill forward of ``admitted``: last-position logits ``[rows, vocab]`` and the cache."""
         from transformers import DynamicCache
 
         width = max(len(s.prompt) for s in admitted)
@@ -455,22 +496,7 @@ class Engine:
             for layer in self._layers(cache):
                 layer.keys = torch.where(keep, layer.keys, 0.0)
                 layer.values = torch.where(keep, layer.values, 0.0)
-        tokens = self._sample(admitted, out.logits[:, -1, :])
-        survivors = [
-            i for i, (seq, tok) in enumerate(zip(admitted, tokens, strict=True)) if not self._accept(seq, tok)
-        ]
-        if len(survivors) < n:
-            with self._cond:
-                for i in range(n):
-                    if i not in survivors:
-                        self._release_slot(admitted[i])
-            if not survivors:
-                return
-            sel = torch.tensor(survivors, device=self.device)
-            for layer in self._layers(cache):
-                layer.keys = layer.keys.index_select(0, sel)
-                layer.values = layer.values.index_select(0, sel)
-        self._join([admitted[i] for i in survivors], cache)
+        return out.logits[:, -1, :], cache
 
     def _layers(self, cache: Any) -> list[Any]:
         layers = list(cache.layers)
@@ -531,8 +557,8 @@ class Engine:
         out = self._forward(ids, mask, positions, self._cache)
         for seq in rows:
             seq.length += 1
-        tokens = self._sample(rows, out.logits[:, -1, :])
-        finished = [seq for seq, tok in zip(rows, tokens, strict=True) if self._accept(seq, tok)]
+        picks = self._sample(rows, out.logits[:, -1, :])
+        finished = [seq for seq, pick in zip(rows, picks, strict=True) if self._accept(seq, pick)]
         if finished:
             with self._cond:
                 for seq in finished:
@@ -543,14 +569,25 @@ class Engine:
     # Tokens
 
     @staticmethod
-    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler."""
+    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[Pick]:
+        """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler; a
+        row that failed gets its error instead."""
         return pick_tokens([s.sampler for s in seqs], lambda i: seqs[i].all_ids, logits)
 
-    def _accept(self, seq: _Seq, token: int) -> bool:
-        """Record a generated token, stream it, and say whether the request is finished."""
+    def _accept(self, seq: _Seq, pick: Pick) -> bool:
+        """Record a generated token, stream it, and say whether the request is finished; a failed
+        pick (or a failing ``stop_check``) finishes this request alone with its error."""
         if seq.cancelled:
             return True  # cancelled during this step: drop the row, emit nothing
+        if not isinstance(pick, int):
+            if isinstance(pick, NonFiniteLogitsError) and seq.adapter is not None:
+                pick = NonFiniteLogitsError(
+                    f"the model with adapter {seq.adapter.ref} produced NaN or infinite logits for this request"
+                )
+            with self._cond:
+                self._finish(seq, FINISH_ERROR, pick)
+            return True
+        token = pick
         now = time.monotonic()
         handle = seq.handle
         if not seq.generated:
@@ -562,7 +599,15 @@ class Engine:
         seq.generated.append(token)
         self._counters["tokens_generated"] += 1
         reason = None
-        if token in seq.stop_ids or (seq.stop_check is not None and seq.stop_check(token)):
+        try:
+            stop = token in seq.stop_ids or (seq.stop_check is not None and seq.stop_check(token))
+        except Exception as e:  # the caller's stop check fails its own request only
+            logger.exception("stop_check failed for request %s", handle.request_id)
+            handle.emit((token,))
+            with self._cond:
+                self._finish(seq, FINISH_ERROR, RequestFailedError(f"stop check failed: {type(e).__name__}"))
+            return True
+        if stop:
             reason = FINISH_STOP
         elif (
             len(seq.generated) >= seq.max_new_tokens
@@ -575,6 +620,18 @@ class Engine:
         with self._cond:
             self._finish(seq, reason)
         return True
+
+    def _fail(self, seqs: list[_Seq], error: Exception) -> None:
+        """Fail ``seqs`` (not in the running batch) with ``error``, freeing their slots."""
+        wrapped = (
+            error
+            if isinstance(error, RequestFailedError)
+            else RequestFailedError(f"generation failed: {error}")
+        )
+        with self._cond:
+            for seq in seqs:
+                self._release_slot(seq)
+                self._finish(seq, FINISH_ERROR, wrapped)
 
     def _finish(self, seq: _Seq, reason: str, error: BaseException | None = None) -> None:
         if seq.handle.done:

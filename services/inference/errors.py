@@ -71,6 +71,18 @@ class RequestFailedError(EngineError):
     error); the other requests keep running."""
 
 
+class SamplingFailedError(InvalidRequestError):
+    """One request's sampling parameters turned its finite logits into NaN or infinite
+    probabilities at run time. Only that request fails (INVALID_ARGUMENT, naming the parameters);
+    the other rows of its batch go on. Validation refuses the values known to do this, so this is
+    the net under it."""
+
+
+class NonFiniteLogitsError(RequestFailedError):
+    """The model (with the request's adapter, if any) produced NaN or infinite logits for one
+    request's row. Only that request fails; the other rows of its batch go on."""
+
+
 STATUS_FOR: Mapping[type[BaseException], grpc.StatusCode] = {
     **CORE_STATUS,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -82,6 +94,8 @@ STATUS_FOR: Mapping[type[BaseException], grpc.StatusCode] = {
     PromptTooLongError: grpc.StatusCode.INVALID_ARGUMENT,
     EngineClosedError: grpc.StatusCode.UNAVAILABLE,
     RequestFailedError: grpc.StatusCode.INTERNAL,
+    SamplingFailedError: grpc.StatusCode.INVALID_ARGUMENT,
+    NonFiniteLogitsError: grpc.StatusCode.INTERNAL,
 }
 """Every error above (and the core's) -> the status the client gets; ``InvalidRequestError`` is a
 ``ConfigError`` (INVALID_ARGUMENT, with a BadRequest field violation per problem)."""
@@ -96,7 +110,9 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "NonFiniteLogitsError",
     "PromptTooLongError",
     "QueueFullError",
     "RequestFailedError",
+    "SamplingFailedError",
 ]

@@ -76,6 +76,12 @@ STACK_MAX_COLS_RATIO = 1.0
 of the narrowest adapted layer (C = the sum of the resident adapters' ranks ``<= ratio x
 in_features``), else ``gather``."""
 
+MAX_ABS_WEIGHT = 1e6
+"""The largest LoRA weight or scaling magnitude accepted (trained ones are below ~10). In ``stack``
+mode every row multiplies every resident adapter's columns and a mask zeroes the foreign ones, so a
+NaN, an infinity, or a weight large enough that ``x @ A`` overflows float32 would reach every row of
+the batch (0 x inf = NaN), not just the adapter's own; such adapters are refused when loaded."""
+
 _PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output_layer"})
 
@@ -252,13 +258,34 @@ def adapter_weights_from_peft_dir(path: str | Path, ref: str, base_model: nn.Mod
         scalings[module] = alpha / math.sqrt(r) if rslora else alpha / r
         layers[module] = (a, b)
     default_scaling = alpha_default / math.sqrt(r_default) if rslora else alpha_default / r_default
-    return AdapterWeights(
+    weights = AdapterWeights(
         ref=ref,
         rank=max(a.shape[0] for a, _ in layers.values()),
         scaling=default_scaling,
         layers=layers,
         layer_scaling={m: s for m, s in scalings.items() if s != default_scaling},
     )
+    check_magnitudes(weights, str(root))
+    return weights
+
+
+def check_magnitudes(weights: AdapterWeights, where: str | None = None) -> None:
+    """Refuse weights or scalings that are NaN, infinite or above ``MAX_ABS_WEIGHT`` in magnitude.
+
+    Raises:
+        ValueError: naming the module (or the scaling) and the adapter.
+    """
+    where = where or f"adapter {weights.ref!r}"
+    for name, (a, b) in weights.layers.items():
+        scaling = weights.scaling_for(name)
+        if not abs(scaling) <= MAX_ABS_WEIGHT:  # NaN fails too
+            raise ValueError(f"{where}: {name}: scaling {scaling} is not finite or too large")
+        for which, t in (("lora_A", a), ("lora_B", b)):
+            if t.numel() and not bool(t.float().abs().max() <= MAX_ABS_WEIGHT):
+                raise ValueError(
+                    f"{where}: {name}: {which} holds values that are not finite or too large "
+                    f"(|w| > {MAX_ABS_WEIGHT:g})"
+                )
 
 
 class _SlotLayer:
@@ -515,10 +542,11 @@ class LoraSlots:
                 )
 
     def load(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter into ``slot`` (replacing what was there). Validates first: on error the
-        slot is unchanged."""
+        """Copy an adapter into ``slot`` (replacing what was there). Validates first (shapes, and
+        ``check_magnitudes``, once per copy rather than per request): on error the slot is unchanged."""
         self._check_slot(slot)
         self.validate(weights)
+        check_magnitudes(weights)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 pair = weights.layers.get(name)

@@ -12,16 +12,32 @@ run only the processors that do not; a greedy request with none left is picked b
 ``argmax`` over the raw logits. So the fast path is derived from the processors a request has:
 a new parameter whose processor moves the argmax is applied at temperature 0 without touching
 this logic.
+
+Isolation (issue 16): a row whose raw logits are not finite, or whose processors make its
+probabilities non-finite, gets an error object in its place in ``pick_tokens``' answer instead of a
+token; nothing raises, so the other rows of the batch are picked exactly as they would be without it.
+
+Sampling draws from the request's own stream, seeded with all 64 bits of its seed (numpy's PCG64
+through ``SeedSequence``), by inverting the row's cumulative distribution: ``torch.Generator``
+keeps only 32 bits of a seed, so seeds -1, 2**32-1 and 2**63-1 gave the same samples.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 
+from lorafleet.errors import FieldProblem, LorafleetError
+from services.inference.errors import NonFiniteLogitsError, RequestFailedError, SamplingFailedError
 from services.inference.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+_SEED_SPACE = 2**64
 
 
 class LogitsProcessor(Protocol):
@@ -158,6 +174,7 @@ class TokenSampler:
     """
 
     def __init__(self, params: SamplingParams, processors: Sequence[ProcessorFactory] | None = None) -> None:
+        self.params = params
         self.greedy = params.temperature == 0
         built = [
             p
@@ -166,31 +183,65 @@ class TokenSampler:
         ]
         # At temperature 0 the pick is the argmax: processors that keep it change nothing.
         self.processors: list[LogitsProcessor] = [p for p in built if not (self.greedy and p.keeps_argmax)]
-        self.generator: torch.Generator | None = None
+        self.generator: np.random.Generator | None = None
         if not self.greedy:
-            self.generator = torch.Generator()
-            seed = params.seed
-            self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            # Signed int64 -> [0, 2**64): one-to-one, and SeedSequence keeps every bit.
+            self.generator = np.random.Generator(np.random.PCG64(seed % _SEED_SPACE))
 
     @property
     def plain_argmax(self) -> bool:
         """Whether the pick is the argmax of the raw logits: greedy, and no processor applies."""
         return self.greedy and not self.processors
 
-    def pick(self, ids: Sequence[int], scores: torch.Tensor) -> int:
-        """The next token for a row whose tokens so far are ``ids``, from its scores ``[vocab]``."""
+    def pick(self, ids: Sequence[int], scores: torch.Tensor) -> int | SamplingFailedError:
+        """The next token for a row whose tokens so far are ``ids``, from its finite scores
+        ``[vocab]``; a ``SamplingFailedError`` naming the parameters when they made the
+        distribution non-finite (returned, not raised: the batch goes on)."""
         for processor in self.processors:
             scores = processor(ids, scores)
         if self.greedy:
+            if bool(torch.isnan(scores).any()) or not bool(scores.max() > -math.inf):
+                return self._failed()
             return int(scores.argmax())
-        probs = scores.softmax(-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator).item())
+        probs = scores.softmax(-1).double().cpu()
+        if not bool(torch.isfinite(probs).all()):
+            return self._failed()
+        cdf = probs.cumsum(0)  # [vocab]
+        total = float(cdf[-1])
+        if not total > 0:
+            return self._failed()
+        assert self.generator is not None
+        target = torch.tensor([self.generator.random() * total], dtype=cdf.dtype)
+        token = int(torch.searchsorted(cdf, target, right=True)[0])
+        if token >= len(cdf):  # rounding put the draw at the very top: the last token with mass
+            token = int(torch.nonzero(probs)[-1, 0])
+        return token
+
+    def _failed(self) -> SamplingFailedError:
+        p = self.params
+        named = [
+            FieldProblem(f"sampling.{name}", value, "made this request's token probabilities NaN or infinite")
+            for name, value, off in (
+                ("temperature", p.temperature, (0.0, 1.0)),
+                ("repetition_penalty", p.repetition_penalty, (1.0,)),
+            )
+            if value not in off
+        ]
+        return SamplingFailedError(
+            named or [FieldProblem("sampling", p, "made this request's token probabilities NaN or infinite")]
+        )
+
+
+Pick = int | LorafleetError
+"""A row's next token, or why that row (alone) failed: ``NonFiniteLogitsError``,
+``SamplingFailedError``, or ``RequestFailedError`` for a processor that raised."""
 
 
 def pick_tokens(
     samplers: Sequence[TokenSampler], ids_of: Callable[[int], Sequence[int]], logits: torch.Tensor
-) -> list[int]:
-    """The next token of every row of a batch.
+) -> list[Pick]:
+    """The next token of every row of a batch; a failed row gets its error in its place.
 
     Args:
         samplers: one per row.
@@ -198,15 +249,22 @@ def pick_tokens(
         logits: ``[rows, vocab]``, the last position of each row.
     """
     scores = logits.float()
-    plain = [i for i, s in enumerate(samplers) if s.plain_argmax]
-    picks = [0] * len(samplers)
+    finite = torch.isfinite(scores).all(-1).tolist()  # [rows]
+    picks: list[Pick] = [0] * len(samplers)
+    plain = [i for i, s in enumerate(samplers) if s.plain_argmax and finite[i]]
     if plain:  # one batched argmax for every plain greedy row
         rows = scores.index_select(0, torch.tensor(plain, device=scores.device))
         for i, token in zip(plain, rows.argmax(-1).tolist(), strict=True):
             picks[i] = int(token)
     for i, sampler in enumerate(samplers):
-        if not sampler.plain_argmax:
-            picks[i] = sampler.pick(ids_of(i), scores[i])
+        if not finite[i]:
+            picks[i] = NonFiniteLogitsError("the model produced NaN or infinite logits for this request")
+        elif not sampler.plain_argmax:
+            try:
+                picks[i] = sampler.pick(ids_of(i), scores[i])
+            except Exception as e:  # a processor's bug fails its row, not the batch
+                logger.exception("sampling failed for row %d", i)
+                picks[i] = RequestFailedError(f"sampling failed: {type(e).__name__}")
     return picks
 
 
@@ -214,6 +272,7 @@ __all__ = [
     "PROCESSORS",
     "LogitsProcessor",
     "NoRepeatNgram",
+    "Pick",
     "RepetitionPenalty",
     "Temperature",
     "TokenSampler",

@@ -20,7 +20,17 @@ from lorafleet.errors import FieldProblem
 DEFAULT_MAX_NEW_TOKENS = 128
 """``max_new_tokens`` of a request that sets none and reaches the engine without a server default."""
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-5
+"""The smallest non-zero temperature. Logits are divided by it in float32: at 1e-5 a logit of 1e4
+becomes 1e9, far from overflow (3.4e38), while 1e-300 turns every logit into +-inf and the
+probabilities into NaN. Below it, ask for greedy (0)."""
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+"""The penalty multiplies or divides logits; outside [0.01, 100] it stops being a penalty and starts
+being an overflow (1e300 is inf in float32, and 0 x inf is NaN)."""
 MAX_NO_REPEAT_NGRAM = 64
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+"""The proto's int64; every value in it picks its own samples (``processors.TokenSampler``)."""
 
 
 @dataclass(frozen=True)
@@ -47,20 +57,22 @@ class SamplingParams:
     """Generated-token limit (finish reason ``length``); None = the server's default (the engine
     alone: ``DEFAULT_MAX_NEW_TOKENS``)."""
     temperature: float = 0.0
-    """0 = greedy; otherwise logits are divided by it before sampling."""
+    """0 = greedy; otherwise in [``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``], and logits are divided by
+    it before sampling."""
     top_p: float = 1.0
     """Nucleus sampling mass (1 = off)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
     repetition_penalty: float = 1.0
-    """HF/CTRL penalty over prompt and generated tokens (1 = off)."""
+    """HF/CTRL penalty over prompt and generated tokens (1 = off), in [0.01, 100]."""
     no_repeat_ngram_size: int = 0
     """Forbid repeating any n-gram of the sequence (0 = off)."""
     stop: tuple[str, ...] = ()
     """Texts that end generation; the returned text is cut before them. Applied above the engine,
     which sees token ids only (``GenerationRequest.stop_check``)."""
     seed: int | None = None
-    """Seed of this request's own ``torch.Generator``; None draws one from torch's default."""
+    """Seed of this request's own random stream (all 64 bits count); None draws one from torch's
+    default generator."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end generation (finish reason ``stop``; the token is returned). Set by the plane
     from the chat template, not by clients."""
@@ -91,14 +103,24 @@ class SamplingParams:
         ):
             bad("max_new_tokens", self.max_new_tokens,
                 "must be >= 1" if cap is None else f"must be in [1, {cap}] (the server cap)")  # fmt: skip
-        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            bad("temperature", self.temperature, f"must be in [0, {MAX_TEMPERATURE}]; 0 = greedy")
+        if not math.isfinite(self.temperature) or not (
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            bad(
+                "temperature",
+                self.temperature,
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+            )
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if self.top_k < 0:
             bad("top_k", self.top_k, "must be >= 0; 0 = off")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", self.repetition_penalty, "must be > 0; 1 = off")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:  # NaN fails too
+            bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]; 1 = off",
+            )
         if not 0 <= self.no_repeat_ngram_size <= MAX_NO_REPEAT_NGRAM:
             bad("no_repeat_ngram_size", self.no_repeat_ngram_size, f"must be in [0, {MAX_NO_REPEAT_NGRAM}]")
         if limits.max_stop_sequences is not None and len(self.stop) > limits.max_stop_sequences:
@@ -108,9 +130,19 @@ class SamplingParams:
                 bad(f"stop[{i}]", stop, "must not be empty")
             elif limits.max_stop_length is not None and len(stop) > limits.max_stop_length:
                 bad(f"stop[{i}]", stop, f"longer than {limits.max_stop_length} characters")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            bad("seed", self.seed, "must fit in a signed 64-bit integer")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", list(self.stop_token_ids), "token ids must be >= 0")
         return problems
 
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "SamplingLimits", "SamplingParams"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "MAX_REPETITION_PENALTY",
+    "MAX_TEMPERATURE",
+    "MIN_REPETITION_PENALTY",
+    "MIN_TEMPERATURE",
+    "SamplingLimits",
+    "SamplingParams",
+]
