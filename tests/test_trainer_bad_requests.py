@@ -60,10 +60,10 @@ def _override(key: str, value: str) -> Callable[[pb.JobSpec], None]:
 CASES: list[tuple[str, Callable[[pb.JobSpec], None], grpc.StatusCode, list[str]]] = [
     ("empty model", _set("model.name_or_path", ""), INVALID, ["spec.model.name_or_path", "required"]),
     (
-        "missing model dir",
+        "model dir outside the roots",
         _set("model.name_or_path", "/nonexistent/model"),
         INVALID,
-        ["spec.model.name_or_path", "'/nonexistent/model'", "directory not found"],
+        ["spec.model.name_or_path", "'/nonexistent/model'", "not under the server's allowed roots"],
     ),
     (
         "malformed hub id",
@@ -81,10 +81,10 @@ CASES: list[tuple[str, Callable[[pb.JobSpec], None], grpc.StatusCode, list[str]]
     ),
     ("empty train file", _set("dataset.train_file", ""), INVALID, ["spec.dataset.train_file", "required"]),
     (
-        "missing train file",
+        "train file outside the roots",
         _set("dataset.train_file", "/nope/train.jsonl"),
         INVALID,
-        ["spec.dataset.train_file", "'/nope/train.jsonl'", "not found"],
+        ["spec.dataset.train_file", "'/nope/train.jsonl'", "not under the server's allowed roots"],
     ),
     ("bad format", _set("dataset.format", "csv"), INVALID, ["spec.dataset.format", "'csv'"]),
     ("bad template", _set("dataset.template", "nope"), INVALID, ["spec.dataset.template", "'nope'"]),

@@ -7,6 +7,7 @@ and start a new one on the same state directory, exactly as an operator's crash 
 from __future__ import annotations
 
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class TrainerProcess(ServiceProcess):
         self._launch(
             ["-m", "services.trainer.server", "--port", "0", "--state-dir", str(self.state_dir),
              "--adapters-root", str(self.adapters_root), "--poll-interval", "0.2", "--cancel-grace", "5",
+             "--data-roots", pytest_base_dir(self.state_dir), "--model-roots", pytest_base_dir(self.state_dir),
              *self.extra],
             self.state_dir.parent / f"trainer-server-{time.time_ns()}.log",
             {},
@@ -57,6 +59,16 @@ class TrainerProcess(ServiceProcess):
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)}:\n{self.server_log()[-3000:]}")
+
+
+def pytest_base_dir(path: Path) -> str:
+    """The pytest base temporary directory above ``path``: where the tests' models and data live, so
+    the server's allow-lists take it as their root (a test that checks the roots passes its own)."""
+    resolved = path.resolve()
+    for parent in [resolved, *resolved.parents]:
+        if parent.name.startswith("pytest-") and not parent.name.startswith("pytest-of-"):
+            return str(parent)
+    return tempfile.gettempdir()
 
 
 def lora_spec(model: Path, datasets: dict[str, Path], **hyper: Any) -> pb.JobSpec:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -41,11 +42,24 @@ from services.trainer.errors import (
     JobStateError,
     QueueFullError,
 )
-from services.trainer.launchers.base import EXIT_INVALID, AttemptPhase, AttemptRequest, Launcher
+from services.trainer.launchers.base import (
+    EXIT_INVALID,
+    AttemptPhase,
+    AttemptRequest,
+    Launcher,
+    attempt_dir,
+    read_reason,
+)
+from services.trainer.paths import PathPolicy
 from services.trainer.validation import validate_submission
 
 log = logging.getLogger("lorafleet.trainer")
 
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_PAGE_TOKEN_RE = re.compile(r"[0-9]{1,18}")
+"""A page token is the queue position of the last job sent: at most 18 digits, so it fits SQLite's
+64-bit integers."""
 _LOG_EVENT_LIMIT = 5000
 """Log lines kept as events per job (the full log stays in the attempt's output file)."""
 
@@ -62,6 +76,8 @@ class ManagerSettings:
     cancel_grace_s: float = 10.0
     remote_code_allow: list[str] = field(default_factory=list)
     check_memory: bool = True
+    path_policy: PathPolicy | None = None
+    """Roots a job's files must be under; None: no check (a library caller's own choice)."""
 
 
 _METRIC_KEYS = ("step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
@@ -154,6 +170,8 @@ class JobManager:
                         "different spec; use a new key for a new job"
                     )
                 return existing
+        if self.settings.path_policy is not None:  # before anything opens a file the job names
+            self.settings.path_policy.check(request.config, request.overrides)
         job_id = uuid.uuid4().hex[:12]
         job_dir = self.settings.state_dir / "jobs" / job_id
         run_dir = job_dir / "run"
@@ -226,13 +244,8 @@ class JobManager:
         """One page of jobs in submission order, and the token of the next page ("" after the last)."""
         if page_size < 0:
             raise ConfigError([FieldProblem("page_size", page_size, "must be >= 0")])
-        size = 50 if page_size == 0 else min(page_size, 500)
-        try:
-            after = int(page_token) if page_token else 0
-        except ValueError:
-            raise ConfigError(
-                [FieldProblem("page_token", page_token, "not a token this server gave")]
-            ) from None
+        size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+        after = parse_page_token(page_token)
         rows = self.store.list_jobs(states, after_seq=after, limit=size + 1)
         more = len(rows) > size
         rows = rows[:size]
@@ -318,7 +331,7 @@ class JobManager:
 
     def tick(self) -> None:
         for job in self.store.list_jobs([st.RUNNING], limit=10_000):
-            if job.cancel_requested or not job.attempts:
+            if job.cancel_requested or not job.attempts or job.unreadable:
                 continue
             try:
                 self._drive(job)
@@ -334,6 +347,11 @@ class JobManager:
             if free <= 0:
                 return
             for job in self.store.list_jobs([st.QUEUED], limit=free):
+                if job.unreadable:
+                    self._set_state(
+                        job, st.FAILED, f"stored record unreadable: {job.unreadable}", finished=True
+                    )
+                    continue
                 self._start_attempt(job, 1, f"started by the {self.launcher.name} launcher")
 
     def _request(self, job: st.JobRow, number: int) -> AttemptRequest:
@@ -344,7 +362,7 @@ class JobManager:
             job_id=job.id,
             attempt=number,
             config_path=Path(job.run_dir).parent / "config.yaml",
-            attempt_dir=Path(job.run_dir).parent / f"attempt-{number}",
+            attempt_dir=attempt_dir(Path(job.run_dir).parent / "config.yaml", number),
             nodes=int(d["nnodes"]),
             processes_per_node=int(d["nproc_per_node"]),
             gpus_per_node=r.gpus_per_node or 0,
@@ -398,9 +416,9 @@ class JobManager:
                                       exit_code=status.exit_code, reason=reason)  # fmt: skip
             error_line = _error_line(tail)
             if status.exit_code == EXIT_INVALID:
-                self._set_state(
-                    job, st.FAILED, f"invalid job: {error_line or reason}", finished=True, tail=tail
-                )
+                config_path = Path(job.run_dir).parent / "config.yaml"
+                why = read_reason(attempt_dir(config_path, attempt.number)) or error_line or reason
+                self._set_state(job, st.FAILED, f"invalid job: {why}", finished=True, tail=tail)
                 return
             if attempt.number < job.max_attempts:
                 if self.metrics:
@@ -507,6 +525,19 @@ class JobManager:
         if self.metrics:
             self.metrics.set_queue(self.store.count_jobs([st.QUEUED]))
             self.metrics.set_running(self.store.count_jobs([st.RUNNING]))
+
+
+def parse_page_token(page_token: str) -> int:
+    """The queue position a page token stands for (0 for the first page).
+
+    Raises:
+        ConfigError: naming ``page_token`` and a shortened value, for anything this server did not give.
+    """
+    if not page_token:
+        return 0
+    if not _PAGE_TOKEN_RE.fullmatch(page_token):
+        raise ConfigError([FieldProblem("page_token", page_token, "not a token this server gave")])
+    return int(page_token)
 
 
 def _read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:

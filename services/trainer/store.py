@@ -119,6 +119,9 @@ class JobRow:
     queue_seq: int = 0
     """Order of submission (the queue is first in, first out)."""
     attempts: list[AttemptRow] = field(default_factory=list)
+    unreadable: str = ""
+    """Why the stored row could not be read in full (then only id, state and times are kept); not
+    stored. Readers report such a row instead of failing, and the manager never runs it."""
 
 
 @dataclass
@@ -208,6 +211,8 @@ class SQLiteJobStore:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        # A TEXT value that is not UTF-8 (written by hand or by a broken tool) must not fail a read.
+        self._db.text_factory = _decode_text
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -323,7 +328,7 @@ class SQLiteJobStore:
             args += kinds
         with self._lock:
             rows = self._db.execute(f"SELECT * FROM events WHERE {where} ORDER BY seq", args).fetchall()
-        return [EventRow(r["job_id"], r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
+        return [EventRow(r["job_id"], r["seq"], r["time"], r["kind"], _payload(r["payload"])) for r in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -342,10 +347,18 @@ class SQLiteJobStore:
         return value
 
     def _job_values(self, job: JobRow) -> dict[str, Any]:
-        values = {k: self._encode(k, v, _JSON_JOB) for k, v in job.__dict__.items() if k != "attempts"}
+        skip = ("attempts", "unreadable")
+        values = {k: self._encode(k, v, _JSON_JOB) for k, v in job.__dict__.items() if k not in skip}
         return values
 
     def _job(self, row: sqlite3.Row) -> JobRow:
+        """The row as a ``JobRow``; a row that cannot be read comes back marked ``unreadable``."""
+        try:
+            return self._parse_job(row)
+        except Exception as e:  # any stored value: broken JSON, wrong types, missing keys
+            return _unreadable_job(dict(row), f"{type(e).__name__}: {e}")
+
+    def _parse_job(self, row: sqlite3.Row) -> JobRow:
         data = dict(row)
         for key in _JSON_JOB:
             data[key] = json.loads(data[key])
@@ -360,6 +373,43 @@ class SQLiteJobStore:
             a["handle"] = json.loads(a["handle"])
             job.attempts.append(AttemptRow(**a))
         return job
+
+
+def _decode_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _payload(text: str) -> dict[str, Any]:
+    """An event's payload; one that is not a JSON object reads as an empty one."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _unreadable_job(data: dict[str, Any], reason: str) -> JobRow:
+    """What can be kept of a row that does not parse: its id, a known state, and finite times."""
+
+    def number(key: str) -> float | None:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e11:
+            return float(value)
+        return None
+
+    state = data.get("state")
+    seq = data.get("queue_seq")
+    return JobRow(
+        id=str(data.get("id", "")),
+        request=JobRequest(config={}),
+        request_sha256="",
+        state=state if state in STATES else "",
+        created_at=number("created_at") or 0.0,
+        started_at=number("started_at"),
+        finished_at=number("finished_at"),
+        queue_seq=seq if isinstance(seq, int) else 0,
+        unreadable=reason[:500],
+    )
 
 
 def _migrate_from_protobuf(db: sqlite3.Connection, state_dir: Path) -> None:
