@@ -43,7 +43,7 @@ from services.inference.registry import (
     AdapterStatus,
     RegistryEvent,
 )
-from services.inference.request_checks import MAX_PROMPT_CHARS, Message, split_messages
+from services.inference.request_checks import Message, check_name, check_prompt, split_messages
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -339,9 +339,12 @@ class InferencePlane:
         """The host a request's ``model`` field names (may be empty when there is one base).
 
         Raises:
-            InvalidRequestError: empty ``model`` while several bases are served.
+            InvalidRequestError: empty ``model`` while several bases are served, or one too long.
             ModelNotFoundError: no such base model.
         """
+        problems: list[FieldProblem] = []
+        if not check_name("model", model, problems):
+            raise InvalidRequestError(problems)
         if not model:
             if len(self.hosts) == 1:
                 return next(iter(self.hosts.values()))
@@ -381,15 +384,10 @@ class InferencePlane:
             InvalidRequestError, ModelNotFoundError, ModelNotReadyError, AdapterError subclasses,
             QueueFullError (``errors.py``).
         """
-        prepared = self._prepare(model, sampling)
+        prepared = self._prepare(model, adapter, sampling)
         host = prepared.host
         problems = prepared.problems
-        if not prompt:
-            problems.append(FieldProblem("prompt", prompt, "must not be empty"))
-        elif len(prompt) > MAX_PROMPT_CHARS:
-            problems.append(
-                FieldProblem("prompt", f"<{len(prompt)} characters>", f"longer than {MAX_PROMPT_CHARS}")
-            )
+        check_prompt(prompt, self.settings.max_prompt_chars, problems)
         ids: list[int] = []
         if not problems:
             ids = list(host.tokenizer.encode(prompt, add_special_tokens=True))
@@ -404,10 +402,12 @@ class InferencePlane:
         Raises:
             The same errors as :meth:`generate`.
         """
-        prepared = self._prepare(model, sampling)
+        prepared = self._prepare(model, adapter, sampling)
         host = prepared.host
         problems = prepared.problems
-        system, turns, query = split_messages(messages, self.settings.max_messages, problems)
+        system, turns, query = split_messages(
+            messages, self.settings.max_messages, problems, self.settings.max_prompt_chars
+        )
         if problems:
             raise InvalidRequestError(problems)
 
@@ -422,11 +422,12 @@ class InferencePlane:
 
         return self._submit(host, adapter, prepared.params, render)
 
-    def _prepare(self, model: str, sampling: SamplingParams) -> _Prepared:
+    def _prepare(self, model: str, adapter: str, sampling: SamplingParams) -> _Prepared:
         host = self.ready_host(model)
         cfg = self.settings
         limits = SamplingLimits(cfg.max_new_tokens_cap, cfg.max_stop_sequences, cfg.max_stop_length)
         problems = sampling.validate(limits, prefix="sampling.")
+        check_name("adapter", adapter, problems)
         if sampling.max_new_tokens is None:
             default = min(cfg.default_max_new_tokens, cfg.max_new_tokens_cap)
             sampling = replace(sampling, max_new_tokens=default)
@@ -504,8 +505,11 @@ class InferencePlane:
         """
         host = self.ready_host(model)
         assert host.registry is not None
+        problems: list[FieldProblem] = []
         if not adapter:
-            raise InvalidRequestError([FieldProblem("adapter", adapter, "name the adapter to load")])
+            problems.append(FieldProblem("adapter", adapter, "name the adapter to load"))
+        if problems or not check_name("adapter", adapter, problems):
+            raise InvalidRequestError(problems)
         resolved = host.registry.load(adapter)
         return HostedAdapterStatus(host.name, self._status(host, resolved.ref))
 
@@ -522,8 +526,11 @@ class InferencePlane:
 
         host = self.ready_host(model)
         assert host.registry is not None
+        problems: list[FieldProblem] = []
         if not adapter:
-            raise InvalidRequestError([FieldProblem("adapter", adapter, "name the adapter to unload")])
+            problems.append(FieldProblem("adapter", adapter, "name the adapter to unload"))
+        if problems or not check_name("adapter", adapter, problems):
+            raise InvalidRequestError(problems)
         name, version = parse_adapter_ref(adapter)
         host.registry.unload(adapter)
         known = [s for s in host.registry.statuses() if s.name == name]

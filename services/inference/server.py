@@ -343,6 +343,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("adapter_capacity", int, "adapters kept loaded per base model (LRU)"),
     ("adapter_memory_budget_mb", float, "MiB of resident adapter weights per base model (0 = no cap)"),
     ("scan_interval_s", float, "seconds between scans of the adapters root"),
+    ("max_prompt_chars", int, "characters of a prompt (or all chat messages) refused before tokenizing"),
     ("grpc_workers", int, "gRPC handler threads (one per in-flight request)"),
     ("torch_threads", int, "torch CPU threads (0 = CPUs available minus one, at least 1)"),
     ("shutdown_grace_s", float, "on SIGTERM, seconds in-flight requests may take to finish"),

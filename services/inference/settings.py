@@ -107,6 +107,11 @@ class InferenceSettings:
     """Characters per stop sequence."""
     max_messages: int = 256
     """Messages per chat request."""
+    max_prompt_chars: int = 200_000
+    """Characters of a prompt, or of all chat messages together, refused (INVALID_ARGUMENT) before
+    anything is tokenized: tokenizing is the costly part of a refusal (a million characters took
+    seconds of CPU). The default is well above what a 32k-token context holds at ~4 characters per
+    token; longer prompts that do get tokenized are still refused by their token count."""
     grpc_workers: int = 128
     """gRPC handler threads; each in-flight request (streaming or not) holds one."""
     torch_threads: int = 0
@@ -162,6 +167,7 @@ class InferenceSettings:
             ("max_stop_sequences", 0),
             ("max_stop_length", 1),
             ("max_messages", 1),
+            ("max_prompt_chars", 1),
             ("grpc_workers", 4),
             ("torch_threads", 0),
             ("port", 0),
