@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from lorafleet.config import (
     MAX_OVERRIDE_VALUE_CHARS,
@@ -334,3 +335,11 @@ def test_integer_too_long_to_print_is_refused(item: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict(tree)
     assert "bits>" in str(info.value) or "too long to show" in str(info.value)
+
+
+def test_the_resolved_config_the_trainer_writes_loads_back(tmp_path) -> None:
+    # The manager writes the accepted config with yaml.safe_dump; the recipe reads it with load_config.
+    config = config_from_dict(_with("lora.target_modules", ["q_proj", "v_proj"]))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    assert load_config(path) == config
