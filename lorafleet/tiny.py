@@ -27,13 +27,17 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from lorafleet.templates import TEMPLATE_SPECIAL_TOKENS
+from lorafleet.tiny_source import SOURCE_ARCHS, write_source_checkpoint
 
 MANIFEST_NAME = "lorafleet_tiny.json"
 """File in a built model directory saying how it was built."""
 COMPLETE_MARKER = ".lorafleet_tiny_complete"
 """Written last: a directory without it is an unfinished build."""
-ARCHS = ("llama", "qwen2", "gpt_neox")
-"""Architectures ``build_tiny_model`` can build."""
+NATIVE_ARCHS = ("llama", "qwen2", "gpt_neox")
+"""Architectures transformers implements, built through its own classes (and optionally pre-trained)."""
+ARCHS = (*NATIVE_ARCHS, *SOURCE_ARCHS)
+"""Architectures ``build_tiny_model`` can build; the ``SOURCE_ARCHS`` in their original published
+layout (``lorafleet.tiny_source``), random-initialised."""
 _FORMAT_VERSION = 1 + 1  # bumped: CJK-per-character pre-tokenizer
 
 # Markers of every prompt template (ChatML, Llama 3, ChatGLM2/3, Baichuan/Baichuan2...) become single
@@ -201,6 +205,16 @@ def _settings(arch: str, corpus: str, **values: Any) -> dict[str, Any]:
         from lorafleet.errors import ConfigError, FieldProblem
 
         raise ConfigError([FieldProblem("arch", arch, f"must be one of {list(ARCHS)}")])
+    if arch in SOURCE_ARCHS and values["pretrain_steps"]:
+        from lorafleet.errors import ConfigError, FieldProblem
+
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "pretrain_steps", values["pretrain_steps"], f"must be 0 for the original-layout {arch}"
+                )
+            ]
+        )
     hidden, heads = values["hidden_size"], values["num_heads"]
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not a multiple of num_heads {heads}")
@@ -245,15 +259,18 @@ def build_tiny_model(
 
     Args:
         out_dir: directory to hold the model, tokenizer and ``lorafleet_tiny.json``.
-        arch: ``llama``, ``qwen2`` or ``gpt_neox``.
+        arch: ``llama``, ``qwen2``, ``gpt_neox``, or an original layout: ``baichuan2``, ``baichuan``,
+            ``chatglm3``, ``chatglm2`` (see ``lorafleet.tiny_source``).
         corpus: tokenizer and pre-training text; None uses ``lorafleet.datagen.corpus_text(seed)``.
         hidden_size: model width.
         num_layers: transformer blocks.
         num_heads: attention heads.
-        num_kv_heads: key/value heads for llama and qwen2 (grouped-query attention); None = num_heads.
+        num_kv_heads: key/value heads for llama, qwen2 and chatglm (grouped / multi-query attention);
+            None = num_heads.
         intermediate_size: MLP width; None = 8/3 x hidden (llama, qwen2) or 4 x hidden (gpt_neox).
         vocab_size: tokenizer vocabulary bound (the model's vocabulary is the tokenizer's real size).
-        pretrain_steps: causal-LM steps on the corpus; 0 leaves the random initialisation.
+        pretrain_steps: causal-LM steps on the corpus; 0 leaves the random initialisation (the only
+            choice for the original layouts).
         seq_len: tokens per pre-training window.
         batch_size: windows per pre-training step.
         learning_rate: peak AdamW learning rate.
@@ -303,6 +320,11 @@ def build_tiny_model(
 def _build_into(tmp: Path, corpus: str, settings: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM
 
+    if settings["arch"] in SOURCE_ARCHS:
+        tmp.mkdir(parents=True)
+        facts = write_source_checkpoint(tmp, settings["arch"], corpus, settings)
+        _write_manifest(tmp, settings, facts, {}, corpus)
+        return
     tokenizer = train_tokenizer(corpus, settings["vocab_size"])
     torch.manual_seed(settings["seed"])
     config = _model_config(settings["arch"], len(tokenizer), tokenizer, settings)
@@ -314,14 +336,20 @@ def _build_into(tmp: Path, corpus: str, settings: dict[str, Any]) -> None:
     gen.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    facts = {"vocab_size": len(tokenizer), "num_parameters": sum(p.numel() for p in model.parameters())}
+    _write_manifest(tmp, settings, facts, stats, corpus)
+
+
+def _write_manifest(
+    tmp: Path, settings: dict[str, Any], facts: dict[str, Any], stats: dict[str, float], corpus: str
+) -> None:
     manifest = {
         "settings": settings,
         "arch": settings["arch"],
         "hidden_size": settings["hidden_size"],
         "num_layers": settings["num_layers"],
         "num_heads": settings["num_heads"],
-        "vocab_size": len(tokenizer),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **facts,
         "pretrain_steps": settings["pretrain_steps"],
         "seed": settings["seed"],
         **{k: round(v, 4) for k, v in stats.items()},
@@ -373,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=None, help="default 300; 0 for the original layouts"
+    )
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--corpus-file", default=None, help="UTF-8 text to train on (default: datagen corpus)"
@@ -393,15 +424,20 @@ def main(argv: list[str] | None = None) -> int:
         hidden_size=args.hidden_size,
         num_layers=args.layers,
         num_heads=args.heads,
-        pretrain_steps=args.pretrain_steps,
+        num_kv_heads=args.kv_heads,
+        pretrain_steps=(0 if args.arch in SOURCE_ARCHS else 300)
+        if args.pretrain_steps is None
+        else args.pretrain_steps,
         seed=args.seed,
     )
     info = read_manifest(path)
     size_mb = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 1e6
+    layout = "original layout, random init" if args.arch in SOURCE_ARCHS else "native"
+    loss = f"pretrain loss {info['initial_loss']} -> {info['final_loss']}" if "initial_loss" in info else ""
     print(
-        f"{info['arch']} model at {path}: {info['num_parameters']:,} parameters, {size_mb:.1f} MB, "
-        f"vocab {info['vocab_size']}, pretrain loss {info['initial_loss']} -> {info['final_loss']} "
-        f"({info['pretrain_steps']} steps), ready in {time.perf_counter() - began:.1f} s"
+        f"{info['arch']} model ({layout}) at {path}: {info['num_parameters']:,} parameters, "
+        f"{size_mb:.1f} MB, vocab {info['vocab_size']}, {loss} ({info['pretrain_steps']} steps), "
+        f"ready in {time.perf_counter() - began:.1f} s"
     )
     if args.sample:
         print(f"sample: {args.sample}{sample_text(path, args.sample)}")
