@@ -368,7 +368,9 @@ def test_servers_run_the_cli_with_settings_they_read(
         if key.startswith("LORAFLEET_TRAINER_"):
             dest = key.removeprefix("LORAFLEET_TRAINER_").lower()
             assert dest in args, f"the trainer has no --{dest.replace('_', '-')} ({key})"
-            assert str(args[dest]) == value, (key, args[dest])
+            parsed = args[dest]
+            shown = ",".join(parsed) if isinstance(parsed, list) else str(parsed)  # list flags read a,b
+            assert shown == value, (key, parsed)
         elif key.startswith("LORAFLEET_K8S_"):
             assert f'"{key.removeprefix("LORAFLEET_K8S_")}"' in inspect.getsource(K8sSettings.from_env), key
         else:
@@ -389,7 +391,9 @@ def test_servers_run_the_cli_with_settings_they_read(
         elif key.startswith("LORAFLEET_INFERENCE_"):
             dest = key.removeprefix("LORAFLEET_INFERENCE_").lower()
             assert dest in args, f"the inference server has no --{dest.replace('_', '-')} ({key})"
-            assert str(args[dest]) == value, (key, args[dest])
+            parsed = args[dest]
+            shown = ",".join(parsed) if isinstance(parsed, list) else str(parsed)  # list flags read a,b
+            assert shown == value, (key, parsed)
         else:
             assert not key.startswith("LORAFLEET_"), key
     assert settings.adapters_root == _config(docs, "lorafleet-trainer-config")["LORAFLEET_K8S_ADAPTERS_PATH"]
