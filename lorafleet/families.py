@@ -23,6 +23,13 @@ ALL_LINEAR = "all-linear"
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BAICHUAN_TARGETS = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
 _FUSED_QKV_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+# Baichuan and ChatGLM converted to native Llama / Glm (lorafleet.convert): the fused projections
+# become q/k/v, ChatGLM's dense_h_to_4h becomes Glm's gate_up_proj: the same weights under the
+# native module names (``models.resolve_lora_targets`` picks them for a converted model).
+_BAICHUAN_CONVERTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_CHATGLM_CONVERTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+SOURCE_CONFIG_KEY = "lorafleet_source"
+"""Config attribute a converted Baichuan / ChatGLM checkpoint carries: ``{"layout", "family"}``."""
 
 # Baichuan2's tokenizer has 125696 entries; Baichuan-7B/13B have 64000.
 _BAICHUAN2_VOCAB = 125696
@@ -58,6 +65,9 @@ class Family:
     """A vocabulary of exactly this size also selects this family among those sharing a model_type."""
     description: str = ""
     """Checkpoints this family covers, for humans."""
+    converted_lora_targets: tuple[str, ...] | None = None
+    """LoRA targets of this family's checkpoints once ``lorafleet.convert`` has mapped them onto a
+    native architecture (the same weights as ``lora_targets``, under the native module names)."""
 
     def __post_init__(self) -> None:
         # A family that names a template lorafleet does not implement fails at import, not at training.
@@ -115,6 +125,7 @@ _REGISTRY: tuple[Family, ...] = (
         ("baichuan",),
         _BAICHUAN_TARGETS,
         "baichuan2",
+        converted_lora_targets=_BAICHUAN_CONVERTED_TARGETS,
         needs_remote_code=True,
         name_hints=("baichuan2", "baichuan-2", "baichuan_2"),
         exact_vocab_size=_BAICHUAN2_VOCAB,
@@ -125,6 +136,7 @@ _REGISTRY: tuple[Family, ...] = (
         ("baichuan",),
         _BAICHUAN_TARGETS,
         "baichuan",
+        converted_lora_targets=_BAICHUAN_CONVERTED_TARGETS,
         needs_remote_code=True,
         description="Baichuan-7B, Baichuan-13B",
     ),
@@ -133,6 +145,7 @@ _REGISTRY: tuple[Family, ...] = (
         ("chatglm",),
         _FUSED_QKV_TARGETS,
         "chatglm3",
+        converted_lora_targets=_CHATGLM_CONVERTED_TARGETS,
         needs_remote_code=True,
         name_hints=("chatglm3", "chatglm-3", "chatglm_3"),
         # ChatGLM3's tokenizer code defines role tokens ChatGLM2's lacks.
@@ -144,6 +157,7 @@ _REGISTRY: tuple[Family, ...] = (
         ("chatglm",),
         _FUSED_QKV_TARGETS,
         "chatglm2",
+        converted_lora_targets=_CHATGLM_CONVERTED_TARGETS,
         needs_remote_code=True,
         description="ChatGLM2-6B",
     ),
@@ -188,7 +202,8 @@ def detect_family(config: Any, name_or_path: str = "") -> Family:
     ``model_type`` selects the candidates. Families that share one (baichuan / baichuan2,
     chatglm2 / chatglm3, llama / llama3 / belle) are told apart by name hints in ``name_or_path`` or
     the config's ``_name_or_path``, then by a local checkpoint's tokenizer files, then by vocabulary
-    size; otherwise the plain family wins.
+    size; otherwise the plain family wins. A checkpoint converted by ``lorafleet.convert`` names its
+    family in its config (``lorafleet_source``).
 
     Args:
         config: a transformers ``PretrainedConfig`` (anything with ``model_type``).
@@ -197,6 +212,10 @@ def detect_family(config: Any, name_or_path: str = "") -> Family:
     Returns:
         The matching family, or ``GENERIC`` for unknown model types.
     """
+    source = getattr(config, SOURCE_CONFIG_KEY, None)
+    if isinstance(source, dict) and source.get("family") in FAMILIES:
+        # A Baichuan / ChatGLM checkpoint converted to Llama / Glm keeps its own family and template.
+        return FAMILIES[source["family"]]
     model_type = str(getattr(config, "model_type", "") or "")
     candidates = [f for f in _REGISTRY if model_type in f.model_types]
     if not candidates:

@@ -8,6 +8,7 @@ avx512_bf16 silently corrupts the LoRA gradients of any training that follows.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from torch import nn
 
 from lorafleet.config import ModelConfig
 from lorafleet.errors import ConfigError, FieldProblem, ModelLoadError
-from lorafleet.families import ALL_LINEAR, Family, detect_family, get_family
+from lorafleet.families import ALL_LINEAR, SOURCE_CONFIG_KEY, Family, detect_family, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,32 @@ def _remote_code_reason(local_dir: Path, *, tokenizer: bool) -> str | None:
     return None
 
 
+def native_source(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` pointing at the native conversion of a local Baichuan / ChatGLM checkpoint, else ``cfg``.
+
+    Baichuan2-7B / Baichuan-7B load as Llama and ChatGLM2/3-6B as Glm, converted once into
+    ``lorafleet.convert.cache_root()`` (see ``lorafleet.convert``): their own modelling code never
+    runs. A Baichuan / ChatGLM checkpoint no native architecture computes exactly (the ALiBi 13B
+    models, ChatGLM-6B v1) loads only with ``model.trust_remote_code=true``, through its own code.
+
+    Raises:
+        ModelLoadError: such a checkpoint while ``model.trust_remote_code`` is false, naming the
+            alternative; or a malformed Baichuan / ChatGLM checkpoint.
+    """
+    path = Path(cfg.name_or_path).expanduser()
+    if not path.is_dir():
+        return cfg
+    from lorafleet.convert import native_checkpoint
+
+    try:
+        native = native_checkpoint(path)
+    except ModelLoadError:
+        if cfg.trust_remote_code:
+            return cfg  # the explicit allow-list: the checkpoint's own code, as the user asked
+        raise
+    return cfg if native is None else dataclasses.replace(cfg, name_or_path=str(native))
+
+
 def _refuse_remote_code(cfg: ModelConfig, local: bool, *, tokenizer: bool) -> None:
     if cfg.trust_remote_code or not local:
         return
@@ -170,6 +197,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     local = _is_local(cfg.name_or_path)
+    cfg = native_source(cfg)
     _refuse_remote_code(cfg, local, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **_source_kwargs(cfg, local))
@@ -246,6 +274,7 @@ def load_model(cfg: ModelConfig, *, for_training: bool, device_map: Any = None) 
     from transformers import AutoModelForCausalLM
 
     local = _is_local(cfg.name_or_path)
+    cfg = native_source(cfg)
     _refuse_remote_code(cfg, local, tokenizer=False)
     kwargs = _source_kwargs(cfg, local)
     kwargs["dtype"] = torch_dtype(cfg.dtype)
@@ -387,7 +416,10 @@ def resolve_lora_targets(model: nn.Module, family: Family, spec: list[str] | str
     if spec == "auto":
         if family.lora_targets == ALL_LINEAR:
             return available
-        present = [t for t in family.lora_targets if t in available]
+        targets = family.lora_targets
+        if family.converted_lora_targets and hasattr(getattr(model, "config", None), SOURCE_CONFIG_KEY):
+            targets = family.converted_lora_targets  # a Baichuan / ChatGLM checkpoint converted to native
+        present = [t for t in targets if t in available]
         if not present:
             logger.warning(
                 "none of the %s family's LoRA targets %s is in this model; using all linear layers %s",
