@@ -77,6 +77,18 @@ COMMANDS: dict[str, Command] = {
             "--arch llama --out .cache/tiny/llama",
             "build an offline tiny base model",
         ),
+        Command(
+            "convert",
+            "lorafleet.convert:main",
+            "SRC_DIR OUT_DIR [--dtype bf16]",
+            "convert a Baichuan2/ChatGLM3 checkpoint to native transformers (no remote code)",
+        ),
+        Command(
+            "export",
+            "lorafleet.export:main",
+            "NAME[@V] --layout original --out DIR",
+            "write a Baichuan/ChatGLM LoRA adapter in the original key layout (W_pack, query_key_value)",
+        ),
         Command("data", "lorafleet.cli:data_main", "--out data/", "write the bundled datasets"),
         Command("adapters", "lorafleet.cli:adapters_main", "[--root DIR]", "list published adapters"),
         Command(
