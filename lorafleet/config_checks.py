@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorafleet.adapters import MAX_VERSION
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.method_specs import (
     METHOD_SPECS,
@@ -199,10 +200,10 @@ def validate_config(c: RunConfig) -> None:
     if o.version != "auto":
         _check(
             p,
-            bool(re.fullmatch(r"[1-9][0-9]{0,9}", o.version)) and int(o.version) <= _INT32_MAX,
+            bool(re.fullmatch(r"[1-9][0-9]{0,9}", o.version)) and int(o.version) <= MAX_VERSION,
             "output.version",
             o.version,
-            f"must be 'auto' or a positive integer up to {_INT32_MAX}",
+            f"must be 'auto' or a positive integer up to {MAX_VERSION}",
         )
     _check_bounds(values, p)
     if p:

@@ -64,6 +64,25 @@ def test_names_the_os_refuses_are_field_errors(train_file: str, path: str, value
     assert field in _refusal(_request(train_file, config={path: value}))
 
 
+@pytest.mark.parametrize("resume", ["{tmp}", "{tmp}/missing", "/etc"])
+def test_a_job_cannot_resume_from_a_path_and_learns_nothing_about_it(
+    train_file: str, tmp_path: Path, resume: str
+) -> None:
+    value = resume.format(tmp=tmp_path)
+    for request in (
+        _request(train_file, overrides={"train.resume": value}),
+        _request(train_file, config={"train.resume": value}),
+    ):
+        problem = _refusal(request)["spec.overrides['train.resume']"]
+        assert problem.message == "a job may only say auto or never"
+    assert (
+        validate_submission(
+            _request(train_file, overrides={"train.resume": "never"}), Capacity(), SERVER, check_memory=False
+        ).config.train.resume
+        == "never"
+    )
+
+
 @pytest.mark.parametrize(
     "resources,field",
     [

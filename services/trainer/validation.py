@@ -174,6 +174,14 @@ def validate_submission(
     if request.max_attempts is not None and not 1 <= request.max_attempts <= 20:
         problems.append(FieldProblem("spec.max_attempts", request.max_attempts, "must be in [1, 20]"))
     _check_quantities(request, problems)
+    resume = request.overrides.get("train.resume", request.config.get("train", {}).get("resume"))
+    if isinstance(resume, str) and resume.strip() not in ("auto", "never"):
+        # Checked before the config is built, whose own check would stat the path: a job resumes from
+        # its own run's checkpoints (retries do by themselves), never from a path a client names.
+        problems.append(
+            FieldProblem("spec.overrides['train.resume']", resume, "a job may only say auto or never")
+        )
+        raise ConfigError(problems, context="invalid job spec")
     try:
         config = request_to_config(request, server_fields)
     except ConfigError as e:
