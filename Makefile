@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup assets tools test test-unit demo dashboard proto proto-check quality bench images clean help
+.PHONY: setup assets tools test test-unit demo dashboard proto proto-check quality bench images images-test clean help
 
 help:
 	@echo "make demo | test | quality | bench | proto | setup | clean"
@@ -36,7 +36,7 @@ tools:
 	bash scripts/install_chromium.sh
 
 test: setup tools
-	$(PY) -m pytest -m "not gpu" -q -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not images" -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest -m "not gpu and not integration" -q $(PYTEST_ARGS)
@@ -75,18 +75,31 @@ proto-check: setup
 	  if diff -r -x __init__.py -x __pycache__ $$tmp/lorafleet/v1 $(STUBS); then echo "proto stubs: up to date"; \
 	  else echo "$(STUBS) differs from proto/ (above): run make proto and commit the stubs" >&2; exit 1; fi
 
-# Container images of the services (services/*/Dockerfile, built from the repository root). Needs a
-# Docker engine (none runs in CI: tests/test_dockerfiles.py parses the Dockerfiles instead).
+# Container images of the services (services/*/Dockerfile, built from the repository root), CPU variant
+# by default (TORCH_VARIANT=cu128 for GPU nodes). BUILDER=docker needs a Docker engine; BUILDER=buildah
+# (what CI runs, as root: scripts/build_images.sh) needs no engine and no registry: it makes the base
+# from Debian packages when it cannot pull it, and caches it with the layers under .cache/images.
 # `make images REGISTRY=registry.example.com/lorafleet/ IMAGE_TAG=0.1.0`, then push them and set the
 # same names in your overlay's `images:` (k8s/overlays/gpu/kustomization.yaml).
 REGISTRY ?=
 IMAGE_TAG ?= 0.1.0
+TORCH_VARIANT ?= cpu
+BUILDER ?= docker
 DOCKER ?= docker
 images:
-	$(DOCKER) build -f services/trainer/Dockerfile --target server -t $(REGISTRY)lorafleet-trainer:$(IMAGE_TAG) .
-	$(DOCKER) build -f services/trainer/Dockerfile --target worker -t $(REGISTRY)lorafleet-trainer-worker:$(IMAGE_TAG) .
-	$(DOCKER) build -f services/inference/Dockerfile -t $(REGISTRY)lorafleet-inference:$(IMAGE_TAG) .
-	$(DOCKER) build -f services/dashboard/Dockerfile -t $(REGISTRY)lorafleet-dashboard:$(IMAGE_TAG) .
+ifeq ($(BUILDER),buildah)
+	REGISTRY=$(REGISTRY) IMAGE_TAG=$(IMAGE_TAG) TORCH_VARIANT=$(TORCH_VARIANT) bash scripts/build_images.sh
+else
+	$(DOCKER) build --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f services/trainer/Dockerfile --target server -t $(REGISTRY)lorafleet-trainer:$(IMAGE_TAG) .
+	$(DOCKER) build --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f services/trainer/Dockerfile --target worker -t $(REGISTRY)lorafleet-trainer-worker:$(IMAGE_TAG) .
+	$(DOCKER) build --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f services/inference/Dockerfile --target inference -t $(REGISTRY)lorafleet-inference:$(IMAGE_TAG) .
+	$(DOCKER) build --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f services/dashboard/Dockerfile --target dashboard -t $(REGISTRY)lorafleet-dashboard:$(IMAGE_TAG) .
+endif
+
+# Smoke-runs the images `make images BUILDER=buildah` built, each as its pod runs it (command, env and
+# mounts from the rendered manifests and the launcher's Job): tests/test_images.py, marker `images`.
+images-test: setup tools
+	$(PY) -m pytest -m images -q -rs tests/test_images.py $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench.train_bench
