@@ -395,28 +395,43 @@ def native_tokenizer(model_dir: str | Path, layout: SourceLayout) -> Any:
 
     transformers' converter turns ``tokenizer.model`` into a tokenizers BPE with byte fallback
     (``LlamaTokenizer``); the dummy prefix follows the model's own ``add_dummy_prefix``. ChatGLM's
-    special tokens are appended at ids ``n_pieces + i`` as its tokenizer code numbers them, and a
-    plain ``tokenizer(text)`` starts with ``[gMASK]sop`` as ChatGLM's does.
+    special tokens are appended at ids ``n_pieces + i`` as its tokenizer code numbers them. The
+    ``[gMASK]sop`` prefix comes from the chatglm2 / chatglm3 prompt templates, which write it.
 
     Raises:
         ModelLoadError: no ``tokenizer.model`` in the directory.
     """
-    from tokenizers import decoders, pre_tokenizers, processors
-    from transformers import LlamaTokenizer
+    from tokenizers import decoders, normalizers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     root = Path(model_dir)
     if not (root / "tokenizer.model").is_file():
         raise ModelLoadError(f"{str(root)!r} has no tokenizer.model (the SentencePiece model to convert)")
     proto = _sentencepiece_proto(root / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(
-        str(root), add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False
+    # transformers' converter gives the pieces and merges as a byte-fallback BPE. The text handling
+    # is set here to SentencePiece's own: spaces become "▁", and with add_dummy_prefix (ChatGLM) one
+    # "▁" goes before every run of text between special tokens, even one that starts with a space
+    # (the Metaspace pre-tokenizer would skip that one). Baichuan has no dummy prefix.
+    converted = LlamaTokenizer.from_pretrained(str(root), clean_up_tokenization_spaces=False)
+    backend = converted.backend_tokenizer
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if proto.normalizer_spec.add_dummy_prefix:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    else:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence(steps)
+    backend.post_processor = None
+    # A plain fast tokenizer: a reload reads tokenizer.json as written instead of rebuilding it.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=converted.bos_token,
+        eos_token=converted.eos_token,
+        unk_token=converted.unk_token,
+        pad_token=converted.unk_token,
+        clean_up_tokenization_spaces=False,
     )
-    backend = tokenizer.backend_tokenizer
-    if not proto.normalizer_spec.add_dummy_prefix:
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
-        backend.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        )
     pieces = [p.piece for p in proto.pieces]
     if layout.native_model_type == "glm":
         special = CHATGLM3_SPECIAL_TOKENS if layout.name == "chatglm3" else CHATGLM2_SPECIAL_TOKENS
@@ -424,17 +439,9 @@ def native_tokenizer(model_dir: str | Path, layout: SourceLayout) -> Any:
         expected = list(range(len(pieces), len(pieces) + len(special)))
         if tokenizer.convert_tokens_to_ids(list(special)) != expected:
             raise ModelLoadError(f"{str(root)!r}: ChatGLM special tokens did not land at ids {expected}")
-        gmask, sop = tokenizer.convert_tokens_to_ids(["[gMASK]", "sop"])
-        backend.post_processor = processors.TemplateProcessing(
-            single="[gMASK] sop $A",
-            pair="[gMASK] sop $A $B",
-            special_tokens=[("[gMASK]", gmask), ("sop", sop)],
-        )
     else:
         markers = [m for m in BAICHUAN_MARKERS if m in pieces]
         tokenizer.add_special_tokens({"additional_special_tokens": markers})
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
 
