@@ -152,6 +152,18 @@ def test_chat_template_labels_exactly_the_assistant_turns(arch: str, sources: di
     assert example.input_ids[: len(marker_ids)] == marker_ids  # each marker is one control token
 
 
+def _reference_with_adapter(src: Path, adapter_dir: Path) -> Any:
+    """PEFT over the reference model of ``src`` with the original-layout adapter in ``adapter_dir``.
+
+    The reference is a plain module, not a generation model: the adapter loads as a plain PeftModel
+    (its ``task_type`` only adds generation plumbing, not math)."""
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.task_type = None
+    return PeftModel.from_pretrained(load_reference(src), str(adapter_dir), config=config).eval()
+
+
 def _train(model: Any, vocab: int, steps: int = 8) -> list[float]:
     """A few AdamW steps on one fixed batch; returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +185,7 @@ def _train(model: Any, vocab: int, steps: int = 8) -> list[float]:
 def test_lora_trains_and_exports_to_the_original_layout_exactly(
     arch: str, sources: dict[str, Path], tmp_path: Path
 ) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     src = sources[arch]
     model = load_model(ModelConfig(name_or_path=str(src)), for_training=True, device_map="cpu")
@@ -192,7 +204,7 @@ def test_lora_trains_and_exports_to_the_original_layout_exactly(
 
     ids = _ids(700, seed=4)
     peft.eval()
-    reference = PeftModel.from_pretrained(load_reference(src), str(out)).eval()
+    reference = _reference_with_adapter(src, out)
     assert any(FUSED[arch] in name for name, _ in reference.named_modules() if name.endswith("lora_A"))
     with torch.no_grad():
         torch.testing.assert_close(reference(ids), peft(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -201,7 +213,6 @@ def test_lora_trains_and_exports_to_the_original_layout_exactly(
 
 def test_export_of_a_partial_qkv_adapter_fills_zero_blocks(sources: dict[str, Path], tmp_path: Path) -> None:
     """q and v only (a common choice): the fused B has zero rows for k, and stays exact."""
-    from peft import PeftModel
 
     from tests.inference_utils import peft_model, save_lora_adapter
 
@@ -211,7 +222,7 @@ def test_export_of_a_partial_qkv_adapter_fills_zero_blocks(sources: dict[str, Pa
     )
     out = export_original(tmp_path / "native", tmp_path / "original", "chatglm3", base_dir=src)
     native = peft_model(_load(src), {"a": tmp_path / "native"})
-    reference = PeftModel.from_pretrained(load_reference(src), str(out)).eval()
+    reference = _reference_with_adapter(src, out)
     ids = _ids(700, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(reference(ids), native(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -296,3 +307,34 @@ def test_refused_layouts_name_the_alternative(tmp_path: Path) -> None:
     allowed = ModelConfig(name_or_path=str(alibi), trust_remote_code=True)
     assert native_source(allowed) is allowed
     assert detect_source_layout(write("llama", {"model_type": "llama"})) is None
+
+
+def test_recipe_trains_publishes_and_exports_baichuan2(
+    sources: dict[str, Path], bundled_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """The trainer's recipe on the original checkpoint path: converted at load time, trained with
+    the family's converted targets and template, published; ``lorafleet export`` writes the W_pack
+    adapter, and on the reference forward it gives the trained model's logits."""
+
+    from services.cli import main
+    from services.trainer.recipe import run_training
+    from tests.training_utils import training_config
+
+    src = sources["baichuan2"]
+    config = training_config(tmp_path, src, bundled_data, train={"max_steps": 6})
+    result = run_training(config)
+    assert result.published is not None
+    manifest = result.published.manifest
+    assert (manifest.family, manifest.template) == ("baichuan2", "baichuan2")
+    assert manifest.base_model["path"] == str(src.resolve())
+    trained = json.loads((result.published.path / "adapter_config.json").read_text())
+    assert sorted(trained["target_modules"]) == CONVERTED_TARGETS["baichuan2"]
+    out = tmp_path / "original"
+    ref = f"{manifest.name}@{result.published.version}"
+    root = config.output.adapters_root
+    assert main(["export", ref, "--layout", "original", "--out", str(out), "--root", root]) == 0
+    reference = _reference_with_adapter(src, out)
+    ids = _ids(700, seed=6)
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids), result.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
