@@ -83,6 +83,18 @@ def test_a_token_on_the_command_line_is_refused_with_the_way_that_works(argv: li
     assert "process list" in done.stderr and "-file" in done.stderr, done.stderr
 
 
+def test_inference_settings_read_the_token_file_and_check_the_scope(tmp_path: Path) -> None:
+    from services.inference.settings import InferenceSettings, ModelSettings
+
+    (tmp_path / "token").write_text("inf3rence\n")
+    base = [ModelSettings(name="tiny", path=str(tmp_path))]
+    settings = InferenceSettings(models=base, auth_token_file=str(tmp_path / "token"), auth_scope="all")
+    assert settings.validate().auth_token == "inf3rence"
+    with pytest.raises(ConfigError) as err:
+        InferenceSettings(models=base, auth_token_file=str(tmp_path / "nope"), auth_scope="reads").validate()
+    assert {p.field for p in err.value.problems} >= {"auth_token_file", "auth_scope"}
+
+
 @pytest.mark.integration
 def test_scope_all_guards_reads_and_keeps_health_open(tmp_path: Path) -> None:
     token_file = tmp_path / "token"

@@ -59,7 +59,7 @@ def server_args(tiny_llama: Path, adapters: Path, *extra: str) -> list[str]:
     return [
         "--host", "127.0.0.1", "--metrics-port", "0", "--model", f"tiny={tiny_llama}",
         "--adapters-root", str(adapters), "--scan-interval-s", "0.2", "--max-new-tokens-cap", "1000",
-        "--auth-token", TOKEN, *extra,
+        *extra,
     ]  # fmt: skip
 
 
@@ -68,7 +68,10 @@ def server(
     tiny_llama: Path, adapters: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InferenceProcess]:
     proc = InferenceProcess(
-        server_args(tiny_llama, adapters), tmp_path_factory.mktemp("cli-logs"), entry=CLI_SERVER
+        server_args(tiny_llama, adapters),
+        tmp_path_factory.mktemp("cli-logs"),
+        entry=CLI_SERVER,
+        env={"LORAFLEET_INFERENCE_AUTH_TOKEN": TOKEN},
     )
     proc.start()
     yield proc

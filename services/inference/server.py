@@ -40,6 +40,7 @@ from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
+from services.common.auth import add_secret_refusal, guarded_methods
 from services.common.interceptor import ErrorInterceptor
 from services.inference import settings as settings_module
 from services.inference.errors import STATUS_FOR
@@ -52,7 +53,7 @@ from services.inference.settings import InferenceSettings
 log = logging.getLogger("lorafleet.inference")
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 RPC_METHODS = frozenset(pb.DESCRIPTOR.services_by_name["InferenceService"].methods_by_name)
-MUTATING = [f"/{SERVICE}/LoadAdapter", f"/{SERVICE}/UnloadAdapter"]
+MUTATING = ["LoadAdapter", "UnloadAdapter"]
 
 _NO_DEADLINE_S = 10 * 365 * 86400.0
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -241,7 +242,10 @@ class InferenceServer:
         # First, so that it also counts what the auth interceptor refuses.
         interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(STATUS_FOR, self._count)]
         if settings.auth_token:
-            interceptors.append(grpc_util.BearerTokenInterceptor(settings.auth_token, MUTATING))
+            guarded = guarded_methods(
+                pb.DESCRIPTOR.services_by_name["InferenceService"], MUTATING, settings.auth_scope
+            )
+            interceptors.append(grpc_util.BearerTokenInterceptor(settings.auth_token, guarded))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="inference-rpc"),
             interceptors=interceptors,
@@ -331,7 +335,8 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("host", str, "address to bind"),
     ("port", int, "gRPC port (0 = any free port)"),
     ("metrics_port", int, "/metrics port (0 = any free port, -1 = off)"),
-    ("auth_token", str, "require 'authorization: Bearer TOKEN' on LoadAdapter/UnloadAdapter"),
+    ("auth_token_file", str, "file holding the bearer token (or set LORAFLEET_INFERENCE_AUTH_TOKEN)"),
+    ("auth_scope", str, "what the token guards: writes (LoadAdapter/UnloadAdapter) or all RPCs"),
     ("tls_cert", str, "PEM certificate (with --tls-key: TLS only)"),
     ("tls_key", str, "PEM private key"),
     ("max_new_tokens_cap", int, "largest max_new_tokens a request may ask for"),
@@ -366,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         raw = _env(name)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(raw) if raw is not None else None,
                         help=helptext)  # fmt: skip
+    add_secret_refusal(ap, "--auth-token", "use --auth-token-file or LORAFLEET_INFERENCE_AUTH_TOKEN")
     return ap
 
 
@@ -382,6 +388,8 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
         if args.dtype:
             for m in settings.models:
                 m.dtype = args.dtype
+    if _env("auth_token"):
+        settings.auth_token = _env("auth_token") or ""
     for name, _, _ in _FLAGS:
         value = getattr(args, name)
         if value is not None:

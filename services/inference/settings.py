@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from lorafleet.errors import ConfigError, FieldProblem
+from services.common.auth import AUTH_SCOPES, read_token
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -78,7 +79,14 @@ class InferenceSettings:
     metrics_port: int = -1
     """``/metrics`` port; 0 picks a free one, -1 turns the exporter off."""
     auth_token: str = ""
-    """When set, LoadAdapter and UnloadAdapter need ``authorization: Bearer <token>``."""
+    """When set, the RPCs of ``auth_scope`` need ``authorization: Bearer <token>``. Set it in the YAML
+    file or ``LORAFLEET_INFERENCE_AUTH_TOKEN``, or name a file in ``auth_token_file``; never on a
+    command line, where ``ps`` shows it."""
+    auth_token_file: str = ""
+    """File holding the bearer token (a mounted Secret); read once by :meth:`validate`."""
+    auth_scope: str = "writes"
+    """What the token guards: ``writes`` (LoadAdapter, UnloadAdapter) or ``all`` (every RPC but health
+    and reflection); see ``services.common.auth``."""
     tls_cert: str = ""
     """PEM certificate chain; with ``tls_key`` the server speaks TLS only."""
     tls_key: str = ""
@@ -134,6 +142,14 @@ class InferenceSettings:
             ConfigError: listing every problem, each naming the field and the value.
         """
         problems: list[FieldProblem] = []
+        if self.auth_scope not in AUTH_SCOPES:
+            problems.append(
+                FieldProblem("auth_scope", self.auth_scope, f"use one of {', '.join(AUTH_SCOPES)}")
+            )
+        try:
+            self.auth_token = read_token(self.auth_token, self.auth_token_file, "auth_token_file")
+        except ConfigError as e:
+            problems += e.problems
         if not self.models:
             problems.append(FieldProblem("models", [], "give at least one base model (--model NAME=PATH)"))
         seen: set[str] = set()
