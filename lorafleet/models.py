@@ -138,10 +138,15 @@ def native_source(cfg: ModelConfig) -> ModelConfig:
 
     try:
         native = native_checkpoint(path)
-    except ModelLoadError:
+    except ModelLoadError as e:
         if cfg.trust_remote_code:
             return cfg  # the explicit allow-list: the checkpoint's own code, as the user asked
-        raise
+        remote = _remote_code_reason(path, tokenizer=False)
+        if remote is None:
+            raise
+        raise ModelLoadError(
+            f"{e.reason}. Otherwise: {_remote_code_message(cfg.name_or_path, remote)}"
+        ) from e
     return cfg if native is None else dataclasses.replace(cfg, name_or_path=str(native))
 
 
