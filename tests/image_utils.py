@@ -1,0 +1,190 @@
+"""Run the images ``scripts/build_images.sh`` built, each as its Kubernetes pod would run it.
+
+No kubelet runs here (shared/STACK.md), so this module does its part for one container, from the
+rendered objects and nothing retyped: the command and args with ``$(VAR)`` expanded from the
+container's environment (``$$`` is a literal ``$``); the environment from ``envFrom`` ConfigMaps, then
+``env`` (values, ``secretKeyRef``, ``configMapKeyRef``, ``fieldRef``); every ``volumeMount`` as a bind
+mount of a host directory: a PersistentVolumeClaim's from the test, a fresh directory per emptyDir,
+files written from a Secret's or ConfigMap's data. The container runs with ``buildah run
+--isolation chroot --network host --user <runAsUser>:<runAsGroup>``; a hosts file the test gives stands
+in for the cluster's DNS (Service names and pod hostnames on loopback).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("LORAFLEET_IMAGE_CACHE", str(REPO / ".cache" / "images")))
+BUILD_SCRIPT = REPO / "scripts" / "build_images.sh"
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def buildah() -> list[str]:
+    """buildah on the storage scripts/build_images.sh built into (scripts/buildah_storage.sh)."""
+    driver_file = CACHE / "storage-driver"
+    assert driver_file.is_file(), f"{driver_file} missing: run `make images BUILDER=buildah` first"
+    driver = driver_file.read_text(encoding="utf-8").strip()
+    return [
+        "buildah",
+        "--root",
+        str(CACHE / "storage"),
+        "--runroot",
+        str(CACHE / "run"),
+        "--storage-driver",
+        driver,
+    ]
+
+
+def built_images() -> dict[str, str]:
+    """NAME -> NAME:TAG of every image the build script builds (``--list``), at the default tag."""
+    proc = subprocess.run(["bash", str(BUILD_SCRIPT), "--list"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return {line.split()[0]: f"{line.split()[0]}:0.1.0" for line in proc.stdout.splitlines() if line.strip()}
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: known variables are replaced, unknown ones kept, ``$$`` -> ``$``."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR.sub(one, text)
+
+
+@dataclass
+class PodContainer:
+    """One container of a rendered pod, resolved against this host."""
+
+    argv: list[str]
+    env: dict[str, str]
+    mounts: list[tuple[Path, str, bool]]
+    """(host directory or file, path in the container, read-only)."""
+    user: str
+
+
+@dataclass
+class Cluster:
+    """What the objects refer to: ConfigMaps, Secrets, claims (host directories), pod fields."""
+
+    config_maps: list[dict[str, Any]]
+    secrets: dict[str, dict[str, str]]
+    claims: dict[str, Path]
+    scratch: Path
+    field_refs: dict[str, str] = field(default_factory=dict)
+
+    def config_map(self, name: str) -> dict[str, str]:
+        [cm] = [c for c in self.config_maps if c["metadata"]["name"] == name]
+        return dict(cm.get("data") or {})
+
+
+def resolve(pod: dict[str, Any], container_name: str, cluster: Cluster) -> PodContainer:
+    """``pod`` (a pod spec) -> its container ``container_name``, as the kubelet would start it."""
+    [c] = [c for c in pod["containers"] if c["name"] == container_name]
+    env: dict[str, str] = {}
+    for source in c.get("envFrom") or []:
+        env.update(cluster.config_map(source["configMapRef"]["name"]))
+    for e in c.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+            continue
+        ref = e["valueFrom"]
+        if "secretKeyRef" in ref:
+            s = ref["secretKeyRef"]
+            value = cluster.secrets.get(s["name"], {}).get(s["key"])
+            if value is None:
+                assert s.get("optional"), f"env {e['name']}: Secret {s['name']}/{s['key']} missing"
+                continue
+        elif "configMapKeyRef" in ref:
+            value = cluster.config_map(ref["configMapKeyRef"]["name"])[ref["configMapKeyRef"]["key"]]
+        else:
+            value = cluster.field_refs[ref["fieldRef"]["fieldPath"]]
+        env[e["name"]] = value
+    argv = [expand(a, env) for a in (c.get("command") or []) + (c.get("args") or [])]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mounts = []
+    for m in c.get("volumeMounts") or []:
+        mounts.append((_volume_dir(volumes[m["name"]], cluster), m["mountPath"], bool(m.get("readOnly"))))
+    sc = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
+    return PodContainer(argv, env, mounts, f"{sc['runAsUser']}:{sc['runAsGroup']}")
+
+
+def _volume_dir(volume: dict[str, Any], cluster: Cluster) -> Path:
+    name = volume["name"]
+    if "persistentVolumeClaim" in volume:
+        return cluster.claims[volume["persistentVolumeClaim"]["claimName"]]
+    path = cluster.scratch / "volumes" / name
+    path.mkdir(parents=True, exist_ok=True)
+    if "emptyDir" in volume:
+        path.chmod(0o1777)  # as the kubelet makes it; fsGroup would own it
+        return path
+    if "secret" in volume:
+        data, items, mode = (
+            cluster.secrets[volume["secret"]["secretName"]],
+            volume["secret"].get("items"),
+            0o440,
+        )
+        mode = volume["secret"].get("defaultMode", mode)
+    else:
+        data, items, mode = (
+            cluster.config_map(volume["configMap"]["name"]),
+            volume["configMap"].get("items"),
+            0o444,
+        )
+    for item in items or [{"key": k, "path": k} for k in data]:
+        target = path / item["path"]
+        target.write_text(data[item["key"]], encoding="utf-8")
+        target.chmod(mode)
+        os.chown(target, 0, 1000)  # fsGroup
+    return path
+
+
+class ImageRun:
+    """``buildah run`` of one image as a pod's container; ``stop`` ends it and removes the container."""
+
+    def __init__(self, image: str, container: PodContainer, log: Path, hosts: dict[str, str]) -> None:
+        self.log = log
+        proc = subprocess.run(
+            [*buildah(), "from", "--pull=never", image], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"buildah from {image}: {proc.stderr}"
+        self.container_id = proc.stdout.strip().splitlines()[-1]
+        hosts_file = log.parent / f"{log.stem}.hosts"
+        hosts_file.write_text(
+            "127.0.0.1 localhost\n" + "".join(f"{ip} {name}\n" for name, ip in hosts.items()),
+            encoding="utf-8",
+        )
+        cmd = [*buildah(), "run", "--isolation", "chroot", "--network", "host", "--user", container.user]
+        cmd += ["--no-hosts", "--volume", f"{hosts_file}:/etc/hosts:ro"]
+        for host, path, read_only in container.mounts:
+            cmd += ["--volume", f"{host}:{path}" + (":ro" if read_only else "")]
+        for key, value in container.env.items():
+            cmd += ["--env", f"{key}={value}"]
+        cmd += [self.container_id, "--", *container.argv]
+        self._out = log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self._out.close()
+        subprocess.run([*buildah(), "rm", self.container_id], capture_output=True, timeout=120)

@@ -1,0 +1,229 @@
+"""The built images (``make images BUILDER=buildah``), each run as its pod runs it (marker ``images``;
+``make images-test``, after the build in CI).
+
+Command, args, env and mounts come from ``kubectl kustomize k8s/overlays/cpu-dev`` and from the Job the
+trainer's launcher renders (services/trainer/k8s_objects.py), resolved by tests/image_utils.py as a
+kubelet would; the containers run under ``buildah run`` as uid 1000, on the host network, with test
+directories where the volumes would be:
+
+- inference serves the tiny model from a mounted models directory; the host's gRPC client gets a health
+  SERVING and a Generate answer, and its /metrics answers;
+- the trainer server answers SubmitJob from the host;
+- the worker image runs as the 2 pods of one Indexed Job (JOB_COMPLETION_INDEX 0 and 1, the master
+  address and port the launcher renders, resolved to loopback): the 2-node ZeRO-2 LoRA run completes
+  and the adapter is published once on the mounted adapters volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from image_utils import Cluster, ImageRun, buildah, built_images, resolve
+from k8s_utils import K8S_DIR, find, kustomize, one
+
+from lorafleet.v1 import inference_pb2, inference_pb2_grpc, trainer_pb2_grpc
+from lorafleet.v1 import trainer_pb2 as tpb
+from services.common.auth import with_token
+from services.trainer.k8s_objects import COMPLETION_INDEX_ANNOTATION, K8sSettings, render_attempt
+from services.trainer.launchers.base import AttemptRequest
+from tests.trainer_utils import lora_spec
+from tests.training_utils import training_config
+
+pytestmark = pytest.mark.images
+TOKEN = "images-smoke-token"
+UID = 1000
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return kustomize(K8S_DIR / "overlays" / "cpu-dev")
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    names = built_images()
+    for tag in names.values():
+        proc = subprocess.run(
+            [*buildah(), "inspect", "--type", "image", tag], capture_output=True, timeout=60
+        )
+        assert proc.returncode == 0, f"{tag} is not built: run `make images BUILDER=buildah`"
+    return names
+
+
+def owned(path: Path) -> Path:
+    """A directory the pod's user can write (what fsGroup does to a volume)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for p in [path, *path.rglob("*")]:
+        shutil.chown(p, UID, UID)
+    return path
+
+
+def deployment_pod(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return one(docs, "Deployment", name)["spec"]["template"]["spec"]
+
+
+def cluster(docs: list[dict[str, Any]], tmp: Path, claims: dict[str, Path]) -> Cluster:
+    return Cluster(find(docs, "ConfigMap"), {"lorafleet-auth": {"token": TOKEN}}, claims, tmp)
+
+
+def wait_serving(address: str, run: ImageRun, timeout: float) -> None:
+    channel = grpc.insecure_channel(address)
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert run.proc.poll() is None, f"the container exited:\n{run.output()[-4000:]}"
+        try:
+            if (
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
+                channel.close()
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(1)
+    channel.close()
+    raise AssertionError(f"{address} not SERVING after {timeout} s:\n{run.output()[-4000:]}")
+
+
+@pytest.fixture
+def running() -> Iterator[list[ImageRun]]:
+    runs: list[ImageRun] = []
+    yield runs
+    for run in runs:
+        run.stop()
+
+
+def test_inference_serves_the_tiny_model_from_the_models_volume(
+    rendered, images, tiny_llama, tmp_path, running
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_llama, models / "tiny" / "llama")
+    pod = deployment_pod(rendered, "lorafleet-inference")
+    env = one(rendered, "ConfigMap", "lorafleet-inference-config")["data"]
+    assert env["LORAFLEET_INFERENCE_MODEL"] == "tiny=/data/models/tiny/llama"
+    claims = {"lorafleet-models": owned(models), "lorafleet-adapters": owned(tmp_path / "adapters")}
+    container = resolve(pod, "inference", cluster(rendered, tmp_path, claims))
+    run = ImageRun(images["lorafleet-inference"], container, tmp_path / "inference.log", {})
+    running.append(run)
+    port, metrics_port = env["LORAFLEET_INFERENCE_PORT"], env["LORAFLEET_INFERENCE_METRICS_PORT"]
+    wait_serving(f"127.0.0.1:{port}", run, timeout=240)
+    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{port}"), TOKEN)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(
+            prompt="你好", sampling=inference_pb2.SamplingParams(max_new_tokens=8, temperature=0.0)
+        ),
+        timeout=60,
+    )
+    channel.close()
+    assert reply.usage.completion_tokens > 0 and reply.token_ids
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert "lorafleet_inference_" in text
+
+
+def test_trainer_server_answers_submit_job(
+    rendered, images, tiny_llama, bundled_data, tmp_path, running
+) -> None:
+    data_root, models = tmp_path / "datasets", tmp_path / "models"
+    shutil.copytree(tiny_llama, models / "tiny" / "llama")
+    for path in bundled_data.values():
+        (data_root / "bundled").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, data_root / "bundled" / path.name)
+    claims = {
+        "lorafleet-models": owned(models), "lorafleet-datasets": owned(data_root),
+        "lorafleet-adapters": owned(tmp_path / "adapters"), "lorafleet-runs": owned(tmp_path / "runs"),
+    }  # fmt: skip
+    pod = deployment_pod(rendered, "lorafleet-trainer")
+    container = resolve(pod, "trainer", cluster(rendered, tmp_path, claims))
+    port = container.env["LORAFLEET_TRAINER_PORT"]
+    run = ImageRun(images["lorafleet-trainer"], container, tmp_path / "trainer.log", {})
+    running.append(run)
+    wait_serving(f"127.0.0.1:{port}", run, timeout=120)
+    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{port}"), TOKEN)
+    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    in_pod = {k: Path("/data/datasets/bundled") / p.name for k, p in bundled_data.items()}
+    spec = lora_spec(Path("/data/models/tiny/llama"), in_pod, max_steps=2)
+    job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec, dry_run=True), timeout=60)
+    channel.close()
+    assert job.spec.model.name_or_path == "/data/models/tiny/llama"
+
+
+def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
+    rendered, images, tiny_llama, bundled_data, tmp_path, running
+) -> None:
+    """The launcher's Job for 2 nodes x 1 process with ZeRO-2, from the cpu-dev trainer's own settings
+    (its ConfigMap and the template ConfigMap); max nodes raised from the overlay's 1 to 2."""
+    trainer_env = dict(one(rendered, "ConfigMap", "lorafleet-trainer-config")["data"])
+    template = tmp_path / "template.yaml"
+    template.write_text(
+        one(rendered, "ConfigMap", "lorafleet-training-job-template")["data"]["training-job-template.yaml"],
+        encoding="utf-8",
+    )
+    trainer_env["LORAFLEET_K8S_JOB_TEMPLATE"] = str(template)
+    settings = dataclasses.replace(K8sSettings.from_env(trainer_env), max_nodes=2)
+    runs_dir, models, data_root = tmp_path / "runs", tmp_path / "models", tmp_path / "datasets"
+    shutil.copytree(tiny_llama, models / "tiny" / "llama")
+    (data_root / "bundled").mkdir(parents=True)
+    for path in bundled_data.values():
+        shutil.copy(path, data_root / "bundled" / path.name)
+    job_dir = runs_dir / "jobs" / "imgsmoke0001"
+    in_pod = {k: Path("/data/datasets/bundled") / p.name for k, p in bundled_data.items()}
+    config = training_config(
+        Path("/data/runs/jobs/imgsmoke0001"), Path("/data/models/tiny/llama"), in_pod,
+        train={"max_steps": 4, "per_device_batch_size": 4, "logging_steps": 1},
+        distributed={"deepspeed_stage": 2, "nnodes": 2, "nproc_per_node": 1},
+        output={"run_dir": "/data/runs/jobs/imgsmoke0001/run", "adapters_root": "/data/adapters",
+                "adapter_name": "img-smoke"},
+    )  # fmt: skip
+    job_dir.mkdir(parents=True)
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
+    request = AttemptRequest(
+        job_id="imgsmoke0001", attempt=1, config_path=Path("/data/runs/jobs/imgsmoke0001/config.yaml"),
+        attempt_dir=Path("/data/runs/jobs/imgsmoke0001/attempt-1"), nodes=2, processes_per_node=1,
+        launcher="torchrun", deepspeed=True, resources={"cpu": "1", "memory": "2Gi"},
+    )  # fmt: skip
+    job, service = render_attempt(settings, request)
+    pod = job["spec"]["template"]["spec"]
+    claims = {
+        "lorafleet-models": owned(models), "lorafleet-datasets": owned(data_root),
+        "lorafleet-adapters": owned(tmp_path / "adapters"), "lorafleet-runs": owned(runs_dir),
+    }  # fmt: skip
+    hostname = f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    workers = []
+    for index in (0, 1):
+        field = f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+        c = cluster(rendered, tmp_path / f"pod-{index}", claims)
+        c.field_refs[field] = str(index)
+        container = resolve(pod, pod["containers"][0]["name"], c)
+        assert container.env["LORAFLEET_MASTER_ADDR"] == hostname
+        run = ImageRun(
+            images["lorafleet-trainer-worker"],
+            container,
+            tmp_path / f"worker-{index}.log",
+            {hostname: "127.0.0.1"},
+        )
+        running.append(run)
+        workers.append(run)
+    for index, run in enumerate(workers):
+        assert run.wait(timeout=600) == 0, f"pod {index}:\n{run.output()[-5000:]}"
+    published = [p for p in (tmp_path / "adapters").rglob("adapter_config.json")]
+    assert len(published) == 1, f"published {published}"
+    manifest = (
+        json.loads((published[0].parent / "manifest.json").read_text())
+        if (published[0].parent / "manifest.json").exists()
+        else {}
+    )
+    assert "img-smoke" in str(published[0]), (published, manifest)
