@@ -142,6 +142,38 @@ class PtuningConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Options of the preference stages (``stage: dpo | kto | rm``); ``lorafleet.preference`` has the math."""
+
+    loss: str = "sigmoid"
+    """dpo stage's loss: sigmoid (DPO), ipo, orpo or simpo (orpo and simpo need no reference)."""
+    beta: float = 0.1
+    """Temperature β: how far the policy may move from the reference (DPO/IPO/KTO), reward scale (ORPO/SimPO)."""
+    gamma: float = 0.5
+    """SimPO's target reward margin γ (only ``loss: simpo``)."""
+    label_smoothing: float = 0.0
+    """Probability ε that a pair's preference label is flipped (conservative DPO, SimPO); in [0, 0.5)."""
+    desirable_weight: float = 1.0
+    """KTO's weight λ_D on desirable rows."""
+    undesirable_weight: float = 1.0
+    """KTO's weight λ_U on undesirable rows."""
+    sft_adapter: str = ""
+    """Published adapter ``name@version`` to start from; its frozen copy is the reference policy."""
+    precompute_reference: bool = False
+    """full/freeze: score the data with the reference model once before training, then free it."""
+    prompt_column: str = "prompt"
+    """Prompt column of pairwise and KTO rows (or a ``messages`` list ending with a user turn)."""
+    chosen_column: str = "chosen"
+    """Preferred answer column of pairwise rows."""
+    rejected_column: str = "rejected"
+    """Dispreferred answer column of pairwise rows."""
+    completion_column: str = "completion"
+    """Answer column of KTO rows."""
+    label_column: str = "label"
+    """KTO rows' desirability column: true/false (or "desirable"/"undesirable")."""
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 3.0
     """Passes over the training data (ignored when max_steps > 0)."""
@@ -234,6 +266,9 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     ptuning: PtuningConfig = field(default_factory=PtuningConfig)
+    stage: str = "sft"
+    """sft (supervised), dpo (pairwise preference), kto (unpaired preference), rm (reward model)."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -18,6 +18,8 @@ from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.method_specs import (
     METHOD_SPECS,
     METHODS,
+    PREFERENCE_STAGES,
+    STAGES,
     TRAINS_BLOCKS,
     TRAINS_LORA,
     TRAINS_PROMPT,
@@ -33,6 +35,8 @@ SCHEDULERS = ("cosine", "linear", "constant")
 LAUNCHERS = ("torchrun", "deepspeed")
 FORMATS = ("auto", "alpaca", "messages", "columns")
 PTUNING_MODES = ("prefix", "p_tuning")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
+_ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[1-9][0-9]{0,9}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INT32_MAX = 2**31 - 1
 _MAX_STEPS = 10_000_000
@@ -67,6 +71,11 @@ NUMERIC_BOUNDS: dict[str, tuple[float, float]] = {
     "train.max_new_tokens": (1, 4096),
     "train.max_eval_samples": (0, 1_000_000),
     "train.num_threads": (0, 1024),
+    "preference.beta": (0.0, 1000.0),
+    "preference.gamma": (0.0, 1000.0),
+    "preference.label_smoothing": (0.0, 0.5),
+    "preference.desirable_weight": (0.0, 1000.0),
+    "preference.undesirable_weight": (0.0, 1000.0),
     "distributed.deepspeed_stage": (-1, 3),
     "distributed.nproc_per_node": (1, 1024),
     "distributed.nnodes": (1, 4096),
@@ -89,6 +98,12 @@ STRING_LIMITS: dict[str, int] = {
     "data.response_column": 256,
     "data.system_column": 256,
     "data.system": 8192,
+    "preference.sft_adapter": 128,
+    "preference.prompt_column": 256,
+    "preference.chosen_column": 256,
+    "preference.rejected_column": 256,
+    "preference.completion_column": 256,
+    "preference.label_column": 256,
     "distributed.master_addr": 255,
 }
 MAX_LIST_ITEMS = 256
@@ -185,6 +200,7 @@ def validate_config(c: RunConfig) -> None:
     )
     _validate_data(c.data, p)
     _validate_methods(c, p)
+    _validate_stage(c, p)
     _validate_train(c.train, p)
     _validate_distributed(c, p)
     o = c.output
@@ -324,6 +340,79 @@ _OPTION_CHECKS = {
     TRAINS_PROMPT: _validate_ptuning,
 }
 """The checks of each method-options section (``MethodSpec.options_section``)."""
+
+
+def _validate_stage(c: RunConfig, p: list[FieldProblem]) -> None:
+    """The stage, whether the method trains it, and the preference options it uses."""
+    _check(p, c.stage in STAGES, "stage", c.stage, f"must be one of {list(STAGES)}")
+    if c.stage not in STAGES:
+        return
+    spec = METHOD_SPECS.get(c.method)
+    if spec is not None:
+        _check(
+            p,
+            c.stage in spec.stages,
+            "stage",
+            c.stage,
+            f"method {spec.name} trains the stages {list(spec.stages)}",
+        )
+    if c.stage not in PREFERENCE_STAGES:
+        return
+    o = c.preference
+    _check(
+        p,
+        c.distributed.deepspeed_stage == -1,
+        "distributed.deepspeed_stage",
+        c.distributed.deepspeed_stage,
+        f"stage {c.stage} trains without DeepSpeed for now; use -1",
+    )
+    if c.stage == "dpo":
+        _check(
+            p,
+            o.loss in PREFERENCE_LOSSES,
+            "preference.loss",
+            o.loss,
+            f"must be one of {list(PREFERENCE_LOSSES)}",
+        )
+    if c.stage in ("dpo", "kto"):
+        _check(p, o.beta > 0, "preference.beta", o.beta, "must be > 0")
+    if c.stage == "dpo" and o.loss == "simpo":
+        _check(p, o.gamma >= 0, "preference.gamma", o.gamma, "must be >= 0")
+    _check(
+        p,
+        0.0 <= o.label_smoothing < 0.5,
+        "preference.label_smoothing",
+        o.label_smoothing,
+        "must be in [0, 0.5)",
+    )
+    if c.stage == "kto":
+        _check(p, o.desirable_weight > 0, "preference.desirable_weight", o.desirable_weight, "must be > 0")
+        _check(
+            p, o.undesirable_weight > 0, "preference.undesirable_weight", o.undesirable_weight, "must be > 0"
+        )
+    if o.sft_adapter:
+        _check(
+            p,
+            bool(_ADAPTER_REF_RE.fullmatch(o.sft_adapter)) and ".." not in o.sft_adapter,
+            "preference.sft_adapter",
+            o.sft_adapter,
+            "must be a published adapter as name@version (e.g. demo-sft@1)",
+        )
+        _check(
+            p,
+            spec is None or spec.trains == TRAINS_LORA,
+            "preference.sft_adapter",
+            o.sft_adapter,
+            "only the LoRA methods start from a published adapter",
+        )
+    if o.precompute_reference:
+        _check(
+            p,
+            spec is None or spec.artifact_kind == "full_model",
+            "preference.precompute_reference",
+            o.precompute_reference,
+            "only full and freeze load a separate reference model to precompute from",
+        )
 
 
 def _validate_train(t: TrainConfig, p: list[FieldProblem]) -> None:

@@ -14,6 +14,12 @@ is a new row here plus, only when it trains something new, its preparation in ``
 | full     | as loaded, unquantized  | everything                                    | full model (full_model)  |
 | ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    |
 
+Stages (``stage``; ``lorafleet.preference``): every method trains ``sft``. The LoRA methods also
+train ``dpo``, ``kto`` and ``rm``, with the base (adapters disabled) or a frozen copy of the starting
+SFT adapter as the reference policy: no second model. ``freeze`` and ``full`` train ``dpo`` and
+``kto`` with a separate frozen reference model (optionally precomputed); their ``rm`` (a full value
+model) and every stage of ``ptuning`` are not offered yet.
+
 Stdlib only: ``lorafleet.config`` reads this table and must import without torch.
 """
 
@@ -29,6 +35,13 @@ if TYPE_CHECKING:
 
 ZERO_STAGES = (-1, 0, 1, 2, 3)
 """-1 trains without DeepSpeed; 0-3 are the ZeRO stages."""
+
+STAGES = ("sft", "dpo", "kto", "rm")
+"""Training stages: supervised fine-tuning, pairwise preference (DPO and its variants), unpaired
+preference (KTO), reward model (pairwise ranking with a scalar head)."""
+PREFERENCE_STAGES = ("dpo", "kto", "rm")
+_LORA_STAGES = STAGES
+_REFERENCE_MODEL_STAGES = ("sft", "dpo", "kto")
 
 TRAINS_LORA = "lora"
 """LoRA A/B matrices added to the chosen linear layers; options in the ``lora`` config section."""
@@ -75,6 +88,8 @@ class MethodSpec:
     per parameter) instead of the freeze/LoRA one (2 B, 1 B int8, 0.5 B nf4)."""
     description: str = ""
     """One line for humans (form help, docs)."""
+    stages: tuple[str, ...] = ("sft",)
+    """``stage`` values the method trains (see the module docstring)."""
 
     @property
     def options_section(self) -> str | None:
@@ -100,12 +115,14 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             TRAINS_LORA,
             ARTIFACT_LORA,
             quantized_base=True,
+            stages=_LORA_STAGES,
             description="LoRA on the base as loaded (model.quantization may quantize it)",
         ),
         MethodSpec(
             "qlora",
             TRAINS_LORA,
             ARTIFACT_LORA,
+            stages=_LORA_STAGES,
             base_quantization="nf4",
             quantized_base=True,
             description="LoRA on a 4-bit nf4 base (QLoRA, arXiv:2305.14314)",
@@ -114,6 +131,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "lora8bit",
             TRAINS_LORA,
             ARTIFACT_LORA,
+            stages=_LORA_STAGES,
             base_quantization="int8",
             quantized_base=True,
             description="LoRA on an 8-bit base",
@@ -122,6 +140,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "freeze",
             TRAINS_BLOCKS,
             ARTIFACT_FULL_MODEL,
+            stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             description="train the last blocks (or named modules) of the base, the rest frozen",
         ),
@@ -129,6 +148,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "full",
             TRAINS_ALL,
             ARTIFACT_FULL_MODEL,
+            stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             full_model_rule=True,
             description="train every weight",
