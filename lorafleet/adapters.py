@@ -358,7 +358,7 @@ def publish(
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
     ):
-        raise AdapterError(f"version {version!r} must be an integer in [1, {MAX_VERSION}] or None")
+        raise AdapterError(f"version {version!r} must be a positive integer up to {MAX_VERSION}, or None for the next")
     staging, root = Path(staging_dir), Path(adapters_root)
     if not staging.is_dir():
         raise AdapterError(f"staging dir {str(staging)!r} does not exist")
