@@ -356,6 +356,72 @@ def generate_datasets(out_dir: str, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+_PARITY_ASKS = (
+    ("Is {n} odd or even?", "{n} is {word}.", ("even", "odd")),
+    ("Is {n} even or odd?", "{n} is {word}.", ("even", "odd")),
+    ("Tell me whether {n} is odd or even.", "{n} is {word}.", ("even", "odd")),
+    ("{n} 是奇数还是偶数？", "{n} 是{word}。", ("偶数", "奇数")),
+    ("{n} 是偶数还是奇数？", "{n} 是{word}。", ("偶数", "奇数")),
+)
+
+
+def _parity_pair(n: int, ask: int) -> dict[str, str]:
+    """A pair whose chosen answer states n's parity right and whose rejected one states it wrong."""
+    question, answer, words = _PARITY_ASKS[ask]
+    return {
+        "prompt": question.format(n=n),
+        "chosen": answer.format(n=n, word=words[n % 2]),
+        "rejected": answer.format(n=n, word=words[1 - n % 2]),
+    }
+
+
+def preference_tables(seed: int = 0, validation_fraction: float = 0.2) -> dict[str, list[dict[str, Any]]]:
+    """The bundled preference task: parity questions, chosen = the true parity, rejected = the other.
+
+    The rule is checkable (``chosen`` says ``n % 2`` right) and balanced: half the numbers are odd,
+    so a model that always prefers "even" (or "odd") ranks half the pairs right, about 50 %, and
+    only a model that learned the rule ranks them all. Every number 0-99 is asked in each of the
+    phrasings (English and Chinese); pairs are split at random into train and held-out validation.
+    ``kto_train`` holds one unpaired row per training pair: its chosen answer (desirable) or its
+    rejected one (undesirable), half and half.
+
+    Returns:
+        ``preference_train``, ``preference_validation`` (pairwise rows) and ``kto_train``.
+    """
+    rng = random.Random(seed)
+    pairs = [_parity_pair(n, ask) for n in range(100) for ask in range(len(_PARITY_ASKS))]
+    rng.shuffle(pairs)
+    held_out = int(len(pairs) * validation_fraction)
+    train, validation = pairs[held_out:], pairs[:held_out]
+    kto = [
+        {
+            "prompt": p["prompt"],
+            "completion": p["chosen"] if i % 2 == 0 else p["rejected"],
+            "label": i % 2 == 0,
+        }
+        for i, p in enumerate(train)
+    ]
+    return {"preference_train": train, "preference_validation": validation, "kto_train": kto}
+
+
+def generate_preference_datasets(out_dir: str, seed: int = 0) -> dict[str, Path]:
+    """Write :func:`preference_tables` as JSONL files into ``out_dir``; name to path.
+
+    Kept apart from :func:`generate_datasets` so that the pre-training corpus (and with it every
+    tiny tokenizer and model) does not change.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, rows in preference_tables(seed).items():
+        path = root / f"{name}.jsonl"
+        path.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8", newline="\n"
+        )
+        paths[name] = path
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry: write the datasets into a directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
