@@ -78,6 +78,9 @@ class InferenceSettings:
     """gRPC port; 0 picks a free one."""
     metrics_port: int = -1
     """``/metrics`` port; 0 picks a free one, -1 turns the exporter off."""
+    http_port: int = -1
+    """Port of the OpenAI-compatible HTTP API (``openai_api.py``), served by the same process and
+    plane as gRPC; 0 picks a free one, -1 turns it off."""
     auth_token: str = ""
     """When set, the RPCs of ``auth_scope`` need ``authorization: Bearer <token>``. Set it in the YAML
     file or ``LORAFLEET_INFERENCE_AUTH_TOKEN``, or name a file in ``auth_token_file``; never on a
@@ -193,10 +196,10 @@ class InferenceSettings:
                 problems.append(FieldProblem(name, value, f"must be an integer >= {low}"))
         if isinstance(self.port, int) and self.port > 65535:
             problems.append(FieldProblem("port", self.port, "must be <= 65535"))
-        if not isinstance(self.metrics_port, int) or not -1 <= self.metrics_port <= 65535:
-            problems.append(
-                FieldProblem("metrics_port", self.metrics_port, "must be -1 (off), 0 (any) or a port")
-            )
+        for name in ("metrics_port", "http_port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
+                problems.append(FieldProblem(name, value, "must be -1 (off), 0 (any) or a port"))
         for name in ("adapter_memory_budget_mb", "scan_interval_s", "warmup_timeout_s", "shutdown_grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
