@@ -24,41 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clorafleet/v1/inference.proto\x12\x0clorafleet.v1\"\xc4\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seed\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8a\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lorafleet.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\"\xc3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x10\n\x08template\x18\x07 \x01(\t\"W\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.lorafleet.v1.Usage\"T\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.lorafleet.v1.Usage\"\x13\n\x11ListModelsRequest\"\xad\x01\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x10\n\x08template\x18\x08 \x01(\t\x12\x0e\n\x06method\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\"\x98\x01\n\x0f\x42\x61seModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08template\x18\x07 \x01(\t\x12\x13\n\x0bmax_context\x18\x08 \x01(\x05\"r\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.lorafleet.v1.BaseModelStatus\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.lorafleet.v1.AdapterStatus\"4\n\x12LoadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"6\n\x14UnloadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa9\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1e.lorafleet.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1b.lorafleet.v1.GenerateChunk0\x01\x12\x41\n\x04\x43hat\x12\x19.lorafleet.v1.ChatRequest\x1a\x1e.lorafleet.v1.GenerateResponse\x12\x46\n\nChatStream\x12\x19.lorafleet.v1.ChatRequest\x1a\x1b.lorafleet.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.lorafleet.v1.ListModelsRequest\x1a .lorafleet.v1.ListModelsResponse\x12L\n\x0bLoadAdapter\x12 .lorafleet.v1.LoadAdapterRequest\x1a\x1b.lorafleet.v1.AdapterStatus\x12P\n\rUnloadAdapter\x12\".lorafleet.v1.UnloadAdapterRequest\x1a\x1b.lorafleet.v1.AdapterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clorafleet/v1/inference.proto\x12\x0clorafleet.v1\"\x9a\x04\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0c \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\r \x01(\x05H\x0b\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_n\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x81\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.lorafleet.v1.TopLogprobB\n\n\x08_logprob\"q\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8a\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.lorafleet.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\"\xc3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\x10\n\x08template\x18\x07 \x01(\t\"\x99\x01\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.lorafleet.v1.TokenLogprob\"\xe1\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.lorafleet.v1.Usage\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.lorafleet.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1a.lorafleet.v1.TokenLogprob\x12%\n\x07samples\x18\x06 \x03(\x0b\x32\x14.lorafleet.v1.Sample\"\xf9\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.lorafleet.v1.Usage\x12\r\n\x05index\x18\x04 \x01(\x05\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.lorafleet.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1a.lorafleet.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\"\x13\n\x11ListModelsRequest\"\xad\x01\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x10\n\x08template\x18\x08 \x01(\t\x12\x0e\n\x06method\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\"\x98\x01\n\x0f\x42\x61seModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x14\n\x0cquantization\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08template\x18\x07 \x01(\t\x12\x13\n\x0bmax_context\x18\x08 \x01(\x05\"r\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.lorafleet.v1.BaseModelStatus\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.lorafleet.v1.AdapterStatus\"4\n\x12LoadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"6\n\x14UnloadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xa9\x04\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1e.lorafleet.v1.GenerateResponse\x12N\n\x0eGenerateStream\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1b.lorafleet.v1.GenerateChunk0\x01\x12\x41\n\x04\x43hat\x12\x19.lorafleet.v1.ChatRequest\x1a\x1e.lorafleet.v1.GenerateResponse\x12\x46\n\nChatStream\x12\x19.lorafleet.v1.ChatRequest\x1a\x1b.lorafleet.v1.GenerateChunk0\x01\x12O\n\nListModels\x12\x1f.lorafleet.v1.ListModelsRequest\x1a .lorafleet.v1.ListModelsResponse\x12L\n\x0bLoadAdapter\x12 .lorafleet.v1.LoadAdapterRequest\x1a\x1b.lorafleet.v1.AdapterStatus\x12P\n\rUnloadAdapter\x12\".lorafleet.v1.UnloadAdapterRequest\x1a\x1b.lorafleet.v1.AdapterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lorafleet.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1626
-  _globals['_FINISHREASON']._serialized_end=1721
+  _globals['_FINISHREASON']._serialized_start=2497
+  _globals['_FINISHREASON']._serialized_end=2592
   _globals['_SAMPLINGPARAMS']._serialized_start=47
-  _globals['_SAMPLINGPARAMS']._serialized_end=371
-  _globals['_GENERATEREQUEST']._serialized_start=373
-  _globals['_GENERATEREQUEST']._serialized_end=486
-  _globals['_CHATMESSAGE']._serialized_start=488
-  _globals['_CHATMESSAGE']._serialized_end=532
-  _globals['_CHATREQUEST']._serialized_start=535
-  _globals['_CHATREQUEST']._serialized_end=673
-  _globals['_USAGE']._serialized_start=676
-  _globals['_USAGE']._serialized_end=871
-  _globals['_GENERATERESPONSE']._serialized_start=873
-  _globals['_GENERATERESPONSE']._serialized_end=960
-  _globals['_GENERATECHUNK']._serialized_start=962
-  _globals['_GENERATECHUNK']._serialized_end=1046
-  _globals['_LISTMODELSREQUEST']._serialized_start=1048
-  _globals['_LISTMODELSREQUEST']._serialized_end=1067
-  _globals['_ADAPTERSTATUS']._serialized_start=1070
-  _globals['_ADAPTERSTATUS']._serialized_end=1243
-  _globals['_BASEMODELSTATUS']._serialized_start=1246
-  _globals['_BASEMODELSTATUS']._serialized_end=1398
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1400
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1514
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1516
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1568
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1570
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1624
-  _globals['_INFERENCESERVICE']._serialized_start=1724
-  _globals['_INFERENCESERVICE']._serialized_end=2277
+  _globals['_SAMPLINGPARAMS']._serialized_end=585
+  _globals['_TOPLOGPROB']._serialized_start=587
+  _globals['_TOPLOGPROB']._serialized_end=649
+  _globals['_TOKENLOGPROB']._serialized_start=652
+  _globals['_TOKENLOGPROB']._serialized_end=781
+  _globals['_GENERATEREQUEST']._serialized_start=783
+  _globals['_GENERATEREQUEST']._serialized_end=896
+  _globals['_CHATMESSAGE']._serialized_start=898
+  _globals['_CHATMESSAGE']._serialized_end=942
+  _globals['_CHATREQUEST']._serialized_start=945
+  _globals['_CHATREQUEST']._serialized_end=1083
+  _globals['_USAGE']._serialized_start=1086
+  _globals['_USAGE']._serialized_end=1281
+  _globals['_SAMPLE']._serialized_start=1284
+  _globals['_SAMPLE']._serialized_end=1437
+  _globals['_GENERATERESPONSE']._serialized_start=1440
+  _globals['_GENERATERESPONSE']._serialized_end=1665
+  _globals['_GENERATECHUNK']._serialized_start=1668
+  _globals['_GENERATECHUNK']._serialized_end=1917
+  _globals['_LISTMODELSREQUEST']._serialized_start=1919
+  _globals['_LISTMODELSREQUEST']._serialized_end=1938
+  _globals['_ADAPTERSTATUS']._serialized_start=1941
+  _globals['_ADAPTERSTATUS']._serialized_end=2114
+  _globals['_BASEMODELSTATUS']._serialized_start=2117
+  _globals['_BASEMODELSTATUS']._serialized_end=2269
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2271
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2385
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2387
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2439
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2441
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2495
+  _globals['_INFERENCESERVICE']._serialized_start=2595
+  _globals['_INFERENCESERVICE']._serialized_end=3148
 # @@protoc_insertion_point(module_scope)

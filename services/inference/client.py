@@ -207,6 +207,11 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-repeat-ngram-size", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--presence-penalty", type=float, default=None, help="[-2, 2]; 0 = off (OpenAI's)")
+    ap.add_argument("--frequency-penalty", type=float, default=None, help="[-2, 2]; 0 = off (OpenAI's)")
+    ap.add_argument("--logprobs", type=int, default=None, help="report token logprobs and N alternatives")
+    ap.add_argument("--prompt-logprobs", type=int, default=None, help="the same for the prompt tokens")
+    ap.add_argument("--n", type=int, default=None, help="samples per request (the first is printed)")
     ap.add_argument("--quiet", "-q", action="store_true", help="print only the answer, no usage line")
 
 

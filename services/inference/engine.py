@@ -6,7 +6,8 @@ One background thread owns the model and runs the decode loop. Each iteration:
 2. admits waiting requests, round-robin over the adapters that have requests waiting (so a burst
    for one adapter cannot starve the others), while the batch has room and an adapter slot can be
    found; loads adapters into free slots (least recently used slot first);
-3. prefills the admitted prompts together (left-padded) and emits their first token;
+3. prefills the admitted prompts together (left-padded) and emits their first token (keeping the
+   logits of every prompt position only when an admitted request asked for prompt logprobs);
 4. merges their KV cache into the running batch and runs ONE decode step for every row, rows of
    different adapters and base rows in the same forward (``LoraSlots`` applies each row's delta);
 5. emits tokens, and removes finished rows from the batch.
@@ -18,7 +19,9 @@ row keeps its own length, from which the attention mask (padding masked) and pos
 row's own token count) are built, so every row computes what it would compute alone.
 
 Adapter slots (``slot_pool.SlotPool``) are reference-counted by in-flight requests; when no slot
-can be had, the request waits. Tokens are picked by ``processors.pick_tokens``.
+can be had, the request waits. Tokens are picked by ``processors.pick_tokens``; a request that asked
+for logprobs gets them from its own row's raw logits (``processors.token_logprobs``), so rows of
+other adapters in the same batch neither change nor pay for them.
 
 The engine works in token ids and tensors only: text and stop strings are the plane's
 (``detokenizer.py``), which reaches in through ``GenerationRequest.stop_check``.
@@ -45,7 +48,7 @@ from services.inference.errors import (
     RequestFailedError,
 )
 from services.inference.lora_batch import LoraSlots, Mode
-from services.inference.processors import Pick, TokenSampler, pick_tokens
+from services.inference.processors import Pick, TokenSampler, pick_tokens, token_logprobs
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -55,6 +58,7 @@ from services.inference.requests import (
     GenerationRequest,
     GenerationResult,
     RequestHandle,
+    TokenLogprob,
 )
 from services.inference.slot_pool import SlotPool
 
@@ -75,6 +79,9 @@ class _Seq:
         self.stop_ids = stop_ids
         self.stop_check = request.stop_check
         self.sampler = TokenSampler(request.params)
+        self.logprobs = request.params.logprobs
+        self.prompt_logprobs_k = request.params.prompt_logprobs
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set at prefill when asked
         self.generated: list[int] = []
         self.slot = -1
         self.slot_held = False
@@ -420,15 +427,21 @@ class Engine:
                 self._notify("on_queue", waiting, len(self._running))
 
     def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        logits_to_keep: int = 1,
     ) -> Any:
+        """One model forward; ``logits_to_keep=0`` keeps the logits of every position."""
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
         )
         return out
 
@@ -451,11 +464,11 @@ class Engine:
                     logger.exception("prefill of request %s failed", seq.handle.request_id)
                     self._fail([seq], e)
             return
-        picks = self._sample(admitted, logits)
+        picks, logprobs = self._sample(admitted, logits)
         survivors = [
             i
-            for i, (seq, pick) in enumerate(zip(admitted, picks, strict=True))
-            if not self._accept(seq, pick)
+            for i, (seq, pick, logprob) in enumerate(zip(admitted, picks, logprobs, strict=True))
+            if not self._accept(seq, pick, logprob)
         ]
         n = len(admitted)
         if len(survivors) < n:
@@ -487,8 +500,13 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.slots.set_rows(torch.tensor([s.slot for s in admitted]))
         cache = DynamicCache(config=self._model_config)
-        out = self._forward(ids, mask, positions, cache)
+        want_prompt = any(s.prompt_logprobs_k is not None for s in admitted)
+        out = self._forward(ids, mask, positions, cache, logits_to_keep=0 if want_prompt else 1)
         self._counters["prefills"] += 1
+        if want_prompt:
+            for i, seq in enumerate(admitted):
+                if seq.prompt_logprobs_k is not None:
+                    seq.prompt_logprobs = _prompt_logprobs(out.logits[i], seq.prompt, seq.prompt_logprobs_k)
         if n > 1 and bool((mask == 0).any()):
             # Padded positions hold keys/values of pad tokens; zero them so nothing non-finite can
             # leak through a masked attention weight.
@@ -557,8 +575,12 @@ class Engine:
         out = self._forward(ids, mask, positions, self._cache)
         for seq in rows:
             seq.length += 1
-        picks = self._sample(rows, out.logits[:, -1, :])
-        finished = [seq for seq, pick in zip(rows, picks, strict=True) if self._accept(seq, pick)]
+        picks, logprobs = self._sample(rows, out.logits[:, -1, :])
+        finished = [
+            seq
+            for seq, pick, logprob in zip(rows, picks, logprobs, strict=True)
+            if self._accept(seq, pick, logprob)
+        ]
         if finished:
             with self._cond:
                 for seq in finished:
@@ -569,12 +591,26 @@ class Engine:
     # Tokens
 
     @staticmethod
-    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> list[Pick]:
-        """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler; a
-        row that failed gets its error instead."""
-        return pick_tokens([s.sampler for s in seqs], lambda i: seqs[i].all_ids, logits)
+    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[Pick], list[TokenLogprob | None]]:
+        """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler (a
+        row that failed gets its error instead), and, for the rows that asked, its logprobs from
+        that row's raw logits alone."""
+        picks = pick_tokens([s.sampler for s in seqs], lambda i: seqs[i].all_ids, logits)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [
+            i
+            for i, (s, p) in enumerate(zip(seqs, picks, strict=True))
+            if s.logprobs is not None and isinstance(p, int)
+        ]
+        if rows:
+            selected = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            tokens = [int(picks[i]) for i in rows]  # type: ignore[arg-type]
+            ks = [int(seqs[i].logprobs or 0) for i in rows]
+            for i, logprob in zip(rows, token_logprobs(selected, tokens, ks), strict=True):
+                logprobs[i] = logprob
+        return picks, logprobs
 
-    def _accept(self, seq: _Seq, pick: Pick) -> bool:
+    def _accept(self, seq: _Seq, pick: Pick, logprob: TokenLogprob | None = None) -> bool:
         """Record a generated token, stream it, and say whether the request is finished; a failed
         pick (or a failing ``stop_check``) finishes this request alone with its error."""
         if seq.cancelled:
@@ -590,7 +626,8 @@ class Engine:
         token = pick
         now = time.monotonic()
         handle = seq.handle
-        if not seq.generated:
+        first = not seq.generated
+        if first:
             handle.first_token_at = now
             self._notify("on_first_token", now - handle.submitted_at, seq.admitted_at - handle.submitted_at)
         else:
@@ -603,7 +640,7 @@ class Engine:
             stop = token in seq.stop_ids or (seq.stop_check is not None and seq.stop_check(token))
         except Exception as e:  # the caller's stop check fails its own request only
             logger.exception("stop_check failed for request %s", handle.request_id)
-            handle.emit((token,))
+            self._emit(seq, token, logprob, first)
             with self._cond:
                 self._finish(seq, FINISH_ERROR, RequestFailedError(f"stop check failed: {type(e).__name__}"))
             return True
@@ -614,12 +651,19 @@ class Engine:
             or len(seq.prompt) + len(seq.generated) >= self.max_context
         ):
             reason = FINISH_LENGTH
-        handle.emit((token,))
+        self._emit(seq, token, logprob, first)
         if reason is None:
             return False
         with self._cond:
             self._finish(seq, reason)
         return True
+
+    @staticmethod
+    def _emit(seq: _Seq, token: int, logprob: TokenLogprob | None, first: bool) -> None:
+        """Stream one token, its logprob when asked, and the prompt's logprobs with the first."""
+        seq.handle.emit(
+            (token,), (logprob,) if logprob is not None else (), seq.prompt_logprobs if first else None
+        )
 
     def _fail(self, seqs: list[_Seq], error: Exception) -> None:
         """Fail ``seqs`` (not in the running batch) with ``error``, freeing their slots."""
@@ -660,3 +704,17 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
         return t
     pad = torch.zeros(*t.shape[:-2], missing, t.shape[-1], dtype=t.dtype, device=t.device)
     return torch.cat([pad, t], dim=-2)
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprob, ...]:
+    """Every prompt token's logprob from one row's prefill logits ``[width, vocab]`` (left-padded:
+    the prompt fills the last ``len(prompt)`` positions). The logits at position ``p`` predict the
+    token at ``p + 1``, so token ``j >= 1`` reads position ``width - len(prompt) + j - 1``; token 0
+    has no logprob."""
+    n = len(prompt)
+    width = logits.shape[0]
+    first = TokenLogprob(prompt[0], None, ())
+    if n == 1:
+        return (first,)
+    rest = token_logprobs(logits[width - n : width - 1], prompt[1:], [k] * (n - 1))
+    return (first, *rest)

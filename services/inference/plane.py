@@ -7,7 +7,8 @@ back). One :class:`BaseModelHost` per configured base owns a tokenizer, the mode
 its host, validates it (``request_checks.py``: every problem at once, each naming the field and the
 value), resolves and pins the adapter (``name`` -> a concrete ``name@version``), renders chat
 messages with the template the adapter was trained with, and submits token ids to the engine. The
-returned :class:`Generation` turns the engine's token ids into text (``detokenizer.py``: stop
+returned :class:`Generation` (one engine request per sample when ``n > 1``) turns the engine's
+token ids into text, and their logprobs into :class:`Logprob` entries with each token's text (``detokenizer.py``: stop
 strings are applied here, the engine only sees a ``stop_check``), streams :class:`Chunk`s and ends
 with a :class:`Usage`; ``close()`` cancels it and frees its batch row and its adapter pin at once
 (the servicer calls it when the client goes away or the deadline passes).
@@ -50,6 +51,7 @@ from services.inference.requests import (
     EngineObserver,
     GenerationRequest,
     RequestHandle,
+    TokenLogprob,
 )
 from services.inference.sampling import SamplingLimits, SamplingParams
 from services.inference.settings import InferenceSettings, ModelSettings
@@ -76,21 +78,81 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One alternative at a position."""
+
+    token_id: int
+    token: str
+    """The token decoded alone (special tokens kept; a partial UTF-8 character shows as U+FFFD)."""
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability and the most likely tokens at its position (the engine's
+    ``TokenLogprob`` with the text of each token): the model's log-softmax before any processor or
+    temperature (vLLM's default, as OpenAI reports it)."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    """None only for the first prompt token."""
+    top: tuple[TopLogprob, ...] = ()
+    """Most likely first; as many as the request's ``logprobs`` / ``prompt_logprobs``."""
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """A piece of a streamed answer; ``usage`` is set on the last one only."""
+    """A piece of a streamed answer.
+
+    Samples stream one after the other (every token of sample 0, then of sample 1, ...): all
+    ``n`` are decoded in the same batches, so later ones are buffered, not delayed. Each sample
+    ends with a chunk that has its ``finish_reason`` (and whatever text was held back); the very
+    last chunk of the stream has ``usage`` and nothing else.
+    """
 
     text: str
     token_ids: tuple[int, ...]
     usage: Usage | None = None
+    index: int = 0
+    """Which of the request's ``n`` samples."""
+    logprobs: tuple[Logprob, ...] = ()
+    """One per token id when the request set ``logprobs``."""
+    prompt_logprobs: tuple[Logprob, ...] | None = None
+    """On the first chunk of sample 0 when the request set ``prompt_logprobs``: one per prompt
+    token."""
+    finish_reason: str | None = None
+    """On the last chunk of each sample: ``stop`` or ``length``."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One of the ``n`` answers of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[Logprob] | None = None
+    """One per token id when the request set ``logprobs``; else None."""
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A whole answer (unary calls)."""
+    """A whole answer (unary calls): sample 0 at the top level, every sample in ``samples``."""
 
     text: str
     token_ids: list[int]
     usage: Usage
+    """Totals over every sample (``generated_tokens`` sums them); the finish reason is sample 0's."""
+    logprobs: list[Logprob] | None = None
+    """Sample 0's, one per token id, when the request set ``logprobs``."""
+    prompt_logprobs: list[Logprob] | None = None
+    """One per prompt token when the request set ``prompt_logprobs``."""
+    samples: list[Sample] = field(default_factory=list)
+    """All ``n`` samples in index order (sample 0 repeats the top-level fields)."""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    """The prompt as the model saw it (what ``echo`` returns)."""
 
 
 @dataclass(frozen=True)
@@ -116,65 +178,112 @@ class HostedAdapterStatus:
 
 
 class Generation:
-    """A submitted request: iterate for chunks, or call :meth:`result`; :meth:`close` always.
+    """A submitted request (its ``n`` samples): iterate for chunks, or call :meth:`result`;
+    :meth:`close` always.
 
     The text is decoded here from the engine's token ids, held back while a character or a possible
     stop string is incomplete, and cut before a stop string.
 
-    ``close`` is idempotent and thread-safe: it cancels the engine request (its batch row and adapter
-    slot are free when ``cancel`` returns) and drops the registry pin of the adapter.
+    ``close`` is idempotent and thread-safe: it cancels every sample's engine request (their batch
+    rows and adapter slots are free when ``cancel`` returns) and drops the registry pin of the
+    adapter.
     """
 
     def __init__(
         self,
-        handle: RequestHandle,
+        handle: RequestHandle | list[RequestHandle],
         release: Callable[[], None],
         adapter_ref: str,
         template: str,
         tokenizer: Any,
         stop: tuple[str, ...] = (),
+        prompt_ids: list[int] | None = None,
     ) -> None:
-        self.handle = handle
+        self.handles = handle if isinstance(handle, list) else [handle]
+        self.handle = self.handles[0]
         self.adapter_ref = adapter_ref
         self.template = template
         self.tokenizer = tokenizer
         self.stop = stop
+        self.prompt_ids = list(prompt_ids or [])
         self._release = release
         self._lock = threading.Lock()
         self._closed = False
+        self._token_text: dict[int, str] = {}
 
     def __iter__(self) -> Iterator[Chunk]:
-        detokenizer = Detokenizer(self.tokenizer, self.stop)
-        for event in self.handle:
-            text = "".join(detokenizer.add(token_id)[0] for token_id in event.token_ids)
-            yield Chunk(text, event.token_ids)
-        tail = detokenizer.flush()
-        if tail:
-            yield Chunk(tail, ())
+        for index, handle in enumerate(self.handles):
+            detokenizer = Detokenizer(self.tokenizer, self.stop)
+            for event in handle:
+                text = "".join(detokenizer.add(token_id)[0] for token_id in event.token_ids)
+                prompt = (
+                    None if event.prompt_logprobs is None or index else self._logprobs(event.prompt_logprobs)
+                )
+                yield Chunk(text, event.token_ids, None, index, self._logprobs(event.logprobs), prompt)
+            yield Chunk(detokenizer.flush(), (), index=index, finish_reason=handle.finish_reason)
         yield Chunk("", (), self.usage())
 
     def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the whole answer.
+        """Wait for the whole answer (every sample).
 
         Raises:
             TimeoutError: not finished in ``timeout`` seconds.
-            RequestFailedError / EngineClosedError: the engine failed the request.
+            RequestFailedError / EngineClosedError: the engine failed a sample.
         """
-        done = self.handle.result(timeout)
-        text = detokenize(self.tokenizer, done.token_ids, self.stop)
-        return Completion(text, list(done.token_ids), self.usage())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        samples: list[Sample] = []
+        prompt_logprobs: list[Logprob] | None = None
+        for index, handle in enumerate(self.handles):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done = handle.result(left)
+            if index == 0 and done.prompt_logprobs is not None:
+                prompt_logprobs = list(self._logprobs(done.prompt_logprobs))
+            text = detokenize(self.tokenizer, done.token_ids, self.stop)
+            logprobs = None if done.logprobs is None else list(self._logprobs(done.logprobs))
+            samples.append(Sample(index, text, list(done.token_ids), done.finish_reason, logprobs))
+        first = samples[0]
+        return Completion(
+            first.text,
+            first.token_ids,
+            self.usage(),
+            first.logprobs,
+            prompt_logprobs,
+            samples,
+            self.prompt_ids,
+        )
 
     def usage(self) -> Usage:
-        h = self.handle
-        finished = h.finished_at if h.finished_at is not None else time.monotonic()
+        """Totals over the samples; the finish reason is sample 0's."""
+        handles = self.handles
+        now = time.monotonic()
+        submitted = min(h.submitted_at for h in handles)
+        finished = max(h.finished_at if h.finished_at is not None else now for h in handles)
+        ttfts = [h.ttft_s for h in handles if h.ttft_s is not None]
         return Usage(
-            prompt_tokens=h.prompt_tokens,
-            generated_tokens=len(h.token_ids),
-            finish_reason=h.finish_reason or "",
-            time_to_first_token_s=h.ttft_s or 0.0,
-            total_time_s=finished - h.submitted_at,
+            prompt_tokens=self.handle.prompt_tokens,
+            generated_tokens=sum(len(h.token_ids) for h in handles),
+            finish_reason=self.handle.finish_reason or "",
+            time_to_first_token_s=min(ttfts) if ttfts else 0.0,
+            total_time_s=finished - submitted,
             adapter=self.adapter_ref,
             template=self.template,
+        )
+
+    def _text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprobs(self, entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> tuple[Logprob, ...]:
+        return tuple(
+            Logprob(
+                e.token_id,
+                self._text(e.token_id),
+                e.logprob,
+                tuple(TopLogprob(t, self._text(t), lp) for t, lp in e.top),
+            )
+            for e in entries
         )
 
     @property
@@ -182,13 +291,14 @@ class Generation:
         return self.handle.finish_reason == FINISH_CANCELLED
 
     def close(self) -> None:
-        """Cancel if still running and release the adapter pin (once)."""
+        """Cancel every sample still running and release the adapter pin (once)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         try:
-            self.handle.cancel()
+            for handle in self.handles:
+                handle.cancel()
         finally:
             self._release()
 
@@ -463,14 +573,33 @@ class InferencePlane:
                     host.engine.slots.validate(weights)
                 except ValueError as e:
                     raise AdapterIncompatibleError(f"adapter {resolved.ref if resolved else ''}: {e}") from e
-            stop_check = stop_string_check(host.tokenizer, params.stop) if params.stop else None
-            request = GenerationRequest(ids, adapter=weights, params=params, stop_check=stop_check)
-            handle = host.engine.submit(request)
+            handles = self._submit_samples(host.engine, host.tokenizer, ids, weights, params)
         except BaseException:
             release()
             raise
         ref = resolved.ref if resolved is not None else ""
-        return Generation(handle, release, ref, used_template, host.tokenizer, params.stop)
+        return Generation(handles, release, ref, used_template, host.tokenizer, params.stop, ids)
+
+    @staticmethod
+    def _submit_samples(
+        engine: Engine, tokenizer: Any, ids: list[int], weights: Any, params: SamplingParams
+    ) -> list[RequestHandle]:
+        """One engine request per sample (``SamplingParams.for_sample``); prompt logprobs are
+        computed for sample 0 only. If one cannot be queued, those already queued are cancelled."""
+        handles: list[RequestHandle] = []
+        try:
+            for index in range(params.n):
+                sample = params.for_sample(index)
+                if index:
+                    sample = replace(sample, prompt_logprobs=None)
+                stop_check = stop_string_check(tokenizer, sample.stop) if sample.stop else None
+                request = GenerationRequest(ids, adapter=weights, params=sample, stop_check=stop_check)
+                handles.append(engine.submit(request))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     @staticmethod
     def _check_length(host: BaseModelHost, ids: list[int], name: str, problems: list[FieldProblem]) -> None:
@@ -570,6 +699,9 @@ __all__ = [
     "Generation",
     "HostedAdapterStatus",
     "InferencePlane",
+    "Logprob",
     "Message",
+    "Sample",
+    "TopLogprob",
     "Usage",
 ]

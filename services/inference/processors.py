@@ -34,6 +34,7 @@ import torch
 
 from lorafleet.errors import FieldProblem, LorafleetError
 from services.inference.errors import NonFiniteLogitsError, RequestFailedError, SamplingFailedError
+from services.inference.requests import TokenLogprob
 from services.inference.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,45 @@ class RepetitionPenalty:
         picked = scores.gather(0, seen)
         picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
         return scores.scatter(0, seen, picked)
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's presence and frequency penalties over the tokens this request generated:
+    ``s[t] = s[t] - presence * [c[t] > 0] - frequency * c[t]``, where ``c[t]`` counts token ``t``
+    in the generated tokens (the prompt does not count; vLLM applies them the same way).
+
+    The engine calls a row's processors first at prefill, with the prompt alone; the length of
+    the ``ids`` of that first call marks where generation starts. The counts then grow with the
+    tokens appended since the previous call.
+    """
+
+    keeps_argmax: ClassVar[bool] = False
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self._start: int | None = None  # index of the first generated token in ``ids``
+        self._counted = 0  # ``ids`` counted so far
+        self._counts: dict[int, int] = {}
+
+    @classmethod
+    def create(cls, params: SamplingParams) -> PresenceFrequencyPenalty | None:
+        if params.presence_penalty == 0 and params.frequency_penalty == 0:
+            return None
+        return cls(params.presence_penalty, params.frequency_penalty)
+
+    def __call__(self, ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        if self._start is None:
+            self._start = self._counted = len(ids)
+        for token in ids[self._counted :]:
+            self._counts[token] = self._counts.get(token, 0) + 1
+        self._counted = max(self._counted, len(ids))
+        if not self._counts:
+            return scores
+        tokens = torch.tensor(list(self._counts), device=scores.device)
+        counts = torch.tensor(list(self._counts.values()), dtype=scores.dtype, device=scores.device)
+        penalty = self.presence + self.frequency * counts  # every counted token occurs at least once
+        return scores.index_add(0, tokens, -penalty)
 
 
 class NoRepeatNgram:
@@ -157,6 +197,7 @@ ProcessorFactory = Callable[[SamplingParams], LogitsProcessor | None]
 
 PROCESSORS: list[ProcessorFactory] = [
     RepetitionPenalty.create,
+    PresenceFrequencyPenalty.create,
     NoRepeatNgram.create,
     Temperature.create,
     TopK.create,
@@ -268,15 +309,50 @@ def pick_tokens(
     return picks
 
 
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: Sequence[int]) -> list[TokenLogprob]:
+    """The log-probability of each row's token, and its ``k[i]`` most likely alternatives.
+
+    Args:
+        logits: ``[rows, vocab]`` raw logits (any float dtype; computed in fp32).
+        tokens: one token id per row.
+        k: alternatives per row (0 = the token only).
+
+    Math: ``log_softmax(z)[t] = z[t] - logsumexp(z)``, over the raw logits: the model's own
+    distribution before processors or temperature (vLLM's default ``raw_logprobs``; see
+    ``SamplingParams.logprobs``). Alternatives come from ``torch.topk``, most likely first.
+    """
+    if not tokens:
+        return []
+    logp = logits.float().log_softmax(-1)  # [rows, vocab]
+    index = torch.tensor(list(tokens), device=logp.device)[:, None]
+    chosen = logp.gather(1, index)[:, 0].tolist()
+    widest = min(max(k), logp.shape[-1])
+    top_values: list[list[float]] = []
+    top_ids: list[list[int]] = []
+    if widest > 0:
+        values, ids = torch.topk(logp, widest, dim=-1)  # sorted, most likely first
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(
+            int(tokens[i]),
+            float(chosen[i]),
+            tuple(zip(top_ids[i][: k[i]], top_values[i][: k[i]], strict=True)) if k[i] else (),
+        )
+        for i in range(len(tokens))
+    ]
+
+
 __all__ = [
     "PROCESSORS",
     "LogitsProcessor",
     "NoRepeatNgram",
     "Pick",
+    "PresenceFrequencyPenalty",
     "RepetitionPenalty",
     "Temperature",
     "TokenSampler",
     "TopK",
     "TopP",
     "pick_tokens",
+    "token_logprobs",
 ]

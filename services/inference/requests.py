@@ -38,10 +38,31 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability at its position, and the most likely tokens there.
+
+    ``logprob = log_softmax(z)[token_id]`` over the row's raw logits ``z`` ``[vocab]`` (fp32, the
+    model's own distribution with its adapter, before any processor or temperature: vLLM's default
+    ``raw_logprobs``, and what OpenAI reports).
+    """
+
+    token_id: int
+    logprob: float | None
+    """None only for the first prompt token: nothing precedes it."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The ``k`` most likely ``(token_id, logprob)`` at this position, most likely first (ties by
+    lower token id); ``k`` is the request's ``logprobs`` / ``prompt_logprobs``."""
+
+
+@dataclass(frozen=True)
 class TokenEvent:
-    """What one step produced for a request: its new token ids."""
+    """What one step produced for a request: its new token ids, with their logprobs when asked."""
 
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token id when the request set ``logprobs``; else empty."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """On the first event only, when the request set ``prompt_logprobs``: one per prompt token."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,10 @@ class GenerationResult:
     prompt_tokens: int
     ttft_s: float | None
     e2e_s: float
+    logprobs: list[TokenLogprob] | None = None
+    """One per generated token when the request set ``logprobs``; else None."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """One per prompt token when the request set ``prompt_logprobs``; else None."""
 
 
 class EngineObserver:
@@ -104,6 +129,8 @@ class RequestHandle:
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._done = threading.Event()
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprob] | None = None
+        self._prompt_logprobs: list[TokenLogprob] | None = None
         self._finish_reason: str | None = None
         self._error: BaseException | None = None
 
@@ -140,6 +167,8 @@ class RequestHandle:
             prompt_tokens=self.prompt_tokens,
             ttft_s=self.ttft_s,
             e2e_s=self.finished_at - self.submitted_at,
+            logprobs=None if self._logprobs is None else list(self._logprobs),
+            prompt_logprobs=None if self._prompt_logprobs is None else list(self._prompt_logprobs),
         )
 
     @property
@@ -169,10 +198,22 @@ class RequestHandle:
 
     # The producer's side.
 
-    def emit(self, token_ids: tuple[int, ...]) -> None:
-        """Record and stream newly generated tokens."""
+    def emit(
+        self,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] = (),
+        prompt_logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> None:
+        """Record and stream newly generated tokens (with their logprobs, and the prompt's on the
+        first emission, when the request asked)."""
         self._tokens.extend(token_ids)
-        self._events.put(TokenEvent(token_ids))
+        if logprobs:
+            if self._logprobs is None:
+                self._logprobs = []
+            self._logprobs.extend(logprobs)
+        if prompt_logprobs is not None:
+            self._prompt_logprobs = list(prompt_logprobs)
+        self._events.put(TokenEvent(token_ids, logprobs, prompt_logprobs))
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         """End the request (``stop``, ``length``, ``cancelled`` or ``error`` with ``error``); the

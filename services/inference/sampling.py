@@ -13,7 +13,7 @@ and the CLI flag in ``client.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lorafleet.errors import FieldProblem
 
@@ -31,6 +31,13 @@ being an overflow (1e300 is inf in float32, and 0 x inf is NaN)."""
 MAX_NO_REPEAT_NGRAM = 64
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 """The proto's int64; every value in it picks its own samples (``processors.TokenSampler``)."""
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask per token: OpenAI's ``top_logprobs`` bound and vLLM's
+default ``max_logprobs``."""
+MAX_PENALTY = 2.0
+"""``presence_penalty`` and ``frequency_penalty`` lie in [-2, 2], as in OpenAI's API."""
+MAX_N = 16
+"""The most samples one request may ask for; each is a batch row of its own."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,38 @@ class SamplingParams:
     from the chat template, not by clients."""
     ignore_eos: bool = False
     """Do not stop at the model's eos token."""
+    presence_penalty: float = 0.0
+    """OpenAI's presence penalty, in [-2, 2] (0 = off): subtracted once from the logit of every
+    token id that already occurs in this sample's generated tokens (the prompt does not count)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's frequency penalty, in [-2, 2] (0 = off): subtracted from the logit of every token id
+    times the number of times it occurs in this sample's generated tokens."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and the ``logprobs`` most likely alternatives
+    (None = off; 0 = the chosen token only), at most ``MAX_LOGPROBS``. The values are the model's
+    log-softmax over the raw logits, before any processor or temperature: vLLM's default
+    (``raw_logprobs``) and what OpenAI reports; they do not depend on how the token was picked."""
+    prompt_logprobs: int | None = None
+    """Report every prompt token's log-probability given the tokens before it (the first has none)
+    and the ``prompt_logprobs`` most likely alternatives (None = off), at most ``MAX_LOGPROBS``:
+    what ``echo`` with ``logprobs`` needs (lm-evaluation-harness's loglikelihood). It makes the
+    prefill keep the logits of every prompt position."""
+    n: int = 1
+    """Samples to generate from the prompt, in [1, ``MAX_N``]; each is a batch row. With a
+    ``seed``, sample i draws from ``seed + i`` (wrapped into int64), as vLLM does."""
 
     @property
     def new_tokens(self) -> int:
         """``max_new_tokens``, or ``DEFAULT_MAX_NEW_TOKENS`` when unset."""
         return DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The parameters of sample ``index`` of ``n``: one sample, and, with a seed, the seed
+        ``seed + index`` wrapped into int64 (so the samples differ and each is reproducible)."""
+        seed = self.seed
+        if seed is not None:
+            seed = (seed + index - SEED_MIN) % 2**64 + SEED_MIN
+        return replace(self, n=1, seed=seed)
 
     def validate(self, limits: SamplingLimits | None = None, prefix: str = "") -> list[FieldProblem]:
         """Every problem with these parameters (empty when they are valid).
@@ -132,6 +166,16 @@ class SamplingParams:
                 bad(f"stop[{i}]", stop, f"longer than {limits.max_stop_length} characters")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             bad("seed", self.seed, "must fit in a signed 64-bit integer")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+                bad(name, value, f"must be in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}]; 0 = off")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                bad(name, value, f"must be in [0, {MAX_LOGPROBS}] (alternatives per token), or unset")
+        if not 1 <= self.n <= MAX_N:
+            bad("n", self.n, f"must be in [1, {MAX_N}]")
         if any(t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", list(self.stop_token_ids), "token ids must be >= 0")
         return problems
@@ -139,6 +183,9 @@ class SamplingParams:
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
+    "MAX_LOGPROBS",
+    "MAX_N",
+    "MAX_PENALTY",
     "MAX_REPETITION_PENALTY",
     "MAX_TEMPERATURE",
     "MIN_REPETITION_PENALTY",
