@@ -4,8 +4,12 @@ Run as:
     python -m services.inference.server --model tiny=.cache/tiny/llama [--model other=PATH:nf4 ...]
         [--adapters-root .cache/adapters] [--port 50052] [--metrics-port 9102] [--config serve.yaml]
         [--max-new-tokens-cap 512] [--max-batch-size 32] [--max-queued 256] [--adapter-capacity 16]
-        [--auth-token TOKEN] [--tls-cert F --tls-key F] [--shutdown-grace-s 30]
+        [--auth-token TOKEN] [--tls-cert F --tls-key F] [--shutdown-grace-s 30] [--http-port 8000]
     (or ``lorafleet inference-server ...``)
+
+``--http-port`` also serves the OpenAI-compatible HTTP API (``openai_api.py``: ``/v1/models``,
+``/v1/chat/completions``, ``/v1/completions``, ``/health``, ``/metrics``) from this process, over
+the same plane and engines, and prints ``http on http://HOST:PORT``.
 
 Every flag also reads an environment variable (LORAFLEET_INFERENCE_<FLAG>, e.g.
 LORAFLEET_INFERENCE_PORT; models as a comma-separated LORAFLEET_INFERENCE_MODEL). A YAML file
@@ -45,6 +49,7 @@ from services.common.interceptor import ErrorInterceptor
 from services.inference import settings as settings_module
 from services.inference.errors import STATUS_FOR
 from services.inference.metrics import InferenceMetrics
+from services.inference.openai_api import HttpServer, OpenAIApi
 from services.inference.plane import Completion, Generation, HostedAdapterStatus, InferencePlane, Usage
 from services.inference.request_checks import Message
 from services.inference.sampling import SamplingParams
@@ -262,6 +267,11 @@ class InferenceServer:
             self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot bind the gRPC port {address}")
+        self.http: HttpServer | None = None
+        if settings.http_port >= 0:
+            api = OpenAIApi(self.plane, self.metrics, settings, lambda: self.ready)
+            self.http = HttpServer(api, settings.host, settings.http_port)
+        self.http_port = self.http.port if self.http is not None else None
         self.metrics_port: int | None = None
         self._ready = threading.Event()
         self._loaded = threading.Event()
@@ -278,6 +288,8 @@ class InferenceServer:
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port, self.settings.host)
         self.server.start()
+        if self.http is not None:
+            self.http.start()
         self._loader = threading.Thread(target=self._load, name="inference-model-loader", daemon=True)
         self._loader.start()
         return self.port
@@ -315,11 +327,16 @@ class InferenceServer:
             on_draining: called once new RPCs are refused, while in-flight ones still run.
         """
         self._stopped = True
+        grace_s = self.settings.shutdown_grace_s if grace is None else grace
         grpc_util.set_serving(self.health, [SERVICE], False)
-        drained = self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if self.http is not None:
+            self.http.begin_drain(grace_s)  # both drain at once, each for at most grace_s
+        drained = self.server.stop(grace_s)
         if on_draining is not None:
             on_draining()
         drained.wait()
+        if self.http is not None:
+            self.http.stop(grace_s)
         if self._loader is not None:
             self._loader.join(timeout=60)
         self.plane.close()
@@ -335,6 +352,7 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("host", str, "address to bind"),
     ("port", int, "gRPC port (0 = any free port)"),
     ("metrics_port", int, "/metrics port (0 = any free port, -1 = off)"),
+    ("http_port", int, "OpenAI-compatible HTTP API port (0 = any free port, -1 = off)"),
     ("auth_token_file", str, "file holding the bearer token (or set LORAFLEET_INFERENCE_AUTH_TOKEN)"),
     ("auth_scope", str, "what the token guards: writes (LoadAdapter/UnloadAdapter) or all RPCs"),
     ("tls_cert", str, "PEM certificate (with --tls-key: TLS only)"),
@@ -415,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     if server.metrics_port is not None:
         print(f"metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
+    if server.http_port is not None:
+        print(f"http on http://{settings.host}:{server.http_port}", flush=True)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
