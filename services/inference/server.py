@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import fields
 from typing import Any
@@ -50,7 +50,14 @@ from services.inference import settings as settings_module
 from services.inference.errors import STATUS_FOR
 from services.inference.metrics import InferenceMetrics
 from services.inference.openai_api import HttpServer, OpenAIApi
-from services.inference.plane import Completion, Generation, HostedAdapterStatus, InferencePlane, Usage
+from services.inference.plane import (
+    Completion,
+    Generation,
+    HostedAdapterStatus,
+    InferencePlane,
+    Logprob,
+    Usage,
+)
 from services.inference.request_checks import Message
 from services.inference.sampling import SamplingParams
 from services.inference.settings import InferenceSettings
@@ -91,6 +98,43 @@ def usage_to_pb(u: Usage) -> pb.Usage:
         total_time_s=u.total_time_s,
         adapter=u.adapter,
         template=u.template,
+    )
+
+
+def logprobs_to_pb(entries: Iterable[Logprob] | None) -> list[pb.TokenLogprob]:
+    """The plane's logprob entries as protobuf (an empty list for None)."""
+    return [
+        pb.TokenLogprob(
+            token_id=e.token_id,
+            token=e.token,
+            logprob=e.logprob,
+            top_logprobs=[
+                pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in e.top
+            ],
+        )
+        for e in entries or ()
+    ]
+
+
+def completion_to_pb(completion: Completion) -> pb.GenerateResponse:
+    """Sample 0 at the top level; every sample in ``samples`` when there are several."""
+    samples = completion.samples if len(completion.samples) > 1 else []
+    return pb.GenerateResponse(
+        text=completion.text,
+        token_ids=completion.token_ids,
+        usage=usage_to_pb(completion.usage),
+        logprobs=logprobs_to_pb(completion.logprobs),
+        prompt_logprobs=logprobs_to_pb(completion.prompt_logprobs),
+        samples=[
+            pb.Sample(
+                index=s.index,
+                text=s.text,
+                token_ids=s.token_ids,
+                finish_reason=_FINISH.get(s.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                logprobs=logprobs_to_pb(s.logprobs),
+            )
+            for s in samples
+        ],
     )
 
 
@@ -160,9 +204,7 @@ def unary_response(method: str, generation: Generation, context: grpc.ServicerCo
         code = _ended_code(context)
         context.abort(code, f"{method} ended before it finished: {code.name.lower()}")
     assert completion is not None
-    return pb.GenerateResponse(
-        text=completion.text, token_ids=completion.token_ids, usage=usage_to_pb(completion.usage)
-    )
+    return completion_to_pb(completion)
 
 
 def stream_chunks(generation: Generation, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
@@ -174,7 +216,14 @@ def stream_chunks(generation: Generation, context: grpc.ServicerContext) -> Iter
                 if chunk.usage.finish_reason != "cancelled":
                     yield pb.GenerateChunk(usage=usage_to_pb(chunk.usage))
                 return
-            yield pb.GenerateChunk(text=chunk.text, token_ids=list(chunk.token_ids))
+            yield pb.GenerateChunk(
+                text=chunk.text,
+                token_ids=list(chunk.token_ids),
+                index=chunk.index,
+                logprobs=logprobs_to_pb(chunk.logprobs),
+                prompt_logprobs=logprobs_to_pb(chunk.prompt_logprobs),
+                finish_reason=_FINISH.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+            )
     finally:
         generation.close()
 
