@@ -30,13 +30,13 @@ from lorafleet.method_specs import (
 def meta_model(config: RunConfig) -> tuple[torch.nn.Module, Any]:
     """The model of ``config.model`` with every tensor on the meta device (no memory, no weights read)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.models import load_model_config
 
     m = config.model
     try:
-        hf_config = AutoConfig.from_pretrained(
-            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
-        )
+        hf_config = load_model_config(m)  # Baichuan / ChatGLM: the native config, nothing converted
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=m.trust_remote_code)
     except Exception as e:  # transformers raises OSError / ValueError / KeyError for bad configs

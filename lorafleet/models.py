@@ -141,13 +141,50 @@ def native_source(cfg: ModelConfig) -> ModelConfig:
     except ModelLoadError as e:
         if cfg.trust_remote_code:
             return cfg  # the explicit allow-list: the checkpoint's own code, as the user asked
-        remote = _remote_code_reason(path, tokenizer=False)
-        if remote is None:
-            raise
-        raise ModelLoadError(
-            f"{e.reason}. Otherwise: {_remote_code_message(cfg.name_or_path, remote)}"
-        ) from e
+        raise _unconvertible(cfg, path, e) from e
     return cfg if native is None else dataclasses.replace(cfg, name_or_path=str(native))
+
+
+def _unconvertible(cfg: ModelConfig, path: Path, error: ModelLoadError) -> ModelLoadError:
+    """``error`` (a refused Baichuan / ChatGLM layout), plus the remote-code way where it has one."""
+    remote = _remote_code_reason(path, tokenizer=False)
+    if remote is None:
+        return error
+    return ModelLoadError(f"{error.reason}. Otherwise: {_remote_code_message(cfg.name_or_path, remote)}")
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    """The transformers config of the model ``load_model(cfg)`` builds, without reading any weights.
+
+    For a local Baichuan / ChatGLM checkpoint this is the native Llama / Glm config computed from its
+    ``config.json`` (``lorafleet.convert.native_config``, the config ``native_source`` loads): the
+    checkpoint's own configuration code never runs and its weights are not converted, so a caller
+    that needs only the architecture (the trainer's memory check on ``SubmitJob``) costs
+    milliseconds even for a 7B checkpoint. Anything else goes through ``AutoConfig``.
+
+    Raises:
+        ModelLoadError: as ``native_source`` for a refused layout; a missing directory, a malformed
+            hub id, or a config transformers cannot read (remote code included, unless allowed).
+    """
+    from transformers import AutoConfig
+
+    local = _is_local(cfg.name_or_path)
+    if local:
+        from lorafleet.convert import detect_source_layout, native_config, read_config
+
+        path = Path(cfg.name_or_path).expanduser()
+        try:
+            layout = detect_source_layout(path)
+        except ModelLoadError as e:
+            if not cfg.trust_remote_code:
+                raise _unconvertible(cfg, path, e) from e
+            layout = None
+        if layout is not None:
+            return native_config(layout, read_config(path))
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, **_source_kwargs(cfg, local))
+    except Exception as e:
+        raise _load_error("config", cfg, e) from e
 
 
 def _refuse_remote_code(cfg: ModelConfig, local: bool, *, tokenizer: bool) -> None:

@@ -220,3 +220,17 @@ def load_reference(model_dir: Any) -> nn.Module:
         state = load_file(str(root / "model.safetensors"))
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def reference_with_adapter(model_dir: Any, adapter_dir: Any) -> nn.Module:
+    """PEFT over the reference model of ``model_dir`` with the original-layout adapter in ``adapter_dir``
+    (``W_pack`` / ``query_key_value`` targets, as ``lorafleet export --layout original`` writes them).
+
+    The reference is a plain module, not a generation model: the adapter loads as a plain PeftModel
+    (its ``task_type`` only adds generation plumbing, not math). Shapes as :func:`load_reference`.
+    """
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.task_type = None
+    return PeftModel.from_pretrained(load_reference(model_dir), str(adapter_dir), config=config).eval()

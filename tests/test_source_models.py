@@ -27,7 +27,7 @@ from lorafleet.families import detect_family
 from lorafleet.models import load_model, load_tokenizer, native_source, resolve_lora_targets
 from lorafleet.templates import encode_turns, get_template
 from lorafleet.tiny import build_tiny_model
-from tests.reference_models import load_reference
+from tests.reference_models import load_reference, reference_with_adapter
 
 ARCHS = ("baichuan2", "chatglm3")
 NATIVE_CLASS = {"baichuan2": "LlamaForCausalLM", "chatglm3": "GlmForCausalLM"}
@@ -152,18 +152,6 @@ def test_chat_template_labels_exactly_the_assistant_turns(arch: str, sources: di
     assert example.input_ids[: len(marker_ids)] == marker_ids  # each marker is one control token
 
 
-def _reference_with_adapter(src: Path, adapter_dir: Path) -> Any:
-    """PEFT over the reference model of ``src`` with the original-layout adapter in ``adapter_dir``.
-
-    The reference is a plain module, not a generation model: the adapter loads as a plain PeftModel
-    (its ``task_type`` only adds generation plumbing, not math)."""
-    from peft import LoraConfig, PeftModel
-
-    config = LoraConfig.from_pretrained(str(adapter_dir))
-    config.task_type = None
-    return PeftModel.from_pretrained(load_reference(src), str(adapter_dir), config=config).eval()
-
-
 def _train(model: Any, vocab: int, steps: int = 8) -> list[float]:
     """A few AdamW steps on one fixed batch; returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -204,7 +192,7 @@ def test_lora_trains_and_exports_to_the_original_layout_exactly(
 
     ids = _ids(700, seed=4)
     peft.eval()
-    reference = _reference_with_adapter(src, out)
+    reference = reference_with_adapter(src, out)
     assert any(FUSED[arch] in name for name, _ in reference.named_modules() if name.endswith("lora_A"))
     with torch.no_grad():
         torch.testing.assert_close(reference(ids), peft(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -222,7 +210,7 @@ def test_export_of_a_partial_qkv_adapter_fills_zero_blocks(sources: dict[str, Pa
     )
     out = export_original(tmp_path / "native", tmp_path / "original", "chatglm3", base_dir=src)
     native = peft_model(_load(src), {"a": tmp_path / "native"})
-    reference = _reference_with_adapter(src, out)
+    reference = reference_with_adapter(src, out)
     ids = _ids(700, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(reference(ids), native(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
@@ -333,8 +321,30 @@ def test_recipe_trains_publishes_and_exports_baichuan2(
     ref = f"{manifest.name}@{result.published.version}"
     root = config.output.adapters_root
     assert main(["export", ref, "--layout", "original", "--out", str(out), "--root", root]) == 0
-    reference = _reference_with_adapter(src, out)
+    reference = reference_with_adapter(src, out)
     ids = _ids(700, seed=6)
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reference(ids), result.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_memory_estimate_reads_the_native_config_without_converting(
+    arch: str, sources: dict[str, Path], bundled_data: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The trainer's SubmitJob memory check builds the model on the meta device from its config: for
+    an original checkpoint that is the native config (AutoConfig would need the checkpoint's own
+    code), and no weights are converted for it (a 7B conversion would stall every submit)."""
+    from lorafleet.estimate import estimate_for_config, meta_model
+    from tests.training_utils import training_config
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "untouched-cache"))
+    config = training_config(tmp_path, sources[arch], bundled_data)
+    model, hf_config = meta_model(config)
+    assert type(model).__name__ == NATIVE_CLASS[arch]
+    assert detect_family(hf_config, str(sources[arch])).name == arch
+    assert not (tmp_path / "untouched-cache").exists()
+    loaded = _load(sources[arch])
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in loaded.parameters())
+    assert estimate_for_config(config).device_total_bytes > 0
