@@ -473,7 +473,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
         ``out`` as a Path.
 
     Raises:
-        ModelLoadError: not a Baichuan / ChatGLM checkpoint, a refused one, or a malformed one.
+        ModelLoadError: not a Baichuan / ChatGLM checkpoint, a refused one, a malformed one, or
+            ``out`` filled by another process before the rename.
     """
     from safetensors.torch import save_file
 
@@ -511,9 +512,14 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str | None = 
         native_tokenizer(source, layout).save_pretrained(str(tmp))
         record = {"source": str(source.resolve()), "layout": layout.name, "family": layout.family}
         (tmp / CONVERT_MANIFEST).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)
+        try:
+            if target.exists():
+                target.rmdir()  # empty (checked above) unless another conversion just landed
+            os.rename(tmp, target)
+        except OSError as e:
+            raise ModelLoadError(
+                f"convert output {str(target)!r} was filled by another process while converting: {e}"
+            ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -348,3 +348,26 @@ def test_memory_estimate_reads_the_native_config_without_converting(
     loaded = _load(sources[arch])
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in loaded.parameters())
     assert estimate_for_config(config).device_total_bytes > 0
+
+
+def test_load_time_conversion_survives_a_concurrent_conversion(
+    sources: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's job and the inference server may convert one checkpoint at the same moment: the
+    process whose rename comes second finds the other's complete conversion and uses it."""
+    import lorafleet.convert as convert
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    check = convert._check_complete
+    calls: list[int] = []
+
+    def other_process_finishes_first(*args: Any) -> None:
+        check(*args)
+        calls.append(1)
+        if len(calls) == 1:  # the outer conversion: the other one runs and renames into place now
+            convert.native_checkpoint(sources["chatglm3"])
+
+    monkeypatch.setattr(convert, "_check_complete", other_process_finishes_first)
+    target = convert.native_checkpoint(sources["chatglm3"])
+    assert len(calls) == 2 and (target / convert.CONVERT_MANIFEST).is_file()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary left behind
