@@ -104,6 +104,7 @@ images-test: setup tools
 bench: setup
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.inference_bench
+	$(PY) -m bench.http_bench
 	$(PY) -m bench.report
 
 clean:
