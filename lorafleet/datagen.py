@@ -365,11 +365,14 @@ _PARITY_ASKS = (
 )
 
 
-def _parity_pair(n: int, ask: int) -> dict[str, str]:
+_ASKERS = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "小明", "小红")
+
+
+def _parity_pair(n: int, ask: int, asker: str) -> dict[str, str]:
     """A pair whose chosen answer states n's parity right and whose rejected one states it wrong."""
     question, answer, words = _PARITY_ASKS[ask]
     return {
-        "prompt": question.format(n=n),
+        "prompt": f"{asker}: " + question.format(n=n),
         "chosen": answer.format(n=n, word=words[n % 2]),
         "rejected": answer.format(n=n, word=words[1 - n % 2]),
     }
@@ -380,8 +383,9 @@ def preference_tables(seed: int = 0, validation_fraction: float = 0.2) -> dict[s
 
     The rule is checkable (``chosen`` says ``n % 2`` right) and balanced: half the numbers are odd,
     so a model that always prefers "even" (or "odd") ranks half the pairs right, about 50 %, and
-    only a model that learned the rule ranks them all. Every number 0-99 is asked in each of the
-    phrasings (English and Chinese); pairs are split at random into train and held-out validation.
+    only a model that learned the rule ranks them all. Every digit 0-9 is asked by each asker in each
+    phrasing (English and Chinese): 500 pairs, split at random into train and held-out validation,
+    so held-out rows are new (asker, phrasing, digit) combinations of seen parts.
     ``kto_train`` holds one unpaired row per training pair: its chosen answer (desirable) or its
     rejected one (undesirable), half and half.
 
@@ -389,7 +393,9 @@ def preference_tables(seed: int = 0, validation_fraction: float = 0.2) -> dict[s
         ``preference_train``, ``preference_validation`` (pairwise rows) and ``kto_train``.
     """
     rng = random.Random(seed)
-    pairs = [_parity_pair(n, ask) for n in range(100) for ask in range(len(_PARITY_ASKS))]
+    pairs = [
+        _parity_pair(n, ask, who) for n in range(10) for ask in range(len(_PARITY_ASKS)) for who in _ASKERS
+    ]
     rng.shuffle(pairs)
     held_out = int(len(pairs) * validation_fraction)
     train, validation = pairs[held_out:], pairs[:held_out]

@@ -399,6 +399,13 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
     Raises:
         LorafleetError: bad data, a model that cannot be loaded, an option the model cannot take.
     """
+    if config.stage != "sft":  # dpo / kto / rm: their own loop (services/trainer/preference_recipe.py)
+        from services.trainer.preference_recipe import run_preference
+
+        out = run_preference(config, progress)
+        return TrainResult(
+            out["model"], out["tokenizer"], Path(config.output.run_dir), out["metrics"], out["published"]
+        )
     die_with_launcher()
     if config.distributed.deepspeed_stage >= 0:
         ensure_rendezvous_env()

@@ -1,0 +1,456 @@
+"""The preference stages of the training recipe: DPO (and IPO / ORPO / SimPO), KTO, reward models.
+
+Run as (``services.trainer.recipe`` dispatches here when ``stage`` is not ``sft``):
+    python -m services.trainer.recipe examples/dpo.yaml [section.key=value ...]
+
+One process, plain PyTorch (DeepSpeed is refused for these stages by the config checks). The loop
+is one explicit function. The reference policy: for the LoRA methods the base with the adapter
+disabled, or, when ``preference.sft_adapter`` names a published SFT adapter to start from, a frozen
+copy of it (adapter ``ref``; the trained adapter starts as that copy). For ``full``/``freeze`` a
+second, frozen model is loaded (``preference.precompute_reference`` scores the data with it once,
+then frees it). ``rm`` trains a scalar value head (sequence classification, last non-padding token)
+plus LoRA on the base.
+
+Outputs in ``output.run_dir``: ``config.yaml``, ``trainer_log.jsonl`` (per step: loss,
+rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen, logps/rejected,
+learning_rate), ``final_metrics.json`` (held-out preference accuracy and mean margin, before and
+after); the artifact is published like any other, its manifest recording the stage and the SFT
+adapter it started from.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lorafleet import __version__, adapters, preference, preference_data, templates
+from lorafleet.config import RunConfig
+from lorafleet.data import check_bad_rows, count_bad_rows
+from lorafleet.errors import ConfigError, FieldProblem, LorafleetError
+from lorafleet.families import detect_family, get_family
+from lorafleet.method_specs import (
+    ARTIFACT_FULL_MODEL,
+    OPTION_SECTIONS,
+    TRAINS_LORA,
+    method_spec,
+    quantization_for,
+)
+from lorafleet.methods import PreparedModel, prepare_model, save_artifact
+from lorafleet.models import (
+    base_model_fingerprint,
+    count_parameters,
+    fingerprints_match,
+    load_model,
+    load_tokenizer,
+)
+from lorafleet.runlog import RunRecorder, write_final_metrics
+
+_EVAL_BATCH = 16
+
+
+def _load_split(
+    config: RunConfig, tokenizer: Any, template: Any
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Train and held-out examples (validation_file, else a validation_split of train), checked."""
+    d, stage = config.data, config.stage
+    samples, problems = preference_data.load_preference_samples(d.train_file, config.preference, stage)
+    held: list[Any] = []
+    held_problems: list[Any] = []
+    if d.validation_file:
+        held, held_problems = preference_data.load_preference_samples(
+            d.validation_file, config.preference, stage
+        )
+    elif d.validation_split > 0:
+        order = list(range(len(samples)))
+        random.Random(config.train.seed).shuffle(order)
+        cut = max(1, int(len(samples) * d.validation_split))
+        held, samples = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
+    if d.max_samples is not None:
+        samples = samples[: d.max_samples]
+    train, train_stats = preference_data.tokenize_preference(samples, tokenizer, template, d)
+    val, val_stats = preference_data.tokenize_preference(held, tokenizer, template, d)
+    for path, rows, bad, stats in (
+        (d.train_file, samples, problems, train_stats),
+        (d.validation_file, held, held_problems, val_stats),
+    ):
+        if path:
+            check_bad_rows(path, len(rows) + count_bad_rows(bad), [*bad, *stats.problems], d.max_bad_fraction)
+    if not train:
+        raise LorafleetError(f"data.train_file={d.train_file!r}: no preference row left to train on")
+    return (
+        train,
+        val,
+        {
+            "train_samples": len(train),
+            "validation_samples": len(val),
+            "bad_rows": count_bad_rows(problems),
+            "dropped_samples": train_stats.dropped,
+            "train_tokens_per_epoch": train_stats.tokens,
+        },
+    )
+
+
+def _sft_start(config: RunConfig) -> adapters.PublishedAdapter | None:
+    """The published SFT adapter named by ``preference.sft_adapter``, checked against this run."""
+    ref = config.preference.sft_adapter
+    if not ref:
+        return None
+    name, version = adapters.parse_adapter_ref(ref)
+    published = adapters.get_adapter(config.output.adapters_root, name, version)
+    if published.manifest.kind != "lora":
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "preference.sft_adapter",
+                    ref,
+                    f"is a {published.manifest.kind} artifact, not a LoRA adapter",
+                )
+            ]
+        )
+    expected = base_model_fingerprint(config.model.name_or_path, config.model.revision)
+    if not fingerprints_match(published.manifest.base_model, expected):
+        raise ConfigError(
+            [
+                FieldProblem(
+                    "preference.sft_adapter",
+                    ref,
+                    f"was trained on another base than {config.model.name_or_path}",
+                )
+            ]
+        )
+    return published
+
+
+def _prepare(
+    config: RunConfig, family: Any, start: adapters.PublishedAdapter | None
+) -> tuple[Any, PreparedModel]:
+    """(the loaded base, the model to train) for the stage and method."""
+    spec = method_spec(config.method)
+    if config.stage == "rm":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification
+
+        if quantization_for(config) != "none":
+            raise ConfigError(
+                [
+                    FieldProblem(
+                        "model.quantization", config.model.quantization, "stage rm loads the base unquantized"
+                    )
+                ]
+            )
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.model.dtype]
+        base = AutoModelForSequenceClassification.from_pretrained(
+            config.model.name_or_path,
+            num_labels=1,
+            dtype=dtype,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        from lorafleet.methods import resolve_lora_targets
+
+        targets = resolve_lora_targets(base, family, config.lora.target_modules)
+        lora = LoraConfig(
+            task_type="SEQ_CLS",
+            r=config.lora.rank,
+            lora_alpha=config.lora.alpha,  # type: ignore[arg-type]
+            lora_dropout=config.lora.dropout,
+            target_modules=targets,
+        )
+        model = get_peft_model(base, lora)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return base, PreparedModel(model, "lora", {"target_modules": sorted(targets), "value_head": "score"})
+    model_cfg = replace(config.model, quantization=quantization_for(config))
+    base = load_model(model_cfg, for_training=True)
+    if start is not None and spec.trains == TRAINS_LORA:
+        from peft import PeftModel
+
+        started: Any = PeftModel.from_pretrained(base, str(start.path), is_trainable=True)
+        started.load_adapter(str(start.path), adapter_name=preference.REFERENCE_ADAPTER, is_trainable=False)
+        started.set_adapter("default")
+        for p in started.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return base, PreparedModel(started, "lora", {"started_from": start.ref})
+    return base, prepare_model(base, config, family)
+
+
+def _batches(count: int, size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + size] for i in range(0, count - size + 1, size)]
+
+
+def _collate(config: RunConfig, rows: list[Any], pad: int) -> dict[str, torch.Tensor]:
+    if config.stage == "kto":
+        return preference.collate_unpaired(rows, pad)
+    return preference.collate_pairs(rows, pad)
+
+
+def _step(
+    config: RunConfig, model: Any, batch: dict[str, torch.Tensor], ref_model: Any, ref_logps: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    o = config.preference
+    if config.stage == "rm":
+        return preference.reward_step(model, batch)
+    if config.stage == "kto":
+        return preference.kto_step(model, batch, o.beta, o.desirable_weight, o.undesirable_weight, ref_model)
+    return preference.pairwise_step(
+        model, batch, o.loss, o.beta, o.gamma, o.label_smoothing, ref_model=ref_model, ref_logps=ref_logps
+    )
+
+
+@torch.no_grad()
+def evaluate_preferences(
+    config: RunConfig, model: Any, pairs: list[preference.PairExample], pad: int, ref_model: Any = None
+) -> dict[str, float]:
+    """Held-out preference metrics over pairwise rows.
+
+    ``preference_accuracy``: the fraction of pairs the model itself ranks right: the value head's
+    score (rm), the mean token log-prob (ORPO / SimPO, which train that), else the summed answer
+    log-prob log π(y|x). It is meaningful before training too (about 50 % on a balanced task for a
+    model that has not learned the rule). ``mean_margin``: the mean implicit reward margin
+    r(y_w) - r(y_l) with TRL's rewards (β·(log π - log π_ref) for the reference-based losses: 0 at
+    the start by construction), and ``reward_accuracy`` the fraction of pairs where it is > 0.
+    """
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    ranks: list[torch.Tensor] = []
+    margins: list[torch.Tensor] = []
+    o = config.preference
+    for start in range(0, len(pairs), _EVAL_BATCH):
+        batch = preference.collate_pairs(pairs[start : start + _EVAL_BATCH], pad)
+        half = batch["input_ids"].shape[0] // 2
+        if config.stage == "rm":
+            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rank = reward = scores.squeeze(-1).float()
+        elif config.stage == "dpo" and o.loss in preference.REFERENCE_FREE_LOSSES:
+            rank = preference.forward_logps(model, batch, average=True)
+            reward = o.beta * rank
+        else:
+            rank = preference.forward_logps(model, batch)
+            reward = o.beta * (rank - preference.reference_logps(model, batch, ref_model))
+        ranks.append(rank[:half] - rank[half:])
+        margins.append(reward[:half] - reward[half:])
+    model.train(was_training)
+    rank_gap, margin = torch.cat(ranks), torch.cat(margins)
+    return {
+        "preference_accuracy": float((rank_gap > 0).float().mean()),
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "mean_margin": float(margin.mean()),
+    }
+
+
+def _precompute(config: RunConfig, rows: list[Any], ref_model: Any, pad: int) -> list[torch.Tensor]:
+    """Reference log-probs of every training row ([2] per pair: chosen, rejected), computed once."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(rows), _EVAL_BATCH):
+        chunk = rows[start : start + _EVAL_BATCH]
+        batch = preference.collate_pairs(chunk, pad)
+        logps = preference.reference_logps(ref_model, batch, ref_model)
+        half = len(chunk)
+        out += [torch.stack([logps[i], logps[half + i]]) for i in range(half)]
+    return out
+
+
+def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Train the preference stage per ``config`` and publish; returns the final metrics and refs.
+
+    Raises:
+        LorafleetError: bad data, an unknown or mismatched SFT adapter, an option the model cannot take.
+    """
+    t = config.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    run_dir = Path(config.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+    )
+    torch.manual_seed(t.seed)
+
+    tokenizer = load_tokenizer(config.model)
+    start = _sft_start(config)
+    from transformers import AutoConfig
+
+    family_model_config = AutoConfig.from_pretrained(
+        config.model.name_or_path, trust_remote_code=config.model.trust_remote_code
+    )
+    family = (
+        detect_family(family_model_config, config.model.name_or_path)
+        if config.model.family == "auto"
+        else get_family(config.model.family)
+    )
+    template_name = family.template if config.data.template == "auto" else config.data.template
+    template = templates.get_template(template_name, tokenizer)
+    train, held_out, stats = _load_split(config, tokenizer, template)
+    _, prepared = _prepare(config, family, start)
+    model = prepared.model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.stage == "rm" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad
+    ref_model = None
+    if prepared.kind == ARTIFACT_FULL_MODEL and not (
+        config.stage == "dpo" and config.preference.loss in preference.REFERENCE_FREE_LOSSES
+    ):
+        ref_model = load_model(replace(config.model, quantization="none"), for_training=False).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    total_params, trainable_params = count_parameters(model)
+
+    per_epoch = len(_batches(len(train), t.per_device_batch_size, t.seed, 0))
+    if per_epoch == 0:
+        raise LorafleetError(
+            f"data.train_file={config.data.train_file!r}: {len(train)} rows are fewer than one batch "
+            f"(train.per_device_batch_size={t.per_device_batch_size})"
+        )
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.gradient_accumulation_steps))
+    recorder = RunRecorder(run_dir, total_steps, is_main=True, progress=progress)
+    eval_pairs = held_out if config.stage != "kto" else []
+    before = evaluate_preferences(config, model, eval_pairs, pad, ref_model)
+    recorder.write_event(
+        "run_started",
+        stage=config.stage,
+        method=config.method,
+        template=template_name,
+        family=family.name,
+        total_params=total_params,
+        trainable_params=trainable_params,
+        total_steps=total_steps,
+        data=stats,
+        started_from=start.ref if start else None,
+        initial=before,
+    )
+    precomputed = None
+    if config.preference.precompute_reference and ref_model is not None and config.stage == "dpo":
+        precomputed = _precompute(config, train, ref_model, pad)
+        ref_model = None  # freed: the reference is no longer needed in memory
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    warmup = int(total_steps * t.warmup_ratio)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress_frac = (step - warmup) / max(total_steps - warmup, 1)
+        return (
+            0.5 * (1 + math.cos(math.pi * progress_frac)) if t.lr_scheduler == "cosine" else 1 - progress_frac
+        )
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    step, epoch, micro, tokens = 0, 0, 0, 0
+    window: list[dict[str, float]] = []
+    loop_start = time.perf_counter()
+    while step < total_steps:
+        for indices in _batches(len(train), t.per_device_batch_size, t.seed, epoch):
+            rows = [train[i] for i in indices]
+            batch = _collate(config, rows, pad)
+            ref_logps = None
+            if precomputed is not None:
+                pairs = [precomputed[i] for i in indices]
+                ref_logps = torch.cat(
+                    [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])]
+                )
+            loss, metrics = _step(config, model, batch, ref_model, ref_logps)
+            (loss / t.gradient_accumulation_steps).backward()
+            tokens += int(batch["attention_mask"].sum())
+            window.append(metrics)
+            micro += 1
+            if micro % t.gradient_accumulation_steps:
+                continue
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % t.logging_steps == 0 or step == total_steps:
+                keys = {k for m in window for k in m}
+                record: dict[str, Any] = {"step": step, "epoch": round(epoch + micro / max(per_epoch, 1), 4)}
+                for key in sorted(keys):
+                    values = [m[key] for m in window if key in m]
+                    record[key] = sum(values) / len(values)
+                record["learning_rate"] = scheduler.get_last_lr()[0]
+                recorder.log(record)
+                window = []
+            if step >= total_steps:
+                break
+        epoch, micro = epoch + 1, 0
+
+    runtime = time.perf_counter() - loop_start
+    after = evaluate_preferences(config, model, eval_pairs, pad, ref_model)
+    final: dict[str, Any] = {
+        "stage": config.stage,
+        "train_steps": step,
+        "train_runtime_s": round(runtime, 3),
+        "train_tokens_per_s": round(tokens / runtime, 2) if runtime > 0 else None,
+        **{f"initial_{k}": v for k, v in before.items()},
+        **after,
+    }
+    write_final_metrics(run_dir, final)
+    published = None
+    if config.output.adapter_name:
+        published = _publish(config, prepared, tokenizer, template_name, family.name, final, stats, start)
+        final["published"] = published.ref
+    recorder.write_event("run_finished", **final)
+    recorder.close()
+    return {"metrics": final, "model": model, "tokenizer": tokenizer, "published": published}
+
+
+def _publish(
+    config: RunConfig,
+    prepared: PreparedModel,
+    tokenizer: Any,
+    template_name: str,
+    family: str,
+    metrics: dict[str, Any],
+    stats: dict[str, Any],
+    start: adapters.PublishedAdapter | None,
+) -> adapters.PublishedAdapter:
+    o = config.output
+    tree = config.to_dict()
+    options_section = method_spec(config.method).options_section
+    staging = adapters.new_staging_dir(o.adapters_root, o.adapter_name)
+    if preference.REFERENCE_ADAPTER in (getattr(prepared.model, "peft_config", None) or {}):
+        prepared.model.delete_adapter(
+            preference.REFERENCE_ADAPTER
+        )  # the artifact is the trained adapter only
+    save_artifact(prepared.model, tokenizer, staging, prepared.kind)
+    files = [config.data.train_file] + ([config.data.validation_file] if config.data.validation_file else [])
+    manifest = adapters.Manifest(
+        name=o.adapter_name,
+        version=0,
+        kind=prepared.kind,
+        method=config.method,
+        base_model=base_model_fingerprint(config.model.name_or_path, config.model.revision),
+        family=family,
+        template=template_name,
+        hyperparameters={
+            "method_options": prepared.details,
+            **{s: tree[s] if s == options_section else None for s in OPTION_SECTIONS},
+            "train": tree["train"],
+            "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
+            "stage": config.stage,
+            "preference": tree["preference"],
+        },
+        dataset={**adapters.dataset_fingerprint(files), **stats},
+        metrics=metrics,
+        created_at=adapters.utc_now(),
+        lorafleet_version=__version__,
+        extra={"stage": config.stage, "started_from": start.ref if start else None},
+    )
+    version = None if o.version == "auto" else int(o.version)
+    return adapters.publish(staging, o.adapters_root, o.adapter_name, manifest, version=version)
