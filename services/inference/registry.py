@@ -353,7 +353,11 @@ class AdapterRegistry:
             data = json.loads((vdir / MANIFEST_NAME).read_text(encoding="utf-8"))
             manifest = Manifest.from_dict(data)
         except FileNotFoundError:
-            return _VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME} is missing")
+            why = (
+                f"{MANIFEST_NAME} is missing: a plain PEFT adapter directory is served only once "
+                f"imported (lorafleet adapters import DIR --name {name})"
+            )
+            return _VersionInfo(name, version, vdir, identity, None, why)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             return _VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME} is unreadable: {e}")
         except AdapterError as e:
@@ -536,6 +540,9 @@ class AdapterRegistry:
                     with_manifest = [v for v in versions.values() if v.has_manifest_file]
                     if with_manifest:
                         return max(with_manifest, key=lambda v: v.version)
+                    if versions:  # versions without a manifest: the same answer as ListModels
+                        newest = versions[max(versions)]
+                        raise AdapterLoadError(f"adapter {newest.ref} cannot be used: {newest.manifest_error}")
                 elif version in versions:
                     return versions[version]
             if attempt == 0:
