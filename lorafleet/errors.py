@@ -89,3 +89,13 @@ class AdapterError(LorafleetError):
 
 class AdapterNotFoundError(AdapterError):
     """No published adapter (or version) under that name."""
+
+
+class AdapterImportError(ConfigError):
+    """An adapter directory brought in from outside (``lorafleet adapters import``) or an export
+    (``lorafleet export --merge``) is refused: another base, targets the base lacks, shapes or ranks
+    that disagree, an unreadable or code-carrying weights file. Lists every problem, each naming the
+    field (``adapter_config.json`` key, tensor or file) and its value."""
+
+    def __init__(self, problems: list[FieldProblem], context: str = "adapter refused") -> None:
+        super().__init__(problems, context)
