@@ -15,7 +15,7 @@
 #      build's RUN steps (buildah bud --volume) and passed as the PIP_CERT and PIP_FIND_LINKS build
 #      arguments; nothing of them lands in a layer. Without them the images get torch from PyTorch's
 #      CPU index, as a user's build does;
-#   4. writes $CACHE/report.tsv: name, seconds to build, size in bytes (docs/deploy.md quotes it).
+#   4. writes $CACHE/report.tsv: name, seconds to build, size (docs/deploy.md quotes it).
 #
 # Everything lives under $LORAFLEET_IMAGE_CACHE (default .cache/images of the repository): buildah's
 # storage (the base and the layer cache, reused by the next run on this machine) and the report;
@@ -97,7 +97,7 @@ if [[ "$TORCH_VARIANT" == cpu ]]; then
 fi
 
 report="$CACHE/report.tsv"
-printf 'image\tbuild_seconds\tsize_bytes\n' >"$report.tmp"
+printf 'image\tbuild_seconds\tsize\n' >"$report.tmp"
 for entry in "${IMAGES[@]}"; do
     read -r name dockerfile target <<<"$entry"
     tag="$REGISTRY$name:$IMAGE_TAG"
@@ -110,7 +110,7 @@ for entry in "${IMAGES[@]}"; do
         die "building $tag failed (last lines above; whole log: $logfile)."
     fi
     seconds=$(( $(date +%s) - t0 ))
-    size="$(buildah_ inspect --type image --format '{{.ImageSize}}' "$tag" 2>/dev/null || echo '?')"
+    size="$(buildah_ images --noheading --format '{{.Size}}' "localhost/$tag" 2>/dev/null | head -n 1 | tr -d ' ' || echo '?')"
     printf '%s\t%s\t%s\n' "$tag" "$seconds" "$size" >>"$report.tmp"
     log "$tag: built in $seconds s"
 done

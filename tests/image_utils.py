@@ -147,6 +147,29 @@ def _volume_dir(volume: dict[str, Any], cluster: Cluster) -> Path:
     return path
 
 
+def in_root(rootfs: Path, path: str) -> str:
+    """``path`` with the image's own symlinks resolved inside ``rootfs`` (``/var/run`` -> ``/run`` on
+    Debian), as the container runtime resolves a mount target; buildah's chroot isolation does not."""
+    parts: list[str] = []
+    todo = [p for p in path.split("/") if p]
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            parts = parts[:-1]
+            continue
+        candidate = rootfs.joinpath(*parts, part)
+        if candidate.is_symlink():
+            hops += 1
+            assert hops < 40, f"{path}: too many symlinks in the image"
+            link = os.readlink(candidate)
+            todo = [p for p in link.split("/") if p] + todo
+            parts = [] if link.startswith("/") else parts
+            continue
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
 class ImageRun:
     """``buildah run`` of one image as a pod's container; ``stop`` ends it and removes the container."""
 
@@ -164,8 +187,12 @@ class ImageRun:
         )
         cmd = [*buildah(), "run", "--isolation", "chroot", "--network", "host", "--user", container.user]
         cmd += ["--no-hosts", "--volume", f"{hosts_file}:/etc/hosts:ro"]
+        rootfs = subprocess.run(
+            [*buildah(), "mount", self.container_id], capture_output=True, text=True, timeout=120, check=True
+        ).stdout.strip()
         for host, path, read_only in container.mounts:
-            cmd += ["--volume", f"{host}:{path}" + (":ro" if read_only else "")]
+            target = in_root(Path(rootfs), path)
+            cmd += ["--volume", f"{host}:{target}" + (":ro" if read_only else "")]
         for key, value in container.env.items():
             cmd += ["--env", f"{key}={value}"]
         cmd += [self.container_id, "--", *container.argv]

@@ -17,7 +17,6 @@ directories where the volumes would be:
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import time
@@ -44,6 +43,13 @@ from tests.training_utils import training_config
 pytestmark = pytest.mark.images
 TOKEN = "images-smoke-token"
 UID = 1000
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "http://127.0.0.1:9"}}]
+users: [{name: none, user: {}}]
+contexts: [{name: none, context: {cluster: none, user: none, namespace: lorafleet}}]
+current-context: none
+"""
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +135,7 @@ def test_inference_serves_the_tiny_model_from_the_models_volume(
         timeout=60,
     )
     channel.close()
-    assert reply.usage.completion_tokens > 0 and reply.token_ids
+    assert reply.usage.generated_tokens == len(reply.token_ids) > 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     assert "lorafleet_inference_" in text
 
@@ -148,6 +154,14 @@ def test_trainer_server_answers_submit_job(
     }  # fmt: skip
     pod = deployment_pod(rendered, "lorafleet-trainer")
     container = resolve(pod, "trainer", cluster(rendered, tmp_path, claims))
+    # In a cluster the pod gets its service account's API access; no API server runs here, so the one
+    # addition to the manifests: a kubeconfig naming an API address where nothing listens (the
+    # launcher only connects when it starts an attempt, which is not under test here).
+    kube = tmp_path / "kube"
+    kube.mkdir()
+    (kube / "config").write_text(KUBECONFIG, encoding="utf-8")
+    container.mounts.append((kube, "/etc/lorafleet-test/kube", True))
+    container.env["KUBECONFIG"] = "/etc/lorafleet-test/kube/config"
     port = container.env["LORAFLEET_TRAINER_PORT"]
     run = ImageRun(images["lorafleet-trainer"], container, tmp_path / "trainer.log", {})
     running.append(run)
@@ -156,9 +170,12 @@ def test_trainer_server_answers_submit_job(
     stub = trainer_pb2_grpc.TrainerServiceStub(channel)
     in_pod = {k: Path("/data/datasets/bundled") / p.name for k, p in bundled_data.items()}
     spec = lora_spec(Path("/data/models/tiny/llama"), in_pod, max_steps=2)
-    job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec, dry_run=True), timeout=60)
+    job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=60)
+    assert job.id and job.spec.model.name_or_path == "/data/models/tiny/llama"
+    assert stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=30).id == job.id
     channel.close()
-    assert job.spec.model.name_or_path == "/data/models/tiny/llama"
+    # The job store is on the mounted runs volume, written as uid 1000.
+    assert any(p.stat().st_uid == UID for p in (tmp_path / "runs").rglob("*"))
 
 
 def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
@@ -219,11 +236,7 @@ def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
         workers.append(run)
     for index, run in enumerate(workers):
         assert run.wait(timeout=600) == 0, f"pod {index}:\n{run.output()[-5000:]}"
-    published = [p for p in (tmp_path / "adapters").rglob("adapter_config.json")]
-    assert len(published) == 1, f"published {published}"
-    manifest = (
-        json.loads((published[0].parent / "manifest.json").read_text())
-        if (published[0].parent / "manifest.json").exists()
-        else {}
-    )
-    assert "img-smoke" in str(published[0]), (published, manifest)
+    published = sorted((tmp_path / "adapters").rglob("adapter_config.json"))
+    assert published == [tmp_path / "adapters" / "img-smoke" / "1" / "adapter_config.json"], published
+    assert (published[0].parent / "lorafleet_manifest.json").is_file()
+    assert published[0].stat().st_uid == UID  # written by the pod's user
