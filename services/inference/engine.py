@@ -183,6 +183,8 @@ class Engine:
         self._ids = itertools.count()
         self._counters = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "prefills": 0}
         self._thread: threading.Thread | None = None
+        self._adapters_seen: tuple[tuple[str, ...], ...] | None = None  # last on_adapters payload
+        self._notify("on_capacity", max_batch_size, num_slots)
         if start:
             self.start()
 
@@ -268,6 +270,7 @@ class Engine:
                         self._num_waiting -= 1
                         self._drop_key_if_empty(key)
                         self._finish(seq, FINISH_CANCELLED)
+                        self._cond.notify_all()  # the loop republishes the queue's adapters
                         return
             for seq in self._running:
                 if seq.handle is handle and not seq.cancelled:
@@ -312,6 +315,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     # Slots and admission (called with _cond held)
+
+    def _publish_adapters(self) -> None:
+        """Call ``on_adapters`` when the adapters of the running rows, the waiting requests or the
+        slots changed since the last call (loop thread, ``_cond`` held)."""
+        running = tuple(sorted({s.key for s in self._running if s.key != _BASE_KEY}))
+        waiting = tuple(sorted(k for k, pending in self._waiting.items() if pending and k != _BASE_KEY))
+        resident = tuple(sorted(slot["ref"] for slot in self._slot_pool.snapshot() if slot["ref"]))
+        payload = (running, waiting, resident)
+        if payload != self._adapters_seen:
+            self._adapters_seen = payload
+            self._notify("on_adapters", running, waiting, resident)
 
     def _drop_key_if_empty(self, key: str) -> None:
         if not self._waiting.get(key):
@@ -388,6 +402,7 @@ class Engine:
             while True:
                 with self._cond:
                     while not self._closed and not self._running and not self._num_waiting:
+                        self._publish_adapters()
                         self._cond.wait()
                     if self._closed:
                         return
@@ -400,6 +415,8 @@ class Engine:
                     # Everything waiting is blocked on slots held by nobody running: cannot happen
                     # unless all waiting requests failed; loop again to re-check.
                     self._notify("on_queue", waiting, 0)
+                    with self._cond:
+                        self._publish_adapters()
                     time.sleep(0.001)
                     continue
                 began = time.perf_counter()
@@ -424,6 +441,9 @@ class Engine:
                 self._notify(
                     "on_step", len(self._running), adapters, prefill_tokens, time.perf_counter() - began
                 )
+                with self._cond:  # what holds now: requests may have queued during the step
+                    waiting = self._num_waiting
+                    self._publish_adapters()
                 self._notify("on_queue", waiting, len(self._running))
 
     def _forward(

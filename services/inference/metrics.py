@@ -26,22 +26,53 @@ name                                                         type       labels
 ``lorafleet_inference_adapter_load_seconds``                 histogram  ``model``
 ``lorafleet_inference_resident_adapters``                    gauge      ``model``
 ``lorafleet_inference_model_ready``                          gauge      ``model``
+``lorafleet_inference_slot_adapter_info``                    gauge      ``model``, ``adapter``
+``vllm:num_requests_waiting``                                gauge
+``vllm:num_requests_running``                                gauge
+``vllm:kv_cache_usage_perc``                                 gauge
+``vllm:lora_requests_info``                                  gauge      see below
 ===========================================================  =========  =========================
 
 Labels come from closed sets: ``method`` (the RPC names), ``code`` (gRPC status code names),
-``model`` (the configured base models), ``reason`` (the engine's finish reasons). No adapter or
-request ids: their number is unbounded.
+``model`` (the configured base models), ``reason`` (the engine's finish reasons). No request ids.
+Adapter refs appear only where the set is bounded by the engine's slots at any moment, and only
+the current state is exposed (a collector builds those series at scrape time, so an adapter that
+left a slot leaves no stale series).
+
+The ``vllm:`` series are the model-server protocol of the Kubernetes Gateway API Inference
+Extension (its ``docs/proposals/003-model-server-protocol``): its endpoint picker reads them by these
+names by default, per pod, so they are totals over every base model this process serves, with no
+labels of their own:
+
+- ``vllm:num_requests_waiting``: requests queued for a batch row;
+- ``vllm:num_requests_running``: rows in the running decode batches;
+- ``vllm:kv_cache_usage_perc``: running rows / batch rows, a fraction in [0, 1] like vLLM's. This
+  engine keeps one KV cache per base whose rows are the limit (``max_batch_size``: a request that
+  finds none free waits), with no block pool or token budget to fill, so the share of rows in use
+  is the honest saturation figure;
+- ``vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}``: one series
+  whose value is the Unix time of the last change of its labels; ``max_lora`` is the adapter slots
+  (adapters that can share one batch), the others list the adapter NAMES (without ``@version``:
+  what clients put in ``model``) of the running rows and of the waiting requests, comma-separated,
+  sorted. The picker routes a request for an adapter to a pod that lists it (LoRA affinity) or
+  that has room for one more (fewer than ``max_lora`` listed).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from types import TracebackType
-from typing import Final
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from services.inference.registry import RegistryEvent
 from services.inference.requests import EngineObserver
@@ -151,6 +182,12 @@ class InferenceMetrics:
         )
         for method in METHODS:
             self.requests.labels(method=method, code="OK")
+        self.engines: dict[str, EngineState] = {}
+        """Per base model, what its engine last reported (the ``vllm:`` series are built from it)."""
+        self.engines_lock = threading.Lock()
+        self.lora_updated_at = time.time()
+        """Unix time of the last change of ``vllm:lora_requests_info``'s labels."""
+        r.register(_ModelServerCollector(self))
         self._lock = threading.Lock()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -212,7 +249,7 @@ class InferenceMetrics:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError(f"already serving metrics on port {self._server.server_port}")
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = _start_text_exporter(self.registry, host, port)
             bound = int(self._server.server_port)
         log.info("inference metrics on http://%s:%d/metrics", host, bound)
         return bound
@@ -243,6 +280,119 @@ class InferenceMetrics:
         self.close()
 
 
+@dataclass
+class EngineState:
+    """What one base model's engine last reported through its observer."""
+
+    max_batch_size: int = 0
+    num_slots: int = 0
+    waiting: int = 0
+    running: int = 0
+    running_adapters: tuple[str, ...] = ()
+    waiting_adapters: tuple[str, ...] = ()
+    resident_adapters: tuple[str, ...] = ()
+
+
+def adapter_names(refs: Iterator[str] | tuple[str, ...]) -> str:
+    """``name@version[#hash]`` refs -> their distinct names, sorted, comma-separated."""
+    return ",".join(sorted({ref.partition("@")[0] for ref in refs}))
+
+
+class _ModelServerCollector:
+    """The Gateway API Inference Extension's gauges (vLLM's names) and the slot-adapter series, built
+    at scrape time from the engines' last reports (see the module docstring)."""
+
+    def __init__(self, metrics: InferenceMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # built at scrape time; nothing to check for clashes at registration
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        with m.engines_lock:
+            engines = {name: EngineState(**vars(state)) for name, state in m.engines.items()}
+            updated_at = m.lora_updated_at
+        states = list(engines.values())
+        rows = sum(e.max_batch_size for e in states)
+        running = sum(e.running for e in states)
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting for a batch row, over every base model.",
+            value=sum(e.waiting for e in states),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests in the running decode batches, over every base model.",
+            value=running,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage as a fraction in [0, 1]: running rows / batch rows (max_batch_size) over "
+            "every base model; the rows of the KV cache are this engine's only cache limit.",
+            value=running / rows if rows else 0.0,
+        )
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Unix time of the last change; labels: adapter slots (max_lora) and the adapter names of "
+            "the running rows and of the waiting requests (comma-separated).",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric(
+            [
+                str(sum(e.num_slots for e in states)),
+                adapter_names(tuple(a for e in states for a in e.running_adapters)),
+                adapter_names(tuple(a for e in states for a in e.waiting_adapters)),
+            ],
+            updated_at,
+        )
+        yield info
+        slots = GaugeMetricFamily(
+            PREFIX + "slot_adapter_info",
+            "1 for each adapter held in an engine slot (next to the base, ready to batch).",
+            labels=["model", "adapter"],
+        )
+        for name, e in sorted(engines.items()):
+            for ref in sorted({ref.partition("#")[0] for ref in e.resident_adapters}):
+                slots.add_metric([name, ref], 1.0)  # name@version, without the content hash
+        yield slots
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def _start_text_exporter(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` at ``/metrics`` in the Prometheus text format (0.0.4), whatever the scraper
+    asks for.
+
+    Why not OpenMetrics: prometheus_client 0.26's OpenMetrics writer escapes ``:`` to ``_`` in sample
+    names (it checks them with the label-name alphabet) while keeping it in ``# TYPE``, so the
+    ``vllm:`` series would reach Prometheus, which asks for OpenMetrics first, under other names.
+    The text format keeps them; Prometheus and the endpoint picker both read it.
+    """
+    app = make_wsgi_app(registry)
+
+    def text_only(environ: dict[str, Any], start_response: Any) -> Any:
+        environ["HTTP_ACCEPT"] = "text/plain; version=0.0.4"
+        return app(environ, start_response)
+
+    server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+    server = make_server(host, port, text_only, server_class, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="inference-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
 class _Observer(EngineObserver):
     """Engine hooks -> metrics of one base model (called from the engine thread; cheap)."""
 
@@ -258,6 +408,29 @@ class _Observer(EngineObserver):
         self._generated = m.generated_tokens.labels(model=model)
         self._prompt = m.prompt_tokens.labels(model=model)
         self._finished = {reason: m.finished.labels(model=model, reason=reason) for reason in FINISH_REASONS}
+        self._metrics = metrics
+        self._model = model
+        with metrics.engines_lock:
+            self._state = metrics.engines.setdefault(model, EngineState())
+
+    def on_capacity(self, max_batch_size: int, num_slots: int) -> None:
+        with self._metrics.engines_lock:
+            self._state.max_batch_size, self._state.num_slots = max_batch_size, num_slots
+            self._metrics.lora_updated_at = time.time()
+
+    def on_adapters(
+        self, running: tuple[str, ...], waiting: tuple[str, ...], resident: tuple[str, ...]
+    ) -> None:
+        state = self._state
+        with self._metrics.engines_lock:
+            before = (adapter_names(state.running_adapters), adapter_names(state.waiting_adapters))
+            state.running_adapters, state.waiting_adapters, state.resident_adapters = (
+                running,
+                waiting,
+                resident,
+            )
+            if (adapter_names(running), adapter_names(waiting)) != before:
+                self._metrics.lora_updated_at = time.time()
 
     def on_step(self, batch_size: int, adapters_in_batch: int, prefill_tokens: int, seconds: float) -> None:
         if batch_size:
@@ -266,6 +439,8 @@ class _Observer(EngineObserver):
     def on_queue(self, waiting: int, running: int) -> None:
         self._queue.set(waiting)
         self._running.set(running)
+        with self._metrics.engines_lock:
+            self._state.waiting, self._state.running = waiting, running
 
     def on_first_token(self, ttft_s: float, queue_s: float) -> None:
         self._ttft.observe(ttft_s)

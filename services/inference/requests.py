@@ -104,6 +104,17 @@ class EngineObserver:
     def on_adapter_load(self, ref: str, seconds: float, ok: bool) -> None:
         """An adapter was copied into a slot (or failed to)."""
 
+    def on_capacity(self, max_batch_size: int, num_slots: int) -> None:
+        """Once, when the engine is built: its batch rows and its adapter slots."""
+
+    def on_adapters(
+        self, running: tuple[str, ...], waiting: tuple[str, ...], resident: tuple[str, ...]
+    ) -> None:
+        """After an iteration that changed them (and before the loop sleeps): the adapter refs
+        (``AdapterWeights.ref``, e.g. ``name@version#hash``, sorted, no duplicates; the base is not
+        listed) of the running rows, of
+        the waiting requests, and held in the slots (with or without users)."""
+
 
 _END = object()
 
