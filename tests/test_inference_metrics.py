@@ -210,6 +210,7 @@ def test_gateway_gauges_track_requests_as_they_queue_run_and_finish(
     with serving(settings) as srv, running_prometheus([f"127.0.0.1:{srv.metrics_port}"], tmp_path) as prom:
         channel, stub = stub_for(srv.port)
         engine = srv.plane.hosts["tiny"].engine
+        assert engine is not None
         gauge_is(prom, "vllm:num_requests_running", 0)
         _, idle_at = lora_info(prom, lambda labels, _: labels["max_lora"] == "2")
         gate = ForwardGate(engine)
