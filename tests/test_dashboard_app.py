@@ -407,7 +407,9 @@ def test_trainer_comes_back(stack: Stack, monkeypatch, tmp_path) -> None:
 
 def test_refused_token_is_explained(stack: Stack, tmp_path, monkeypatch) -> None:
     (tmp_path / "token").write_text("s3cret")
-    trainer = TrainerProcess(tmp_path / "state", tmp_path / "adapters", ["--auth-token-file", str(tmp_path / "token")])
+    trainer = TrainerProcess(
+        tmp_path / "state", tmp_path / "adapters", ["--auth-token-file", str(tmp_path / "token")]
+    )
     trainer.start()
     try:
         env = stack.env(LORAFLEET_TRAINER_ADDR=trainer.address, LORAFLEET_TRAINER_TOKEN="wrong")
