@@ -84,6 +84,11 @@ class Manifest:
     """Relative POSIX path -> ``{"sha256": hex, "size": bytes}``, the manifest itself excluded."""
     run_id: str = ""
     """Stable id of the training run; a restarted run finds its own publication by it."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """How an artifact not trained here was made; empty for a trained one. ``kind`` ``import``
+    (``lorafleet.adapter_import``: source path, peft_type, the weights file and its sha256, whether
+    a pickle was converted) or ``merge`` (``lorafleet.merge``: the adapter merged, dtype, and whether
+    a quantized base was dequantized first)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version of lorafleet does not know, kept so a rewrite does not drop them."""
 
@@ -128,7 +133,7 @@ class Manifest:
                 )
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
-        for key in ("hyperparameters", "dataset", "metrics"):
+        for key in ("hyperparameters", "dataset", "metrics", "source"):
             if kwargs.get(key) is None:
                 kwargs[key] = {}
         extra = {k: v for k, v in data.items() if k not in known and k != "schema"}
@@ -358,7 +363,9 @@ def publish(
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION
     ):
-        raise AdapterError(f"version {version!r} must be a positive integer up to {MAX_VERSION}, or None for the next")
+        raise AdapterError(
+            f"version {version!r} must be a positive integer up to {MAX_VERSION}, or None for the next"
+        )
     staging, root = Path(staging_dir), Path(adapters_root)
     if not staging.is_dir():
         raise AdapterError(f"staging dir {str(staging)!r} does not exist")

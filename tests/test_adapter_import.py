@@ -4,12 +4,26 @@ for a directory without a manifest; and a round trip from plain PEFT training to
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from lorafleet.adapters import MANIFEST_NAME
+from lorafleet.adapter_import import (
+    ADAPTER_CONFIG,
+    PICKLE_WEIGHTS,
+    SAFETENSORS_WEIGHTS,
+    ImportRequest,
+    import_adapter,
+)
+from lorafleet.adapters import MANIFEST_NAME, get_adapter, list_adapters, verify_files
+from lorafleet.errors import AdapterImportError
+from lorafleet.models import base_model_fingerprint, fingerprints_match
 from lorafleet.v1 import inference_pb2 as pb
 from tests.inference_service_utils import greedy, serving, settings_for, stub_for
 from tests.inference_utils import save_lora_adapter
@@ -44,3 +58,168 @@ def test_directory_without_manifest_gets_one_answer_everywhere(tiny_llama: Path,
                         timeout=30,
                     )
                 assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: checks, conversion, publish
+
+
+class _WritesFile:
+    """A pickled object whose ``__reduce__`` writes ``marker`` when unpickled: what a malicious
+    ``adapter_model.bin`` carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_lora_adapter(
+        tiny_llama, tmp_path_factory.mktemp("peft") / "lora", rank=4, targets=("q_proj", "v_proj")
+    )
+
+
+@pytest.fixture(scope="module")
+def narrow_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another tiny llama, hidden 32: every q/v projection has other shapes than ``tiny_llama``'s."""
+    from lorafleet.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return build_tiny_model(root / "narrow", arch="llama", hidden_size=32, num_layers=2, vocab_size=1200)
+
+
+def _copy(src: Path, dst: Path, **config_changes: Any) -> Path:
+    shutil.copytree(src, dst)
+    if config_changes:
+        config = json.loads((dst / ADAPTER_CONFIG).read_text())
+        config.update(config_changes)
+        (dst / ADAPTER_CONFIG).write_text(json.dumps(config))
+    return dst
+
+
+def _refusal(request: ImportRequest, root: Path) -> AdapterImportError:
+    with pytest.raises(AdapterImportError) as info:
+        import_adapter(request, root)
+    assert not list_adapters(root), "a refused import published something"
+    return info.value
+
+
+def test_pickle_adapter_is_converted_checked_and_published(
+    tiny_llama: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    src = _copy(lora_dir, tmp_path / "src", base_model_name_or_path=str(tiny_llama))
+    state = load_file(str(src / SAFETENSORS_WEIGHTS))
+    torch.save(state, src / PICKLE_WEIGHTS)
+    (src / SAFETENSORS_WEIGHTS).unlink()
+    root = tmp_path / "adapters"
+    first = import_adapter(ImportRequest(str(src), "peer"), root)
+    second = import_adapter(ImportRequest(str(src), "peer", template="alpaca"), root)
+    assert (first.ref, second.ref) == ("peer@1", "peer@2")
+    assert sorted(p.name for p in first.path.iterdir()) == [
+        ADAPTER_CONFIG,
+        SAFETENSORS_WEIGHTS,
+        MANIFEST_NAME,
+    ]
+    converted = load_file(str(first.path / SAFETENSORS_WEIGHTS))
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    m = first.manifest
+    assert (m.kind, m.method, m.family, m.template, second.manifest.template) == (
+        "lora",
+        "lora",
+        "llama",
+        "llama2",  # the llama family's default template
+        "alpaca",
+    )
+    assert m.hyperparameters["lora"]["rank"] == 4
+    assert (
+        m.source["kind"] == "import"
+        and m.source["weights_file"] == PICKLE_WEIGHTS
+        and "weights_only" in m.source["converted"]
+    )
+    assert fingerprints_match(m.base_model, base_model_fingerprint(str(tiny_llama), None))
+    assert verify_files(get_adapter(root, "peer", 1)) == []
+
+
+def test_pickle_that_carries_code_is_refused_and_never_runs(lora_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "written-by-the-pickle"
+    src = _copy(lora_dir, tmp_path / "src")
+    state: dict[str, Any] = dict(load_file(str(src / SAFETENSORS_WEIGHTS)))
+    state["payload"] = _WritesFile(marker)
+    torch.save(state, src / PICKLE_WEIGHTS)
+    (src / SAFETENSORS_WEIGHTS).unlink()
+    error = _refusal(ImportRequest(str(src), "evil", base=str(lora_dir.parent)), tmp_path / "adapters")
+    assert error.problems[0].field == PICKLE_WEIGHTS and "weights-only" in error.problems[0].message
+    assert not marker.exists(), "the import ran code from the pickle"
+    # The payload is live: an unrestricted load writes the file (what the import must never do).
+    torch.load(src / PICKLE_WEIGHTS, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_corrupt_weights_are_refused(tiny_llama: Path, lora_dir: Path, tmp_path: Path) -> None:
+    src = _copy(lora_dir, tmp_path / "src")
+    data = (src / SAFETENSORS_WEIGHTS).read_bytes()
+    (src / SAFETENSORS_WEIGHTS).write_bytes(data[: len(data) // 2])
+    error = _refusal(ImportRequest(str(src), "cut", base=str(tiny_llama)), tmp_path / "adapters")
+    assert error.problems[0].field == SAFETENSORS_WEIGHTS and "corrupt" in error.problems[0].message
+
+
+def test_missing_targets_are_refused(tiny_llama: Path, lora_dir: Path, tmp_path: Path) -> None:
+    src = _copy(lora_dir, tmp_path / "src", target_modules=["q_proj", "v_proj", "W_pack"])
+    error = _refusal(ImportRequest(str(src), "fused", base=str(tiny_llama)), tmp_path / "adapters")
+    assert [(p.field, p.value) for p in error.problems] == [(f"{ADAPTER_CONFIG}.target_modules", ["W_pack"])]
+    assert "W_pack" in error.reason
+
+
+def test_wrong_base_is_refused_by_fingerprint_and_by_shape(
+    tiny_llama: Path, narrow_llama: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "adapters"
+    # Recorded base is a local directory here: its weights must be the --base's.
+    src = _copy(lora_dir, tmp_path / "local", base_model_name_or_path=str(tiny_llama))
+    error = _refusal(ImportRequest(str(src), "other", base=str(narrow_llama)), root)
+    fields = {p.field: p.value for p in error.problems}
+    assert fields[f"{ADAPTER_CONFIG}.base_model_name_or_path"] == str(tiny_llama)
+    # Recorded base is a hub id: the names cannot be compared, the shapes can.
+    src = _copy(lora_dir, tmp_path / "hub", base_model_name_or_path="org/some-llama")
+    error = _refusal(ImportRequest(str(src), "other", base=str(narrow_llama)), root)
+    shapes = [p for p in error.problems if p.field.startswith("tensor ")]
+    assert len(shapes) == 2 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    assert "q_proj.lora_A" in error.reason and "[4, 64]" in error.reason
+
+
+def test_rank_that_disagrees_with_the_config_is_refused(
+    tiny_llama: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    src = _copy(lora_dir, tmp_path / "src", r=8)
+    error = _refusal(ImportRequest(str(src), "rank", base=str(tiny_llama)), tmp_path / "adapters")
+    assert all(p.field.startswith("tensor ") and "r=8" in p.message for p in error.problems)
+
+
+def test_dora_and_prefix_adapters_import(tiny_llama: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "adapters"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    dora = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True, init_lora_weights=False
+    )
+    get_peft_model(base, dora).save_pretrained(str(tmp_path / "dora"))
+    published = import_adapter(ImportRequest(str(tmp_path / "dora"), "dora", base=str(tiny_llama)), root)
+    assert published.manifest.hyperparameters["lora"]["use_dora"] is True
+    assert any("lora_magnitude_vector" in k for k in load_file(str(published.path / SAFETENSORS_WEIGHTS)))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(
+        str(tmp_path / "prefix")
+    )
+    published = import_adapter(ImportRequest(str(tmp_path / "prefix"), "prefix", base=str(tiny_llama)), root)
+    assert (published.manifest.kind, published.manifest.hyperparameters["ptuning"]["num_virtual_tokens"]) == (
+        "ptuning",
+        3,
+    )
+    src = _copy(tmp_path / "prefix", tmp_path / "prefix-bad", num_layers=7)
+    error = _refusal(ImportRequest(str(src), "prefix-bad", base=str(tiny_llama)), tmp_path / "other-root")
+    assert [(p.field, p.value) for p in error.problems] == [(f"{ADAPTER_CONFIG}.num_layers", 7)]
