@@ -31,6 +31,7 @@ PAGES = [
     st.Page("pages/adapters.py", title="Adapters", icon=":material/extension:"),
     st.Page("pages/chat.py", title="Chat", icon=":material/chat:"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("pages/replicas.py", title="Replicas", icon=":material/dns:"),
 ]
 
 page = st.navigation(PAGES)
