@@ -7,6 +7,7 @@ Each is a ``main(argv) -> int`` with its own parser; the ``lorafleet`` entry poi
     lorafleet check-data CONFIG.yaml [overrides]                     validate the datasets, every bad row
     lorafleet data --out data/                                       write the bundled datasets
     lorafleet adapters [--root DIR]                                  list published adapters
+    lorafleet adapters import SRC --name NAME [--base B] [--template T]   import a PEFT adapter
 
 ``lorafleet tiny`` is ``lorafleet.tiny.main``.
 """
@@ -77,10 +78,21 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def adapters_main(argv: list[str] | None = None) -> int:
-    """``lorafleet adapters``: one line per published adapter version, from its manifest."""
+    """``lorafleet adapters``: one line per published adapter version, from its manifest;
+    ``lorafleet adapters import SRC --name NAME ...`` imports a PEFT adapter (``lorafleet.adapter_import``)."""
+    import sys
+
     from lorafleet.adapters import list_adapters
 
-    parser = argparse.ArgumentParser(prog="lorafleet adapters", description="List published adapters.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import"]:
+        from lorafleet.adapter_import import main as import_main
+
+        return import_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="lorafleet adapters",
+        description="List published adapters; `lorafleet adapters import --help` imports a PEFT adapter.",
+    )
     parser.add_argument("--root", default=".cache/adapters", help="adapters root")
     args = parser.parse_args(argv)
     for pub in list_adapters(args.root):
@@ -89,6 +101,7 @@ def adapters_main(argv: list[str] | None = None) -> int:
         print(
             f"{pub.name}@{pub.version}\t{m.method}\t{m.template}\t{m.created_at}"
             + (f"\taccuracy={acc:.3f}" if isinstance(acc, float) else "")
+            + (f"\tsource={m.source['kind']}" if m.source.get("kind") else "")
             + f"\t{pub.path}"
         )
     return 0

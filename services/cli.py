@@ -90,7 +90,12 @@ COMMANDS: dict[str, Command] = {
             "write a Baichuan/ChatGLM LoRA adapter in the original key layout (W_pack, query_key_value)",
         ),
         Command("data", "lorafleet.cli:data_main", "--out data/", "write the bundled datasets"),
-        Command("adapters", "lorafleet.cli:adapters_main", "[--root DIR]", "list published adapters"),
+        Command(
+            "adapters",
+            "lorafleet.cli:adapters_main",
+            "[--root DIR] | import SRC --name NAME [--base B] [--template T]",
+            "list published adapters, or import a PEFT adapter made elsewhere (checked, safetensors)",
+        ),
         Command(
             "demo",
             "services.demo:main",

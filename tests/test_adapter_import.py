@@ -223,3 +223,86 @@ def test_dora_and_prefix_adapters_import(tiny_llama: Path, tmp_path: Path) -> No
     src = _copy(tmp_path / "prefix", tmp_path / "prefix-bad", num_layers=7)
     error = _refusal(ImportRequest(str(src), "prefix-bad", base=str(tiny_llama)), tmp_path / "other-root")
     assert [(p.field, p.value) for p in error.problems] == [(f"{ADAPTER_CONFIG}.num_layers", 7)]
+
+
+def test_cli_imports_lists_and_refuses(
+    tiny_llama: Path, lora_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli import main
+
+    root = str(tmp_path / "adapters")
+    assert (
+        main(
+            ["adapters", "import", str(lora_dir), "--name", "cli", "--base", str(tiny_llama), "--root", root]
+        )
+        == 0
+    )
+    assert "imported" in capsys.readouterr().out
+    assert main(["adapters", "--root", root]) == 0
+    assert capsys.readouterr().out.startswith("cli@1\tlora\tllama2\t")
+    bad = [
+        "adapters",
+        "import",
+        str(lora_dir),
+        "--name",
+        "cli",
+        "--base",
+        str(tiny_llama),
+        "--template",
+        "nope",
+    ]
+    assert main([*bad, "--root", root]) == 2
+    assert "template='nope'" in capsys.readouterr().err
+
+
+def test_adapter_trained_by_plain_peft_is_imported_and_served_with_identical_tokens(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Round trip: PEFT code alone trains and saves (pickle, as older scripts do); lorafleet imports;
+    a real inference server's greedy tokens equal ``PeftModel.generate``'s."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+    )
+    batch = tokenizer(["患者主诉头痛三天 The patient reports a headache"], return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(5):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(str(tmp_path / "peft"), safe_serialization=False)
+    assert (tmp_path / "peft" / PICKLE_WEIGHTS).is_file()
+
+    root = tmp_path / "adapters"
+    published = import_adapter(ImportRequest(str(tmp_path / "peft"), "peer", base=str(tiny_llama)), root)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "peft")
+    )
+    prompt = "The patient reports"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = reference.eval().generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    expected = out[0, ids.shape[1] :].tolist()
+    with serving(settings_for(tiny_llama, root, max_new_tokens_cap=12)) as server:
+        channel, stub = stub_for(server.port)
+        with channel:
+            sampling = greedy(12)
+            got = stub.Generate(
+                pb.GenerateRequest(adapter=published.ref, prompt=prompt, sampling=sampling), timeout=60
+            )
+            base = stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=sampling), timeout=60)
+    n = len(got.token_ids)
+    assert n > 0 and list(got.token_ids) == expected[:n]
+    assert n == 12 or got.token_ids[-1] == tokenizer.eos_token_id  # stopped only at EOS
+    assert list(got.token_ids) != list(base.token_ids), (
+        "the adapter changed nothing: the test would prove nothing"
+    )
