@@ -17,9 +17,10 @@
 #      CPU index, as a user's build does;
 #   4. writes $CACHE/report.tsv: name, seconds to build, size (docs/deploy.md quotes it).
 #
-# Everything lives under $LORAFLEET_IMAGE_CACHE (default .cache/images of the repository): buildah's
-# storage (the base and the layer cache, reused by the next run on this machine) and the report;
-# delete it for a cold build. Storage driver: overlay when this machine can mount it (fast: layers are
+# Everything lives under $LORAFLEET_IMAGE_CACHE (default: /var/cache/lorafleet/images when writable,
+# else .cache/images of the repository; scripts/buildah_storage.sh): buildah's storage (the base and the
+# layer cache, reused by every later build on this machine, from any clone) and the report; delete it
+# for a cold build. Storage driver: overlay when this machine can mount it (fast: layers are
 # not copied), else vfs; LORAFLEET_STORAGE_DRIVER=vfs|overlay forces one. Needs root.
 # Settings: REGISTRY (default empty), IMAGE_TAG (0.1.0), TORCH_VARIANT (cpu), BASE_IMAGE (the
 # Dockerfiles' default).
@@ -29,7 +30,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REGISTRY="${REGISTRY:-}"
 IMAGE_TAG="${IMAGE_TAG:-0.1.0}"
 TORCH_VARIANT="${TORCH_VARIANT:-cpu}"
-CACHE="${LORAFLEET_IMAGE_CACHE:-$ROOT/.cache/images}"
 
 # NAME DOCKERFILE TARGET: what `make images` builds with docker (tests/test_dockerfiles.py compares).
 IMAGES=(
@@ -52,7 +52,6 @@ log() { echo "build_images: $*"; }
 
 [[ "$(id -u)" -eq 0 ]] || die "needs root (buildah with chroot isolation); you are $(id -un)."
 bash "$ROOT/scripts/install_buildah.sh" >/dev/null
-mkdir -p "$CACHE"
 
 # shellcheck source=scripts/buildah_storage.sh
 source "$ROOT/scripts/buildah_storage.sh"

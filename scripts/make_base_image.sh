@@ -13,14 +13,14 @@
 #      Dockerfiles build unchanged. It is labelled org.opencontainers.image.description so that
 #      nobody mistakes it for the registry's image (its Python is Debian's 3.11.x, in /usr/bin).
 #
-# Storage: buildah's, under $LORAFLEET_IMAGE_CACHE/storage (default .cache/images of the repository),
-# as scripts/buildah_storage.sh sets it for every lorafleet build. Needs root (debootstrap, chroot).
+# Storage: buildah's, under $LORAFLEET_IMAGE_CACHE/storage (default /var/cache/lorafleet/images when
+# writable, else .cache/images of the repository), as scripts/buildah_storage.sh sets it for every
+# lorafleet build. Needs root (debootstrap, chroot).
 # The Debian mirror is the one apt uses (first deb.debian.org-like URI of the sources), or $DEBIAN_MIRROR.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${1:-docker.io/library/python:3.11.13-slim-bookworm}"
-CACHE="${LORAFLEET_IMAGE_CACHE:-$ROOT/.cache/images}"
 SUITE="${DEBIAN_SUITE:-bookworm}"
 PULL_TIMEOUT="${LORAFLEET_PULL_TIMEOUT:-30}"
 
@@ -32,7 +32,6 @@ log() { echo "make_base_image: $*"; }
 
 [[ "$(id -u)" -eq 0 ]] || die "needs root (buildah with vfs storage and chroot isolation, debootstrap); you are $(id -un)."
 command -v buildah >/dev/null 2>&1 || die "buildah not found: run scripts/install_buildah.sh"
-mkdir -p "$CACHE"
 # shellcheck source=scripts/buildah_storage.sh
 source "$ROOT/scripts/buildah_storage.sh"
 
