@@ -171,13 +171,24 @@ def usage_line(usage: pb.Usage | None) -> str:
 
 def add_connection_args(ap: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    ap.add_argument("--target", "--addr", dest="target", default=env("LORAFLEET_INFERENCE_ADDR", "127.0.0.1:50052"),
-                    help="HOST:PORT of the inference service (env LORAFLEET_INFERENCE_ADDR)")  # fmt: skip
-    ap.add_argument("--token-file", default=env("LORAFLEET_INFERENCE_TOKEN_FILE", ""),
-                    help="file holding the bearer token (or set LORAFLEET_INFERENCE_TOKEN)")  # fmt: skip
+    ap.add_argument(
+        "--target",
+        "--addr",
+        dest="target",
+        default=env("LORAFLEET_INFERENCE_ADDR", "127.0.0.1:50052"),
+        help="HOST:PORT of the inference service (env LORAFLEET_INFERENCE_ADDR)",
+    )
+    ap.add_argument(
+        "--token-file",
+        default=env("LORAFLEET_INFERENCE_TOKEN_FILE", ""),
+        help="file holding the bearer token (or set LORAFLEET_INFERENCE_TOKEN)",
+    )
     add_secret_refusal(ap, "--token", "use --token-file or LORAFLEET_INFERENCE_TOKEN")
-    ap.add_argument("--tls-ca", default=env("LORAFLEET_INFERENCE_TLS_CA", ""),
-                    help="PEM CA of a TLS server (env LORAFLEET_INFERENCE_TLS_CA)")  # fmt: skip
+    ap.add_argument(
+        "--tls-ca",
+        default=env("LORAFLEET_INFERENCE_TLS_CA", ""),
+        help="PEM CA of a TLS server (env LORAFLEET_INFERENCE_TLS_CA)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
     ap.add_argument("--model", default="", help="base model name (optional when the server has one)")
 

@@ -30,16 +30,15 @@ Three ways to apply the deltas over the same tables:
 
 ``gather`` and ``stack`` round differently from PEFT only in summation order (logits within 1e-4).
 
-``auto`` (the default) picks by measurement (``tests`` check all three against PEFT; the figures
-are from one forward of the benchmark's llama, hidden 256, 4 layers, every linear layer adapted at
-ranks 8/16, 32 rows, on the 2-core CPU):
+``auto`` (the default) picks by measurement (``tests`` check all three against PEFT; the per-forward
+timings behind the thresholds are in bench/README.md, "LoRA modes of a decode step"):
 
 * at most ``GATHER_THRESHOLD`` distinct adapters in the batch: ``group`` (fewest operations then);
 * more, while C <= ``STACK_MAX_COLS_RATIO`` x the narrowest adapted layer's input size: ``stack``
-  for decode steps (one token per row; 8 adapters: 9.3 ms against 11.4 ms for ``gather`` and
-  4.9 ms for the base alone) and ``gather`` for prefills, where a row's many tokens share one
-  gathered table while ``stack`` would multiply each of them by every slot's columns;
-* more resident rank than that: ``gather`` (32 adapters: 11.0 ms against 14.2 ms for ``stack``).
+  for decode steps (one token per row: one matmul over every slot's packed columns beats a gather
+  per row) and ``gather`` for prefills, where a row's many tokens share one gathered table while
+  ``stack`` would multiply each of them by every slot's columns;
+* more resident rank than that: ``gather`` (the packed columns outgrow the layer itself).
 
 At these sizes the cost is per-operation overhead and the padded arithmetic; on a GPU the same
 choice would be made by kernels (S-LoRA's MBGMM, Punica's SGMV), which this CPU build has none of.
@@ -373,9 +372,8 @@ class _SlotLayer:
             a_t, b_t = a_t[:, :, :r], b_t[:, :r]
         shape = x.shape
         xs = x.reshape(shape[0], -1, shape[-1]).to(a_t.dtype)  # [n, tokens, in]
-        # Gathered per forward, not kept across decode steps: keeping the per-row copies (batch x
-        # rank x (in + out) per layer) measured no faster on the CPU, since the small slot tables
-        # stay in cache while the copies would not.
+        # Gathered per forward, not kept across decode steps: the per-row copies (batch x rank x
+        # (in + out) per layer) would fall out of cache where the small slot tables stay in it.
         h = torch.bmm(xs, a_t.index_select(0, slots))  # [n, tokens, r]
         h = h * self.scaling.index_select(0, slots).view(-1, 1, 1)
         delta = torch.bmm(h, b_t.index_select(0, slots))  # [n, tokens, out]

@@ -82,23 +82,58 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "lorafleet_inference_"
 
 METHODS: Final = (
-    "Generate", "GenerateStream", "Chat", "ChatStream", "ListModels", "LoadAdapter", "UnloadAdapter",
-)  # fmt: skip
+    "Generate",
+    "GenerateStream",
+    "Chat",
+    "ChatStream",
+    "ListModels",
+    "LoadAdapter",
+    "UnloadAdapter",
+)
 """The RPCs counted; pre-initialised with code OK so a rate() has a series from the first scrape."""
 
 GRPC_STATUS_CODES: Final = frozenset(
     {
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-        "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-        "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
     }
-)  # fmt: skip
+)
 
 FINISH_REASONS: Final = ("stop", "length", "cancelled", "error")
 
 LATENCY_BUCKETS_S: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 """Token latencies run from about a millisecond (tiny models, GPUs) to seconds (big models on CPUs)."""
 
 E2E_BUCKETS_S: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -125,21 +160,33 @@ class InferenceMetrics:
             PREFIX + "running_requests", "Requests in the running decode batch.", ["model"], registry=r
         )
         self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Time from submission to the first generated token.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            PREFIX + "time_to_first_token_seconds",
+            "Time from submission to the first generated token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.queue_time = Histogram(
-            PREFIX + "queue_time_seconds", "Part of the time to first token spent waiting for admission.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            PREFIX + "queue_time_seconds",
+            "Part of the time to first token spent waiting for admission.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.inter_token = Histogram(
-            PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens of a request.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds", "Time from submission to the end of a request.",
-            ["model"], buckets=E2E_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from submission to the end of a request.",
+            ["model"],
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
         self.generated_tokens = Counter(
             PREFIX + "generated_tokens", "Tokens generated.", ["model"], registry=r
         )
@@ -147,9 +194,11 @@ class InferenceMetrics:
             PREFIX + "prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=r
         )
         self.finished = Counter(
-            PREFIX + "finished_requests", "Engine requests that ended, by finish reason.",
-            ["model", "reason"], registry=r,
-        )  # fmt: skip
+            PREFIX + "finished_requests",
+            "Engine requests that ended, by finish reason.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             PREFIX + "batch_size", "Rows in each decode step.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
@@ -160,17 +209,24 @@ class InferenceMetrics:
             registry=r,
         )
         self.adapter_evictions = Counter(
-            PREFIX + "adapter_evictions", "Adapters evicted from the resident cache (LRU or memory budget).",
-            ["model"], registry=r,
-        )  # fmt: skip
+            PREFIX + "adapter_evictions",
+            "Adapters evicted from the resident cache (LRU or memory budget).",
+            ["model"],
+            registry=r,
+        )
         self.adapter_load_failures = Counter(
-            PREFIX + "adapter_load_failures", "Adapter versions that failed validation or loading.",
-            ["model"], registry=r,
-        )  # fmt: skip
+            PREFIX + "adapter_load_failures",
+            "Adapter versions that failed validation or loading.",
+            ["model"],
+            registry=r,
+        )
         self.adapter_load_time = Histogram(
-            PREFIX + "adapter_load_seconds", "Validation plus load time of an adapter.", ["model"],
-            buckets=LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            PREFIX + "adapter_load_seconds",
+            "Validation plus load time of an adapter.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.resident_adapters = Gauge(
             PREFIX + "resident_adapters", "Adapters in the resident cache.", ["model"], registry=r
         )
@@ -194,9 +250,17 @@ class InferenceMetrics:
 
     def add_model(self, model: str) -> None:
         """Create a base model's series at zero, so they exist before its first request."""
-        for metric in (self.queue_length, self.running, self.generated_tokens, self.prompt_tokens,
-                       self.adapter_loads, self.adapter_evictions, self.adapter_load_failures,
-                       self.resident_adapters, self.model_ready):  # fmt: skip
+        for metric in (
+            self.queue_length,
+            self.running,
+            self.generated_tokens,
+            self.prompt_tokens,
+            self.adapter_loads,
+            self.adapter_evictions,
+            self.adapter_load_failures,
+            self.resident_adapters,
+            self.model_ready,
+        ):
             metric.labels(model=model)
         for reason in FINISH_REASONS:
             self.finished.labels(model=model, reason=reason)
@@ -317,13 +381,15 @@ class _ModelServerCollector:
         rows = sum(e.max_batch_size for e in states)
         running = sum(e.running for e in states)
         yield GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Requests waiting for a batch row, over every base model.",
+            "vllm:num_requests_waiting",
+            "Requests waiting for a batch row, over every base model.",
             value=sum(e.waiting for e in states),
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
-            "vllm:num_requests_running", "Requests in the running decode batches, over every base model.",
+            "vllm:num_requests_running",
+            "Requests in the running decode batches, over every base model.",
             value=running,
-        )  # fmt: skip
+        )
         yield GaugeMetricFamily(
             "vllm:kv_cache_usage_perc",
             "KV-cache usage as a fraction in [0, 1]: running rows / batch rows (max_batch_size) over "

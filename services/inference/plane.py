@@ -334,9 +334,12 @@ class BaseModelHost:
         started = time.perf_counter()
         try:
             cfg = ModelConfig(
-                name_or_path=m.path, revision=m.revision, dtype=m.dtype, quantization=m.quantization,
+                name_or_path=m.path,
+                revision=m.revision,
+                dtype=m.dtype,
+                quantization=m.quantization,
                 trust_remote_code=m.trust_remote_code,
-            )  # fmt: skip
+            )
             self.tokenizer = load_tokenizer(cfg)
             self.model = load_model(cfg, for_training=False).eval()
             self.template_name = self._resolve_template()
@@ -354,11 +357,16 @@ class BaseModelHost:
             self.max_context = self.engine.max_context
             model = self.model
             self.registry = AdapterRegistry(
-                Path(m.adapters_root or s.adapters_root), m.path, base_model_fingerprint(m.path, m.revision),
-                [n for n, _ in model.named_modules()], max_rank=s.max_rank, capacity=s.adapter_capacity,
+                Path(m.adapters_root or s.adapters_root),
+                m.path,
+                base_model_fingerprint(m.path, m.revision),
+                [n for n, _ in model.named_modules()],
+                max_rank=s.max_rank,
+                capacity=s.adapter_capacity,
                 loader=lambda path, ref: adapter_weights_from_peft_dir(path, ref, model),
-                memory_budget_bytes=s.memory_budget_bytes, on_event=self._on_registry_event,
-            )  # fmt: skip
+                memory_budget_bytes=s.memory_budget_bytes,
+                on_event=self._on_registry_event,
+            )
             self.registry.start_watcher(s.scan_interval_s)
             self._warm_up()
         except Exception as e:
@@ -390,9 +398,15 @@ class BaseModelHost:
     def info(self) -> BaseModelInfo:
         m = self.settings
         return BaseModelInfo(
-            name=self.name, path=m.path, dtype=m.dtype, quantization=m.quantization, state=self.state,
-            reason=self.reason, template=self.template_name, max_context=self.max_context,
-        )  # fmt: skip
+            name=self.name,
+            path=m.path,
+            dtype=m.dtype,
+            quantization=m.quantization,
+            state=self.state,
+            reason=self.reason,
+            template=self.template_name,
+            max_context=self.max_context,
+        )
 
     def close(self) -> None:
         if self.registry is not None:

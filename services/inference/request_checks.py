@@ -81,9 +81,13 @@ def split_messages(
             problems.append(FieldProblem(f"messages[{i}].role", msg.role, f"must be one of {list(ROLES)}"))
             continue
         if msg.role != expected:
-            why = "only the first message may be a system message" if msg.role == "system" else (
-                f"expected a {expected} message here: user and assistant messages alternate, starting with user"
-            )  # fmt: skip
+            why = (
+                "only the first message may be a system message"
+                if msg.role == "system"
+                else (
+                    f"expected a {expected} message here: user and assistant messages alternate, starting with user"
+                )
+            )
             problems.append(FieldProblem(f"messages[{i}].role", msg.role, why))
             continue
         if msg.role == "user" and not msg.content:

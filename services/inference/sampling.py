@@ -135,8 +135,11 @@ class SamplingParams:
         if self.max_new_tokens is not None and (
             self.max_new_tokens < 1 or (cap is not None and self.max_new_tokens > cap)
         ):
-            bad("max_new_tokens", self.max_new_tokens,
-                "must be >= 1" if cap is None else f"must be in [1, {cap}] (the server cap)")  # fmt: skip
+            bad(
+                "max_new_tokens",
+                self.max_new_tokens,
+                "must be >= 1" if cap is None else f"must be in [1, {cap}] (the server cap)",
+            )
         if not math.isfinite(self.temperature) or not (
             self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
         ):

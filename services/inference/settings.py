@@ -130,8 +130,7 @@ class InferenceSettings:
     inference-server`` at start; 0 = the CPUs this process may use (affinity, capped by a cgroup CPU
     quota) minus one (at least 1), leaving a
     core to the decode loop's and the gRPC handlers' Python threads, as vLLM's CPU backend reserves
-    one. Measured on 2 cores, 8 adapters, 32 streaming clients: 1 thread gave 6 % more mixed-adapter
-    tokens/s than torch's default of 2 and 8 % fewer base-only tokens/s (README, Benchmark)."""
+    one (the measurement behind this default: bench/README.md and the README's Benchmark)."""
     warmup_timeout_s: float = 600.0
     """How long the one-token warm-up of each base may take before the base is marked failed."""
     shutdown_grace_s: float = 30.0

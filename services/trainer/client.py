@@ -28,8 +28,11 @@ _STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in pb.JobState.
 
 def add_connection_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--addr", default=os.environ.get("LORAFLEET_TRAINER_ADDR", "127.0.0.1:50051"))
-    ap.add_argument("--token-file", default=os.environ.get("LORAFLEET_TRAINER_TOKEN_FILE", ""),
-                    help="file holding the bearer token (or set LORAFLEET_TRAINER_TOKEN)")  # fmt: skip
+    ap.add_argument(
+        "--token-file",
+        default=os.environ.get("LORAFLEET_TRAINER_TOKEN_FILE", ""),
+        help="file holding the bearer token (or set LORAFLEET_TRAINER_TOKEN)",
+    )
     add_secret_refusal(ap, "--token", "use --token-file or LORAFLEET_TRAINER_TOKEN")
     ap.add_argument("--tls-ca", default=os.environ.get("LORAFLEET_TRAINER_TLS_CA", ""))
 

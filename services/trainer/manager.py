@@ -80,8 +80,18 @@ class ManagerSettings:
     """Roots a job's files must be under; None: no check (a library caller's own choice)."""
 
 
-_METRIC_KEYS = ("step", "total_steps", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm",
-                "tokens_per_s", "eta_s", "percent")  # fmt: skip
+_METRIC_KEYS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "eta_s",
+    "percent",
+)
 
 
 class JobManager:
@@ -184,10 +194,15 @@ class JobManager:
         )
         estimate = accepted.estimate
         memory = (
-            {"device_bytes_per_process": estimate.device_total_bytes, "host_bytes": estimate.host_total_bytes,
-             "device": estimate.device, "summary": estimate.summary()}
-            if estimate else {}
-        )  # fmt: skip
+            {
+                "device_bytes_per_process": estimate.device_total_bytes,
+                "host_bytes": estimate.host_total_bytes,
+                "device": estimate.device,
+                "summary": estimate.summary(),
+            }
+            if estimate
+            else {}
+        )
         max_attempts = (
             request.max_attempts if request.max_attempts is not None else self.settings.default_max_attempts
         )
@@ -278,8 +293,9 @@ class JobManager:
         with self._lock:
             if attempt is not None:
                 self._ingest(job, attempt)
-                self.store.update_attempt(job.id, attempt.number, state="cancelled", finished_at=time.time(),
-                                          reason=reason)  # fmt: skip
+                self.store.update_attempt(
+                    job.id, attempt.number, state="cancelled", finished_at=time.time(), reason=reason
+                )
             self._set_state(self.get(job.id), st.CANCELLED, reason, finished=True)
 
     # -- events -------------------------------------------------------------------------------------
@@ -381,16 +397,35 @@ class JobManager:
             handle = self.launcher.start(self._request(job, number))
         except Exception as e:  # the launcher could not start it at all
             log.exception("job %s: launcher failed to start attempt %d", job.id, number)
-            self.store.add_attempt(st.AttemptRow(job.id, number, "failed", now, time.time(), None,
-                                                 f"could not start: {e}", launcher=self.launcher.name))  # fmt: skip
+            self.store.add_attempt(
+                st.AttemptRow(
+                    job.id,
+                    number,
+                    "failed",
+                    now,
+                    time.time(),
+                    None,
+                    f"could not start: {e}",
+                    launcher=self.launcher.name,
+                )
+            )
             self._set_state(
                 self.get(job.id), st.FAILED, f"attempt {number} could not start: {e}", finished=True
             )
             return
         # Training records of earlier attempts were already turned into events: carry the offset on.
         offset = job.attempts[-1].records_offset if job.attempts else 0
-        self.store.add_attempt(st.AttemptRow(job.id, number, "running", now, launcher=self.launcher.name,
-                                             handle=handle, records_offset=offset))  # fmt: skip
+        self.store.add_attempt(
+            st.AttemptRow(
+                job.id,
+                number,
+                "running",
+                now,
+                launcher=self.launcher.name,
+                handle=handle,
+                records_offset=offset,
+            )
+        )
         log.info("job %s: attempt %d started (%s)", job.id, number, self.launcher.name)
 
     def _drive(self, job: st.JobRow) -> None:
@@ -412,8 +447,14 @@ class JobManager:
                 self._succeed(self.get(job.id))
                 return
             reason = status.reason or status.phase.value
-            self.store.update_attempt(job.id, attempt.number, state="failed", finished_at=now,
-                                      exit_code=status.exit_code, reason=reason)  # fmt: skip
+            self.store.update_attempt(
+                job.id,
+                attempt.number,
+                state="failed",
+                finished_at=now,
+                exit_code=status.exit_code,
+                reason=reason,
+            )
             error_line = _error_line(tail)
             if status.exit_code == EXIT_INVALID:
                 config_path = Path(job.run_dir).parent / "config.yaml"
@@ -424,19 +465,26 @@ class JobManager:
                 if self.metrics:
                     self.metrics.attempt_retried()
                 nxt = attempt.number + 1
-                self._event(job.id, "state", {
-                    "state": st.RUNNING, "attempt": nxt,
-                    "reason": f"attempt {attempt.number} failed ({reason}); attempt {nxt} resumes from the "
-                              "last checkpoint",
-                })  # fmt: skip
+                self._event(
+                    job.id,
+                    "state",
+                    {
+                        "state": st.RUNNING,
+                        "attempt": nxt,
+                        "reason": f"attempt {attempt.number} failed ({reason}); attempt {nxt} resumes from the "
+                        "last checkpoint",
+                    },
+                )
                 self._start_attempt(self.get(job.id), nxt, "retry")
                 return
             self._set_state(
-                job, st.FAILED,
+                job,
+                st.FAILED,
                 f"attempt {attempt.number} of {job.max_attempts} failed ({reason})"
                 + (f": {error_line}" if error_line else ""),
-                finished=True, tail=tail,
-            )  # fmt: skip
+                finished=True,
+                tail=tail,
+            )
 
     def _succeed(self, job: st.JobRow) -> None:
         run_dir = Path(job.run_dir)
@@ -497,22 +545,31 @@ class JobManager:
                 continue
             payload = {k: rec[k] for k in _METRIC_KEYS if k in rec}
             payload["attempt"] = attempt.number
-            payload["values"] = {k: float(v) for k, v in rec.items()
-                                 if k not in _METRIC_KEYS and k != "time" and isinstance(v, (int, float))}  # fmt: skip
+            payload["values"] = {
+                k: float(v)
+                for k, v in rec.items()
+                if k not in _METRIC_KEYS and k != "time" and isinstance(v, (int, float))
+            }
             events.append(("metrics", payload))
             progress.update({k: rec[k] for k in _METRIC_KEYS if k in rec})
             if self.metrics:
                 self.metrics.update_progress(job.id, rec)
-        new_lines, log_offset = _read_new_lines(Path(attempt.handle.get("attempt_dir", "")) / "output.log",
-                                                attempt.log_offset)  # fmt: skip
+        new_lines, log_offset = _read_new_lines(
+            Path(attempt.handle.get("attempt_dir", "")) / "output.log", attempt.log_offset
+        )
         if new_lines:
             kept = self._log_budget(job.id)
             for text in new_lines[:kept]:
                 events.append(("log", {"attempt": attempt.number, "text": text[-2000:]}))
         self._events(job.id, events)
         if records_offset != attempt.records_offset or log_offset != attempt.log_offset or resumed:
-            self.store.update_attempt(job.id, attempt.number, records_offset=records_offset,
-                                      log_offset=log_offset, resumed_from_step=resumed)  # fmt: skip
+            self.store.update_attempt(
+                job.id,
+                attempt.number,
+                records_offset=records_offset,
+                log_offset=log_offset,
+                resumed_from_step=resumed,
+            )
             attempt.records_offset, attempt.log_offset = records_offset, log_offset
         if progress != job.progress:
             self.store.update_job(job.id, progress=progress)

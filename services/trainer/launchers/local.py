@@ -73,8 +73,14 @@ class LocalLauncher:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         procs = max_processes or max(gpus, os.cpu_count() or 1)
         memory = torch.cuda.get_device_properties(0).total_memory if gpus else psutil.virtual_memory().total
-        return cls(Capacity(max_nodes=1, max_processes_per_node=procs, max_gpus_per_node=gpus,
-                            memory_bytes_per_process=int(memory)))  # fmt: skip
+        return cls(
+            Capacity(
+                max_nodes=1,
+                max_processes_per_node=procs,
+                max_gpus_per_node=gpus,
+                memory_bytes_per_process=int(memory),
+            )
+        )
 
     def command(self, request: AttemptRequest) -> list[str]:
         """The recipe's command for this attempt (the supervisor wraps it)."""
@@ -97,8 +103,17 @@ class LocalLauncher:
         request.attempt_dir.mkdir(parents=True, exist_ok=True)
         status, log = request.attempt_dir / STATUS_FILE, request.attempt_dir / LOG_FILE
         status.unlink(missing_ok=True)
-        wrapper = [self.python, "-m", "services.trainer.launchers.supervise",
-                   "--status", str(status), "--log", str(log), "--", *self.command(request)]  # fmt: skip
+        wrapper = [
+            self.python,
+            "-m",
+            "services.trainer.launchers.supervise",
+            "--status",
+            str(status),
+            "--log",
+            str(log),
+            "--",
+            *self.command(request),
+        ]
         env = launch_environment()
         env["LORAFLEET_JOB_ID"] = request.job_id
         env["LORAFLEET_ATTEMPT"] = str(request.attempt)
