@@ -550,7 +550,8 @@ class AdapterRegistry:
         with self._lock:
             known = ", ".join(str(v) for v in sorted(self._index.get(name, {}))) or "none"
         if version is None or known == "none":
-            raise AdapterNotFoundError(f"adapter {name!r} not found under {str(self.root)!r}")
+            # No filesystem path in the message: it reaches remote clients (gRPC and HTTP 404s).
+            raise AdapterNotFoundError(f"adapter {name!r} not found: no version of it is published")
         raise AdapterNotFoundError(f"adapter {name}@{version} not found (published versions: {known})")
 
     def _load_new(self, info: _VersionInfo, *, pin: bool) -> ResolvedAdapter:
