@@ -132,6 +132,62 @@ def test_completions_echo_with_logprobs_equal_grpc(client: openai.OpenAI, stub: 
     assert answer.usage.completion_tokens == len(grpc_answer.token_ids)
 
 
+def test_echo_with_zero_max_tokens_gives_the_prompt_logprobs_alone(client: openai.OpenAI) -> None:
+    """lm-evaluation-harness's loglikelihood request: the prompt's logprobs, no completion; the same
+    prompt entries as an echo that also generates, unary and streamed."""
+    scored = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0,
+                                       temperature=0)  # fmt: skip
+    generated = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3,
+                                          temperature=0)  # fmt: skip
+    prompt_tokens = generated.usage.prompt_tokens
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == generated.choices[0].logprobs.tokens[:prompt_tokens]
+    assert len(choice.logprobs.tokens) == prompt_tokens
+    assert choice.logprobs.token_logprobs == generated.choices[0].logprobs.token_logprobs[:prompt_tokens]
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == prompt_tokens
+    stream = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0,
+                                       temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == choice.logprobs.tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError) as no_echo:  # without echo there is nothing to answer
+        client.completions.create(model="alpha", prompt=PROMPT, max_tokens=0)
+    assert no_echo.value.body["param"] == "max_tokens"
+
+
+def test_an_unknown_adapter_names_no_server_path(client: openai.OpenAI, stub: Any, adapters: Path) -> None:
+    """The 404 reaches remote clients: it names the adapter, never the adapters root."""
+    with pytest.raises(openai.NotFoundError) as over_http:
+        client.completions.create(model="ghost", prompt="hi", max_tokens=2)
+    with pytest.raises(grpc.RpcError) as over_grpc:
+        stub.Generate(pb.GenerateRequest(adapter="ghost", prompt="hi"), metadata=GRPC_AUTH, timeout=30)
+    assert over_grpc.value.code() == grpc.StatusCode.NOT_FOUND
+    for message in (over_http.value.body["message"], over_grpc.value.details()):
+        assert "'ghost'" in message
+        assert str(adapters) not in message and adapters.name not in message, message
+
+
+def test_metrics_are_the_prometheus_text_format_with_the_vllm_names(server: InferenceServer) -> None:
+    """Even when the scraper asks for OpenMetrics first (Prometheus does): prometheus_client's
+    OpenMetrics writer would rename the ``vllm:`` series the endpoint picker reads."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/metrics",
+        headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as page:
+        content_type = page.headers["Content-Type"]
+        text = page.read().decode()
+    assert content_type.startswith("text/plain; version=0.0.4"), content_type
+    assert re.search(r"^vllm:num_requests_running \S+$", text, re.M), text
+    assert re.search(r"^# TYPE vllm:num_requests_running gauge$", text, re.M)
+
+
 def test_errors_reach_the_client_as_openai_exceptions(client: openai.OpenAI, server: InferenceServer) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
         client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)

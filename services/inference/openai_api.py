@@ -11,7 +11,7 @@ Endpoints (the request fields and their mapping: ``openai_schemas.py``):
                                 ``stream: true`` (server-sent events ending ``data: [DONE]``)
 ``POST /v1/completions``        plain prompt(s), ``echo``, ``logprobs``; unary or streamed
 ``GET /health``                 200 once every base is warm, 503 while loading or draining
-``GET /metrics``                the service's Prometheus registry (the one ``--metrics-port`` serves)
+``GET /metrics``                the service's Prometheus registry, text format 0.0.4 (as ``--metrics-port``)
 ==============================  ====================================================================
 
 ``model`` names a base model (no adapter) or an adapter (``name`` = its newest version, or
@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from prometheus_client import Counter
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,6 +75,7 @@ from services.inference.openai_schemas import (
     error_for,
     messages_from,
     parse_body,
+    prompt_only,
     sampling_from,
 )
 
@@ -259,7 +261,10 @@ class OpenAIApi:
         return JSONResponse({"status": "ready"})
 
     def metrics_page(self) -> Response:
-        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        """The registry in the Prometheus text format 0.0.4 whatever the scraper's ``Accept`` asks
+        for, as the ``--metrics-port`` exporter serves it: prometheus_client's OpenMetrics writer
+        would rename the ``vllm:`` series that the endpoint picker reads."""
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     def models(self) -> list[dict[str, Any]]:
         """Base models, then ``name@version`` adapters (those not failed), each with its base as
@@ -334,6 +339,7 @@ class OpenAIApi:
                 g.close()
             return self.error_response(e, renames)
         answer = _Answer("text", body.model, params.n, include_usage=_include_usage(body))
+        answer.prompt_only = prompt_only(body)
         echo = prompts if body.echo else None
         if body.stream:
             streams = [self._chunks(g) for g in generations]
@@ -465,6 +471,9 @@ class _Answer:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.prompt_only = False
+        """``echo`` with ``max_tokens: 0``: the one generated token is dropped from every choice
+        (its text, its logprob, its count in ``usage``) and the finish reason is ``length``."""
 
     def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
         obj = self.object + (".chunk" if chunk and self.kind == "chat" else "")
@@ -539,19 +548,19 @@ class _Answer:
         prompt_tokens = generated = 0
         for p, completion in enumerate(completions):
             prompt_tokens += completion.usage.prompt_tokens
-            generated += completion.usage.generated_tokens
+            generated += 0 if self.prompt_only else completion.usage.generated_tokens
             prefix = echo[p] if echo is not None else ""
             for s in completion.samples:
                 logprobs = None
                 if s.logprobs is not None:
                     entries = list(completion.prompt_logprobs or []) if echo is not None else []
-                    logprobs = _text_logprobs(entries + s.logprobs)
+                    logprobs = _text_logprobs(entries + ([] if self.prompt_only else list(s.logprobs)))
                 choices.append(
                     {
                         "index": p * self.n + s.index,
-                        "text": prefix + s.text,
+                        "text": prefix + ("" if self.prompt_only else s.text),
                         "logprobs": logprobs,
-                        "finish_reason": s.finish_reason,
+                        "finish_reason": "length" if self.prompt_only else s.finish_reason,
                     }
                 )
         body = self._envelope(choices, chunk=False)
@@ -575,12 +584,15 @@ class _Answer:
                     return
                 if chunk.usage is not None:
                     prompt_tokens += chunk.usage.prompt_tokens
-                    generated += chunk.usage.generated_tokens
+                    generated += 0 if self.prompt_only else chunk.usage.generated_tokens
                     continue
                 if chunk.prompt_logprobs is not None:
                     prompt_entries = chunk.prompt_logprobs
-                text = chunk.text
-                entries = list(chunk.logprobs)
+                text = "" if self.prompt_only else chunk.text
+                entries = [] if self.prompt_only else list(chunk.logprobs)
+                finish = chunk.finish_reason
+                if self.prompt_only and finish is not None:
+                    finish = "length"
                 if chunk.index not in started:
                     started.add(chunk.index)
                     if echo is not None:
@@ -588,13 +600,13 @@ class _Answer:
                         entries = (
                             list(prompt_entries) + entries if chunk.logprobs or prompt_entries else entries
                         )
-                if not text and not entries and chunk.finish_reason is None:
+                if not text and not entries and finish is None:
                     continue
                 choice = {
                     "index": p * self.n + chunk.index,
                     "text": text,
                     "logprobs": _text_logprobs(entries) if entries else None,
-                    "finish_reason": chunk.finish_reason,
+                    "finish_reason": finish,
                 }
                 yield self._chunk([choice])
         if self.include_usage:

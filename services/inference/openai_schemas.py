@@ -15,6 +15,7 @@ OpenAI field                                   ``SamplingParams``
 chat ``logprobs: true`` + ``top_logprobs: k``   ``logprobs = k`` (0 without ``top_logprobs``)
 completions ``logprobs: k``                     ``logprobs = k``
 completions ``echo`` with ``logprobs: k``       ``prompt_logprobs = k`` (the prompt's own)
+completions ``echo`` with ``max_tokens: 0``     ``max_new_tokens = 1``, dropped from the answer
 =============================================  ==============================================
 
 Any other field is refused (400, naming it): a client that sends ``tools`` or ``response_format``
@@ -192,6 +193,17 @@ class CompletionRequest(_Sampling):
 _Body = TypeVar("_Body", bound=_Strict)
 
 
+def prompt_only(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """A completions request for the prompt alone: ``echo`` with ``max_tokens: 0``.
+
+    lm-evaluation-harness scores ``loglikelihood`` this way: it sends context + continuation with
+    ``echo: true, max_tokens: 0, logprobs: k`` and reads the prompt's token logprobs. The engine
+    always generates at least one token, so it is asked for one and the answer drops it: no text, no
+    logprobs, 0 completion tokens, ``finish_reason: length`` (vLLM answers the same way).
+    """
+    return isinstance(request, CompletionRequest) and bool(request.echo) and request.max_tokens == 0
+
+
 def parse_body(kind: type[_Body], body: bytes) -> _Body:
     """Validate a JSON body against ``kind``.
 
@@ -296,6 +308,8 @@ def sampling_from(
             logprobs = 0 if request.top_logprobs is None else request.top_logprobs
     else:
         logprobs = request.logprobs
+        if prompt_only(request):
+            max_tokens = 1  # the engine generates at least one token; the answer drops it
         if request.echo and logprobs is not None:
             prompt_logprobs = logprobs
             renames["prompt_logprobs"] = "logprobs"
@@ -329,5 +343,6 @@ __all__ = [
     "messages_from",
     "openai_field",
     "parse_body",
+    "prompt_only",
     "sampling_from",
 ]
