@@ -45,10 +45,16 @@ def publish_adapter(
     staging = new_staging_dir(adapters_root, name)
     shutil.copytree(source, staging, dirs_exist_ok=True)
     manifest = Manifest(
-        name=name, version=0, kind="lora", method="lora",
-        base_model=fingerprint or base_model_fingerprint(str(base_path), None), family="llama",
-        template=template, hyperparameters={"lora": {"rank": rank}}, created_at=utc_now(),
-    )  # fmt: skip
+        name=name,
+        version=0,
+        kind="lora",
+        method="lora",
+        base_model=fingerprint or base_model_fingerprint(str(base_path), None),
+        family="llama",
+        template=template,
+        hyperparameters={"lora": {"rank": rank}},
+        created_at=utc_now(),
+    )
     return publish(staging, adapters_root, name, manifest, version=version)
 
 

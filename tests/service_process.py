@@ -44,9 +44,13 @@ class ServiceProcess:
         self.log_path = log_path
         with log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-u", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                [sys.executable, "-u", *argv],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
                 env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            )  # fmt: skip
+            )
         deadline = time.time() + timeout
         while time.time() < deadline:
             text = log_path.read_text()

@@ -36,12 +36,20 @@ from lorafleet.errors import AdapterError, AdapterNotFoundError, DatasetError
 
 def _manifest(name: str = "demo", **overrides: Any) -> Manifest:
     fields: dict[str, Any] = {
-        "name": name, "version": 0, "kind": "lora", "method": "lora",
+        "name": name,
+        "version": 0,
+        "kind": "lora",
+        "method": "lora",
         "base_model": {"path": "/models/tiny", "revision": None, "config_sha256": "ab" * 32},
-        "family": "llama", "template": "llama3", "hyperparameters": {"lora": {"rank": 8}},
-        "dataset": {"sha256": "cd" * 32}, "metrics": {"eval_loss": 1.5}, "created_at": utc_now(),
-        "lorafleet_version": "0.1.0", "run_id": "run-1",
-    }  # fmt: skip
+        "family": "llama",
+        "template": "llama3",
+        "hyperparameters": {"lora": {"rank": 8}},
+        "dataset": {"sha256": "cd" * 32},
+        "metrics": {"eval_loss": 1.5},
+        "created_at": utc_now(),
+        "lorafleet_version": "0.1.0",
+        "run_id": "run-1",
+    }
     fields.update(overrides)
     return Manifest(**fields)
 
@@ -73,8 +81,9 @@ def test_publish_layout_and_read_back(tmp_path: Path) -> None:
     on_disk = json.loads((pub.path / MANIFEST_NAME).read_text())
     assert on_disk["version"] == 1 and on_disk["name"] == "demo" and on_disk["schema"] == 1
     assert on_disk["files"]["adapter_model.safetensors"] == {
-        "sha256": sha256_file(pub.path / "adapter_model.safetensors"), "size": len(b"weights"),
-    }  # fmt: skip
+        "sha256": sha256_file(pub.path / "adapter_model.safetensors"),
+        "size": len(b"weights"),
+    }
     assert verify_files(pub) == []
     assert stat.S_IMODE(pub.path.stat().st_mode) == 0o755  # readable by a service running as another uid
     again = get_adapter(tmp_path, "demo")
@@ -154,9 +163,27 @@ def test_two_processes_publishing_get_distinct_versions(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../x", "a/b", "a\\b", "", "a" * 65, ".hidden", "-dash", "_under", "a..b", "..", "名字", "café", "a b",
-     "a\n", "a@1", "a:b", None, 7],
-)  # fmt: skip
+    [
+        "../x",
+        "a/b",
+        "a\\b",
+        "",
+        "a" * 65,
+        ".hidden",
+        "-dash",
+        "_under",
+        "a..b",
+        "..",
+        "名字",
+        "café",
+        "a b",
+        "a\n",
+        "a@1",
+        "a:b",
+        None,
+        7,
+    ],
+)
 def test_invalid_adapter_names(name: Any) -> None:
     with pytest.raises(AdapterError, match=re.escape(repr(name))):
         validate_adapter_name(name)
@@ -199,8 +226,12 @@ def test_verify_files_detects_corruption(tmp_path: Path) -> None:
     assert verify_files(pub) == ["adapter_model.safetensors: size 5 != manifest 7"]
     (pub.path / "tokenizer" / "tokenizer.json").unlink()
     assert "tokenizer/tokenizer.json: missing" in verify_files(pub)
-    evil = PublishedAdapter(pub.name, pub.version, pub.path,
-                            _manifest(files={"../../etc/passwd": {"sha256": "0" * 64, "size": 1}}))  # fmt: skip
+    evil = PublishedAdapter(
+        pub.name,
+        pub.version,
+        pub.path,
+        _manifest(files={"../../etc/passwd": {"sha256": "0" * 64, "size": 1}}),
+    )
     assert verify_files(evil) == ["../../etc/passwd: path leaves the adapter directory"]
 
 
@@ -212,8 +243,15 @@ def test_manifest_round_trip_and_forward_compat() -> None:
     loaded = Manifest.from_dict(data)
     assert loaded.extra == {"future_field": {"x": 1}}
     assert loaded.to_dict()["future_field"] == {"x": 1}  # kept on rewrite
-    minimal = {"name": "n", "version": 1, "kind": "full_model", "method": "full", "base_model": {"id": "m"},
-               "created_at": "2026-01-01T00:00:00Z", "files": {}}  # fmt: skip
+    minimal = {
+        "name": "n",
+        "version": 1,
+        "kind": "full_model",
+        "method": "full",
+        "base_model": {"id": "m"},
+        "created_at": "2026-01-01T00:00:00Z",
+        "files": {},
+    }
     assert Manifest.from_dict(minimal).metrics == {}
 
 

@@ -76,9 +76,13 @@ def test_scopes_guard_the_mutations_or_every_method() -> None:
 )
 def test_a_token_on_the_command_line_is_refused_with_the_way_that_works(argv: list[str]) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "services.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    )
     assert done.returncode == 2, done.stderr
     assert "process list" in done.stderr and "-file" in done.stderr, done.stderr
 
@@ -100,9 +104,10 @@ def test_scope_all_guards_reads_and_keeps_health_open(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("r3ad-s3cret\n")
     server = TrainerProcess(
-        tmp_path / "state", tmp_path / "adapters",
+        tmp_path / "state",
+        tmp_path / "adapters",
         ["--auth-token-file", str(token_file), "--auth-scope", "all", "--max-running", "0"],
-    ).start()  # fmt: skip
+    ).start()
     try:
         assert server.proc is not None
         cmdline = " ".join(psutil.Process(server.proc.pid).cmdline())
@@ -134,8 +139,24 @@ def test_scope_all_guards_reads_and_keeps_health_open(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_an_unreadable_token_file_stops_the_server_with_the_field(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "trainer-server", "--port", "0", "--state-dir", str(tmp_path / "s"),
-         "--adapters-root", str(tmp_path / "a"), "--auth-token-file", str(tmp_path / "missing")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "trainer-server",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--adapters-root",
+            str(tmp_path / "a"),
+            "--auth-token-file",
+            str(tmp_path / "missing"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 2 and "auth_token_file" in done.stderr and "cannot read it" in done.stderr

@@ -29,9 +29,15 @@ CHROMIUM = os.environ.get("LORAFLEET_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("LORAFLEET_SCREENSHOTS", str(ROOT / "screenshots" / "dashboard")))
 # shared/STACK.md, "Streamlit, for real": what Debian's chromium needs in a container, offline.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--disable-quic", "--no-first-run", "--disable-dev-shm-usage",
-]  # fmt: skip
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 # Questions to chat with; the test asks the first one an adapter answers at some length (a tiny adapter
 # may answer with a word or a bare EOS, and a reply of one chunk cannot be seen streaming).
 QUESTIONS = (
@@ -70,9 +76,15 @@ def stack(tiny_llama, bundled_data, tmp_path_factory) -> Iterator[Stack]:
         # Two adapters from two real jobs running side by side (the trainer runs two at once).
         # The first also evaluates as it goes and scores generations: every chart and metric has data.
         s.submit(
-            "web-lora", max_steps=40, logging_steps=2, eval_steps=10, lr_scheduler="cosine", warmup_ratio=0.1,
-            predict_with_generate=True, max_eval_samples=16,
-        )  # fmt: skip
+            "web-lora",
+            max_steps=40,
+            logging_steps=2,
+            eval_steps=10,
+            lr_scheduler="cosine",
+            warmup_ratio=0.1,
+            predict_with_generate=True,
+            max_eval_samples=16,
+        )
         s.submit("web-lora-b", max_steps=40, logging_steps=2, learning_rate=3e-2)
         s.train("web-lora")
         s.train("web-lora-b")

@@ -75,8 +75,14 @@ def parse(text: str) -> list[Stage]:
             if parent is None:
                 stages.append(Stage(name=name, base=base))
             else:
-                stages.append(Stage(name=name, base=parent.base, instructions=list(parent.instructions),
-                                    parent=parent.name))  # fmt: skip
+                stages.append(
+                    Stage(
+                        name=name,
+                        base=parent.base,
+                        instructions=list(parent.instructions),
+                        parent=parent.name,
+                    )
+                )
         elif instruction == "ARG" and not stages:
             key, _, default = value.partition("=")
             global_args[key.strip()] = default.strip()
@@ -239,8 +245,11 @@ def make_images(registry: str = "", tag: str = "0.1.0") -> list[dict[str, str]]:
     """The ``docker build`` lines of ``make -n images`` (printed, not run), parsed."""
     proc = subprocess.run(
         ["make", "-n", "images", f"REGISTRY={registry}", f"IMAGE_TAG={tag}", "DOCKER=docker"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     builds = []
     for line in proc.stdout.splitlines():

@@ -102,36 +102,87 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, tuple[str, ...]]] = [
     ("unknown-version", "Generate", gen(adapter="alpha@7"), NF, ("alpha@7", "published versions: 1")),
     ("unknown-base-model", "Generate", gen(model="gpt-9"), NF, ("model='gpt-9'", "tiny")),
     ("empty-prompt", "Generate", gen(prompt=""), INV, ("prompt=''", "empty")),
-    ("prompt-over-context", "Generate", gen(prompt="headache " * 1500), INV, ("prompt=", "tokens", "context")),
-    ("max-new-tokens-over-cap", "Generate", gen(max_new_tokens=CAP + 1), INV,
-     (f"sampling.max_new_tokens={CAP + 1}", "cap")),
+    (
+        "prompt-over-context",
+        "Generate",
+        gen(prompt="headache " * 1500),
+        INV,
+        ("prompt=", "tokens", "context"),
+    ),
+    (
+        "max-new-tokens-over-cap",
+        "Generate",
+        gen(max_new_tokens=CAP + 1),
+        INV,
+        (f"sampling.max_new_tokens={CAP + 1}", "cap"),
+    ),
     ("max-new-tokens-zero", "Generate", gen(max_new_tokens=0), INV, ("sampling.max_new_tokens=0",)),
     ("negative-temperature", "Generate", gen(temperature=-0.5), INV, ("sampling.temperature=-0.5",)),
     ("nan-temperature", "Generate", gen(temperature=float("nan")), INV, ("sampling.temperature=nan",)),
     ("top-p-zero", "Generate", gen(top_p=0.0), INV, ("sampling.top_p=0.0", "(0, 1]")),
     ("top-p-over-one", "GenerateStream", gen(top_p=1.5), INV, ("sampling.top_p=1.5",)),
     ("negative-top-k", "Generate", gen(top_k=-1), INV, ("sampling.top_k=-1",)),
-    ("zero-repetition-penalty", "Generate", gen(repetition_penalty=0.0), INV, ("sampling.repetition_penalty=0.0",)),
+    (
+        "zero-repetition-penalty",
+        "Generate",
+        gen(repetition_penalty=0.0),
+        INV,
+        ("sampling.repetition_penalty=0.0",),
+    ),
     ("negative-ngram", "Generate", gen(no_repeat_ngram_size=-2), INV, ("sampling.no_repeat_ngram_size=-2",)),
     ("empty-stop", "Generate", gen(stop=[""]), INV, ("sampling.stop[0]=''", "empty")),
     ("stop-too-long", "GenerateStream", gen(stop=["x" * 65]), INV, ("sampling.stop[0]=", "longer than 64")),
-    ("too-many-stops", "Generate", gen(stop=[f"s{i}" for i in range(9)]), INV, ("sampling.stop=", "at most 8")),
+    (
+        "too-many-stops",
+        "Generate",
+        gen(stop=[f"s{i}" for i in range(9)]),
+        INV,
+        ("sampling.stop=", "at most 8"),
+    ),
     ("no-messages", "Chat", chat(), INV, ("messages=[]",)),
     ("unknown-role", "Chat", chat(("robot", "beep")), INV, ("messages[0].role='robot'", "one of")),
-    ("ends-with-assistant", "ChatStream", chat(("user", "hi"), ("assistant", "yo")), INV,
-     ("messages[1].role='assistant'", "last message")),
-    ("two-users-in-a-row", "Chat", chat(("user", "a"), ("user", "b")), INV, ("messages[1].role='user'", "alternate")),
-    ("system-not-first", "Chat", chat(("user", "a"), ("system", "s")), INV, ("messages[1].role='system'", "first")),
+    (
+        "ends-with-assistant",
+        "ChatStream",
+        chat(("user", "hi"), ("assistant", "yo")),
+        INV,
+        ("messages[1].role='assistant'", "last message"),
+    ),
+    (
+        "two-users-in-a-row",
+        "Chat",
+        chat(("user", "a"), ("user", "b")),
+        INV,
+        ("messages[1].role='user'", "alternate"),
+    ),
+    (
+        "system-not-first",
+        "Chat",
+        chat(("user", "a"), ("system", "s")),
+        INV,
+        ("messages[1].role='system'", "first"),
+    ),
     ("empty-user-content", "Chat", chat(("user", "")), INV, ("messages[0].content=''",)),
     ("chat-unknown-adapter", "ChatStream", chat(("user", "hi"), adapter="ghost"), NF, ("adapter", "'ghost'")),
-    ("chat-bad-sampling", "Chat", chat(("user", "hi"), top_k=-3, temperature=-1.0), INV,
-     ("sampling.top_k=-3", "sampling.temperature=-1.0")),
+    (
+        "chat-bad-sampling",
+        "Chat",
+        chat(("user", "hi"), top_k=-3, temperature=-1.0),
+        INV,
+        ("sampling.top_k=-3", "sampling.temperature=-1.0"),
+    ),
     ("load-unknown", "LoadAdapter", pb.LoadAdapterRequest(adapter="nope"), NF, ("'nope'",)),
     ("load-empty", "LoadAdapter", pb.LoadAdapterRequest(adapter=""), INV, ("adapter=''",)),
     ("load-bad-name", "LoadAdapter", pb.LoadAdapterRequest(adapter="..\\x"), INV, ("adapter name",)),
     ("load-other-base", "LoadAdapter", pb.LoadAdapterRequest(adapter="otherbase@1"), FP, ("otherbase@1",)),
-    ("unload-unknown-model", "UnloadAdapter", pb.UnloadAdapterRequest(model="m2", adapter="alpha"), NF, ("model='m2'",)),
-]  # fmt: skip
+    (
+        "unload-unknown-model",
+        "UnloadAdapter",
+        pb.UnloadAdapterRequest(model="m2", adapter="alpha"),
+        NF,
+        ("model='m2'",),
+    ),
+]
 
 
 def call(stub: Any, rpc: str, request: Any, timeout: float = 30) -> Any:
@@ -147,8 +198,9 @@ def test_the_table_has_enough_cases() -> None:
 @pytest.mark.parametrize(
     ("rpc", "request_", "code", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_bad_request(env: dict[str, Any], rpc: str, request_: Any, code: grpc.StatusCode,
-                     needles: tuple[str, ...]) -> None:  # fmt: skip
+def test_bad_request(
+    env: dict[str, Any], rpc: str, request_: Any, code: grpc.StatusCode, needles: tuple[str, ...]
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         call(env["stub"], rpc, request_)
     assert err.value.code() == code, err.value.details()

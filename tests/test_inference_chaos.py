@@ -61,12 +61,25 @@ def test_streams_survive_hostile_requests_and_adapter_churn(
     churn_sources = [save_lora_adapter(tiny_llama, src / f"churn{k}", rank=4, seed=10 + k) for k in range(3)]
     server = InferenceProcess(
         [
-            "--model", f"tiny={tiny_llama}", "--adapters-root", str(root), "--max-new-tokens-cap", str(CAP),
-            "--max-prompt-chars", str(MAX_PROMPT_CHARS), "--scan-interval-s", "0.2", "--max-rank", "16",
-            "--adapter-capacity", "4", "--num-slots", "4",
+            "--model",
+            f"tiny={tiny_llama}",
+            "--adapters-root",
+            str(root),
+            "--max-new-tokens-cap",
+            str(CAP),
+            "--max-prompt-chars",
+            str(MAX_PROMPT_CHARS),
+            "--scan-interval-s",
+            "0.2",
+            "--max-rank",
+            "16",
+            "--adapter-capacity",
+            "4",
+            "--num-slots",
+            "4",
         ],
         tmp_path_factory.mktemp("logs"),
-    ).start()  # fmt: skip
+    ).start()
     try:
         assert server.proc is not None
         process = psutil.Process(server.proc.pid)

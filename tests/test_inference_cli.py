@@ -57,10 +57,20 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def server_args(tiny_llama: Path, adapters: Path, *extra: str) -> list[str]:
     """What services/demo.py passes, plus the test's limits."""
     return [
-        "--host", "127.0.0.1", "--metrics-port", "0", "--model", f"tiny={tiny_llama}",
-        "--adapters-root", str(adapters), "--scan-interval-s", "0.2", "--max-new-tokens-cap", "1000",
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--model",
+        f"tiny={tiny_llama}",
+        "--adapters-root",
+        str(adapters),
+        "--scan-interval-s",
+        "0.2",
+        "--max-new-tokens-cap",
+        "1000",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +91,14 @@ def server(
 def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m services.cli ARGS`` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args], cwd=ROOT, input=stdin, capture_output=True, text=True,
-        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )  # fmt: skip
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def chat_text(server: InferenceProcess, messages: list[tuple[str, str]], adapter: str, n: int) -> str:
@@ -121,9 +136,14 @@ def test_server_keeps_the_demo_contract(server: InferenceProcess) -> None:
     assert {"alpha@1", "beta@1"} <= refs
     # demo.py's request: model by name, adapter by ref, one user message.
     reply = server.stub.Chat(
-        pb.ChatRequest(model="tiny", adapter="alpha@1", messages=[pb.ChatMessage(role="user", content="hi")],
-                       sampling=greedy(4)), timeout=60,
-    )  # fmt: skip
+        pb.ChatRequest(
+            model="tiny",
+            adapter="alpha@1",
+            messages=[pb.ChatMessage(role="user", content="hi")],
+            sampling=greedy(4),
+        ),
+        timeout=60,
+    )
     assert reply.usage.adapter == "alpha@1" and reply.usage.template == "chatml"
 
 
@@ -141,8 +161,21 @@ def test_models_prints_bases_and_adapters(server: InferenceProcess) -> None:
 @integration
 def test_chat_one_shot_streams_the_answer_of_the_chat_rpc(server: InferenceProcess) -> None:
     want = chat_text(server, [("system", "Be brief."), ("user", "What hurts?")], "alpha", 12)
-    out = cli("chat", "--target", server.address, "--adapter", "alpha", "--system", "Be brief.",
-              "--message", "What hurts?", "--temperature", "0", "--max-new-tokens", "12")  # fmt: skip
+    out = cli(
+        "chat",
+        "--target",
+        server.address,
+        "--adapter",
+        "alpha",
+        "--system",
+        "Be brief.",
+        "--message",
+        "What hurts?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == want + "\n"
     assert "[alpha@1, template chatml:" in out.stderr and "generated tokens" in out.stderr
@@ -163,8 +196,17 @@ def test_generate_streams_the_answer_of_the_generate_rpc(server: InferenceProces
     assert (
         f"[beta@1: {want.usage.prompt_tokens} prompt + {want.usage.generated_tokens} generated" in out.stderr
     )
-    piped = cli("generate", "-", "--target", server.address, "--adapter", "beta@1", "--max-new-tokens", "10",
-                stdin=PROMPT)  # fmt: skip
+    piped = cli(
+        "generate",
+        "-",
+        "--target",
+        server.address,
+        "--adapter",
+        "beta@1",
+        "--max-new-tokens",
+        "10",
+        stdin=PROMPT,
+    )
     assert piped.stdout == out.stdout
 
 
@@ -174,16 +216,35 @@ def test_chat_repl_keeps_the_conversation_and_resets(server: InferenceProcess) -
     a2 = chat_text(server, [("user", "hello"), ("assistant", a1), ("user", "and then?")], "alpha", 8)
     a3 = chat_text(server, [("user", "and then?")], "alpha", 8)
     assert a2 != a3, "the history does not change the answer; the test proves nothing"
-    out = cli("chat", "--target", server.address, "--adapter", "alpha", "--max-new-tokens", "8", "-q",
-              stdin="hello\n\nand then?\n/reset\nand then?\n/exit\nnever sent\n")  # fmt: skip
+    out = cli(
+        "chat",
+        "--target",
+        server.address,
+        "--adapter",
+        "alpha",
+        "--max-new-tokens",
+        "8",
+        "-q",
+        stdin="hello\n\nand then?\n/reset\nand then?\n/exit\nnever sent\n",
+    )
     assert out.returncode == 0, out.stderr
     header = (
         f"chatting with alpha at {server.address}; /reset clears the conversation, /exit or Ctrl-D quits\n"
     )
     assert out.stdout == header + f"> {a1}\n> > {a2}\n> (conversation cleared)\n> {a3}\n> "
     # A failing turn prints the error and the REPL goes on; EOF ends it.
-    out = cli("chat", "--target", server.address, "--adapter", "alpha", "--max-new-tokens", "8", "--top-p", "3",
-              stdin="hello\n")  # fmt: skip
+    out = cli(
+        "chat",
+        "--target",
+        server.address,
+        "--adapter",
+        "alpha",
+        "--max-new-tokens",
+        "8",
+        "--top-p",
+        "3",
+        stdin="hello\n",
+    )
     assert out.returncode == 0
     assert "error: INVALID_ARGUMENT: " in out.stdout and "sampling.top_p=3.0" in out.stdout
 
@@ -237,8 +298,9 @@ def test_load_and_unload_need_the_token(server: InferenceProcess) -> None:
     ids=["unknown-adapter", "dotdot", "top-p", "cap", "unknown-model"],
 )
 @integration
-def test_errors_exit_2_with_the_server_message(server: InferenceProcess, args: list[str],
-                                              needles: tuple[str, ...]) -> None:  # fmt: skip
+def test_errors_exit_2_with_the_server_message(
+    server: InferenceProcess, args: list[str], needles: tuple[str, ...]
+) -> None:
     out = cli(*args, "--target", server.address)
     assert out.returncode == 2, (out.stdout, out.stderr)
     for needle in needles:
@@ -325,10 +387,27 @@ def test_a_second_sigterm_cancels_in_flight_streams(tiny_llama: Path, adapters: 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -372,11 +451,19 @@ def test_client_stops_the_call_when_the_reader_stops(server: InferenceProcess) -
         reply = client.generate(PROMPT, adapter="alpha", sampling=greedy(3))
         assert reply.usage.generated_tokens == 3
     metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    cancelled = [line for line in metrics.splitlines()
-                 if line.startswith("lorafleet_inference_finished_requests_total") and 'reason="cancelled"' in line]  # fmt: skip
+    cancelled = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("lorafleet_inference_finished_requests_total") and 'reason="cancelled"' in line
+    ]
     assert cancelled and float(cancelled[0].rsplit(" ", 1)[1]) >= 1, metrics
-    counted = [line for line in metrics.splitlines() if line.startswith("lorafleet_inference_requests_total{")
-               and 'method="GenerateStream"' in line and 'code="CANCELLED"' in line]  # fmt: skip
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("lorafleet_inference_requests_total{")
+        and 'method="GenerateStream"' in line
+        and 'code="CANCELLED"' in line
+    ]
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1, metrics
 
 
@@ -502,10 +589,24 @@ def test_a_killed_client_frees_its_row_at_once(server: InferenceProcess) -> None
     running = 'lorafleet_inference_running_requests{model="tiny"}'
     before = _sample(server.metrics_url, cancelled)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "generate", PROMPT, "--target", server.address, "--adapter", "alpha",
-         "--max-new-tokens", "1000"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "generate",
+            PROMPT,
+            "--target",
+            server.address,
+            "--adapter",
+            "alpha",
+            "--max-new-tokens",
+            "1000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout is not None
     assert proc.stdout.read(1)  # the stream has started
     started = time.monotonic()

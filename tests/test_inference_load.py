@@ -45,12 +45,29 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         )
     proc = InferenceProcess(
         [
-            "--model", f"tiny={tiny_llama}", "--adapters-root", str(root), "--metrics-port", "0",
-            "--max-batch-size", "8", "--max-queued", "24", "--num-slots", "8", "--max-rank", "8",
-            "--adapter-capacity", str(CAPACITY), "--max-new-tokens-cap", "16", "--grpc-workers", "96",
+            "--model",
+            f"tiny={tiny_llama}",
+            "--adapters-root",
+            str(root),
+            "--metrics-port",
+            "0",
+            "--max-batch-size",
+            "8",
+            "--max-queued",
+            "24",
+            "--num-slots",
+            "8",
+            "--max-rank",
+            "8",
+            "--adapter-capacity",
+            str(CAPACITY),
+            "--max-new-tokens-cap",
+            "16",
+            "--grpc-workers",
+            "96",
         ],
         tmp_path_factory.mktemp("logs"),
-    )  # fmt: skip
+    )
     proc.start()
     yield proc
     proc.stop()

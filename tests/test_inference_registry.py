@@ -63,8 +63,9 @@ class _Loader:
         return _Weights(ref, load_file(str(path / "adapter_model.safetensors")))
 
 
-def _save_lora(base: Any, out: Path, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-               seed: int = 0) -> Path:  # fmt: skip
+def _save_lora(
+    base: Any, out: Path, *, rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 0
+) -> Path:
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), config).save_pretrained(str(out), safe_serialization=True)
@@ -125,15 +126,30 @@ def other_base(base: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     return {"path": path, "fingerprint": base_model_fingerprint(str(path), None)}
 
 
-def _publish(root: Path, name: str, src: Path, fingerprint: dict[str, Any], *, kind: str = "lora",
-             version: int | None = None, rank: int = 4, template: str = "chatml") -> PublishedAdapter:  # fmt: skip
+def _publish(
+    root: Path,
+    name: str,
+    src: Path,
+    fingerprint: dict[str, Any],
+    *,
+    kind: str = "lora",
+    version: int | None = None,
+    rank: int = 4,
+    template: str = "chatml",
+) -> PublishedAdapter:
     staging = new_staging_dir(root, name)
     shutil.copytree(src, staging, dirs_exist_ok=True)
     manifest = Manifest(
-        name=name, version=0, kind=kind, method="ptuning" if kind == "ptuning" else "lora",
-        base_model=fingerprint, family="llama", template=template,
-        hyperparameters={"lora": {"rank": rank}}, created_at=utc_now(),
-    )  # fmt: skip
+        name=name,
+        version=0,
+        kind=kind,
+        method="ptuning" if kind == "ptuning" else "lora",
+        base_model=fingerprint,
+        family="llama",
+        template=template,
+        hyperparameters={"lora": {"rank": rank}},
+        created_at=utc_now(),
+    )
     return publish(staging, root, name, manifest, version=version)
 
 
@@ -183,9 +199,9 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float = 2.0) -> float:
 # Discovery and resolution
 
 
-def test_watcher_discovers_new_adapters_and_versions_and_drops_removed_ones(make: Any, root: Path,
-                                                                          sources: dict[str, Path],
-                                                                          base: dict[str, Any]) -> None:  # fmt: skip
+def test_watcher_discovers_new_adapters_and_versions_and_drops_removed_ones(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     reg, _, _ = make()
     reg.start_watcher(interval_s=0.5)
     assert reg.statuses() == []
@@ -206,9 +222,9 @@ def test_watcher_discovers_new_adapters_and_versions_and_drops_removed_ones(make
         reg.resolve("alpha@1")
 
 
-def test_name_resolves_to_newest_and_name_at_version_to_that_version(make: Any, root: Path,
-                                                                     sources: dict[str, Path],
-                                                                     base: dict[str, Any]) -> None:  # fmt: skip
+def test_name_resolves_to_newest_and_name_at_version_to_that_version(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     v1 = _publish(root, "support", sources["lora0"], base["fingerprint"], template="chatml")
     v2 = _publish(root, "support", sources["lora1"], base["fingerprint"], template="llama3")
     reg, loader, events = make()  # no scan yet: the first request finds the name on disk itself
@@ -248,8 +264,9 @@ def test_unknown_and_invalid_references(
     assert loader.calls == []
 
 
-def test_republished_version_is_never_served_stale(make: Any, root: Path, sources: dict[str, Path],
-                                                   base: dict[str, Any]) -> None:  # fmt: skip
+def test_republished_version_is_never_served_stale(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     """An operator deletes name/1 and publishes different weights as name/1: new requests get the
     new weights (a new generation and content ref), the request holding the old ones keeps them."""
     _publish(root, "fix", sources["lora0"], base["fingerprint"])
@@ -269,9 +286,9 @@ def test_republished_version_is_never_served_stale(make: Any, root: Path, source
 # Validation before first use
 
 
-def test_pickle_only_adapter_is_refused_without_unpickling(make: Any, root: Path, sources: dict[str, Path],
-                                                           base: dict[str, Any],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_pickle_only_adapter_is_refused_without_unpickling(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a pickle was loaded")
 
@@ -287,9 +304,9 @@ def test_pickle_only_adapter_is_refused_without_unpickling(make: Any, root: Path
     assert status.state == "failed" and "pickle" in status.reason
 
 
-def test_adapter_for_another_base_is_incompatible_naming_both(make: Any, root: Path, sources: dict[str, Path],
-                                                             base: dict[str, Any],
-                                                             other_base: dict[str, Any]) -> None:  # fmt: skip
+def test_adapter_for_another_base_is_incompatible_naming_both(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any], other_base: dict[str, Any]
+) -> None:
     _publish(root, "foreign", sources["lora0"], other_base["fingerprint"])
     _publish(root, "native", sources["lora1"], base["fingerprint"])
     reg, loader, _ = make()
@@ -305,8 +322,9 @@ def test_adapter_for_another_base_is_incompatible_naming_both(make: Any, root: P
     assert len(loader.calls) == 1
 
 
-def test_rank_above_the_cap_is_incompatible(make: Any, root: Path, sources: dict[str, Path],
-                                            base: dict[str, Any]) -> None:  # fmt: skip
+def test_rank_above_the_cap_is_incompatible(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     _publish(root, "wide", sources["rank16"], base["fingerprint"], rank=16)
     _publish(root, "ok", sources["rank8"], base["fingerprint"], rank=8)
     reg, loader, _ = make(max_rank=8)
@@ -348,9 +366,9 @@ def test_truncated_weights_fail_that_version_only_fast_and_are_retried_after_a_f
     assert {s.ref: s.state for s in reg.statuses()}["broken@1"] == "loaded"
 
 
-def test_corrupt_newest_manifest_fails_instead_of_serving_an_older_version(make: Any, root: Path,
-                                                                          sources: dict[str, Path],
-                                                                          base: dict[str, Any]) -> None:  # fmt: skip
+def test_corrupt_newest_manifest_fails_instead_of_serving_an_older_version(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     _publish(root, "svc", sources["lora0"], base["fingerprint"])
     v2 = _publish(root, "svc", sources["lora1"], base["fingerprint"])
     (v2.path / MANIFEST_NAME).write_text("{not json")
@@ -362,11 +380,12 @@ def test_corrupt_newest_manifest_fails_instead_of_serving_an_older_version(make:
     assert reg.resolve("svc@1").ref == "svc@1"
 
 
-@pytest.mark.parametrize(("source", "missing"), [("bad_target", "query_key_value"),
-                                                 ("deeper", "model.layers.2.self_attn.q_proj")])  # fmt: skip
-def test_target_modules_missing_from_the_base_are_incompatible(make: Any, root: Path, sources: dict[str, Path],
-                                                               base: dict[str, Any], source: str,
-                                                               missing: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("source", "missing"), [("bad_target", "query_key_value"), ("deeper", "model.layers.2.self_attn.q_proj")]
+)
+def test_target_modules_missing_from_the_base_are_incompatible(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any], source: str, missing: str
+) -> None:
     _publish(root, "misfit", sources[source], base["fingerprint"])
     reg, loader, _ = make()
     with pytest.raises(
@@ -376,8 +395,9 @@ def test_target_modules_missing_from_the_base_are_incompatible(make: Any, root: 
     assert loader.calls == []
 
 
-def test_non_lora_artifacts_are_incompatible(make: Any, root: Path, sources: dict[str, Path],
-                                             base: dict[str, Any]) -> None:  # fmt: skip
+def test_non_lora_artifacts_are_incompatible(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     _publish(root, "prompts", sources["ptuning"], base["fingerprint"], kind="ptuning")
     full = root.parent / "full"
     full.mkdir()
@@ -396,8 +416,9 @@ def test_non_lora_artifacts_are_incompatible(make: Any, root: Path, sources: dic
 # The cache: LRU, pins, explicit load/unload, memory budget
 
 
-def test_lru_eviction_order_with_capacity_two_and_events(make: Any, root: Path, sources: dict[str, Path],
-                                                         base: dict[str, Any]) -> None:  # fmt: skip
+def test_lru_eviction_order_with_capacity_two_and_events(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     for name, src in (("a", "lora0"), ("b", "lora1"), ("c", "lora2")):
         _publish(root, name, sources[src], base["fingerprint"])
     reg, loader, events = make(capacity=2)
@@ -487,8 +508,9 @@ def test_memory_budget_evicts_by_bytes_and_refuses_an_adapter_bigger_than_it(
     assert reg.resident() == ["b@1", "c@1"]
 
 
-def test_many_load_evict_cycles_do_not_grow_the_cache(make: Any, root: Path, sources: dict[str, Path],
-                                                      base: dict[str, Any]) -> None:  # fmt: skip
+def test_many_load_evict_cycles_do_not_grow_the_cache(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     names = ["p", "q", "r"]
     for name, src in zip(names, ("lora0", "lora1", "lora2")):
         _publish(root, name, sources[src], base["fingerprint"])
@@ -538,8 +560,9 @@ def test_concurrent_requests_with_the_watcher_running_keep_the_invariants(
     assert not reg._loading
 
 
-def test_event_callback_errors_never_break_serving(make: Any, root: Path, sources: dict[str, Path],
-                                                   base: dict[str, Any]) -> None:  # fmt: skip
+def test_event_callback_errors_never_break_serving(
+    make: Any, root: Path, sources: dict[str, Path], base: dict[str, Any]
+) -> None:
     _publish(root, "ok", sources["lora0"], base["fingerprint"])
 
     def broken_metrics(event: RegistryEvent) -> None:

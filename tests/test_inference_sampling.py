@@ -42,9 +42,14 @@ def logits(*rows: Sequence[float]) -> torch.Tensor:
 
 def test_validate_lists_every_problem_with_field_and_value() -> None:
     params = SamplingParams(
-        max_new_tokens=65, temperature=math.nan, top_p=0.0, top_k=-1, repetition_penalty=0.0,
-        no_repeat_ngram_size=65, stop=("ok", "", "x" * 9, "a", "b"),
-    )  # fmt: skip
+        max_new_tokens=65,
+        temperature=math.nan,
+        top_p=0.0,
+        top_k=-1,
+        repetition_penalty=0.0,
+        no_repeat_ngram_size=65,
+        stop=("ok", "", "x" * 9, "a", "b"),
+    )
     limits = SamplingLimits(max_new_tokens=64, max_stop_sequences=4, max_stop_length=8)
     problems = params.validate(limits, prefix="sampling.")
     assert [p.field for p in problems] == [

@@ -99,8 +99,9 @@ def engine_idle(srv: InferenceServer) -> bool:
 
 
 @pytest.mark.parametrize("adapter", ["", "alpha", "beta@1"])
-def test_generate_and_stream_equal_the_peft_reference(server: Any, tiny_llama: Path, sources: dict[str, Path],
-                                                     tokenizer: Any, adapter: str) -> None:  # fmt: skip
+def test_generate_and_stream_equal_the_peft_reference(
+    server: Any, tiny_llama: Path, sources: dict[str, Path], tokenizer: Any, adapter: str
+) -> None:
     _srv, stub, _ = server
     ids = tokenizer.encode(PROMPT, add_special_tokens=True)
     src = {"": None, "alpha": sources["s0"], "beta@1": sources["s1"]}[adapter]
@@ -128,8 +129,9 @@ def test_generate_and_stream_equal_the_peft_reference(server: Any, tiny_llama: P
 
 
 @pytest.mark.parametrize("adapter", ["", "alpha", "beta"])
-def test_chat_renders_with_the_training_template(server: Any, tiny_llama: Path, sources: dict[str, Path],
-                                                tokenizer: Any, adapter: str) -> None:  # fmt: skip
+def test_chat_renders_with_the_training_template(
+    server: Any, tiny_llama: Path, sources: dict[str, Path], tokenizer: Any, adapter: str
+) -> None:
     srv, stub, _ = server
     template_name = {"": srv.plane.hosts["tiny"].template_name, "alpha": "chatml", "beta": "alpaca"}[adapter]
     template = templates.get_template(template_name, tokenizer)
@@ -150,8 +152,9 @@ def test_chat_renders_with_the_training_template(server: Any, tiny_llama: Path, 
     assert usage.prompt_tokens == len(ids)
 
 
-def test_health_is_not_serving_until_a_base_has_generated(tiny_llama: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_health_is_not_serving_until_a_base_has_generated(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gate = threading.Event()
     original = plane_module.BaseModelHost._warm_up
 
@@ -184,8 +187,9 @@ def test_health_is_not_serving_until_a_base_has_generated(tiny_llama: Path, tmp_
         srv.stop(0.5)
 
 
-def test_list_models_reports_available_loaded_and_failed(server: Any, tiny_llama: Path,
-                                                         sources: dict[str, Path]) -> None:  # fmt: skip
+def test_list_models_reports_available_loaded_and_failed(
+    server: Any, tiny_llama: Path, sources: dict[str, Path]
+) -> None:
     _srv, stub, root = server
     publish_adapter(root, "unused", sources["s2"], tiny_llama)
     broken = publish_adapter(root, "broken", sources["s3"], tiny_llama)
@@ -386,8 +390,9 @@ def test_two_base_models_route_by_the_model_field(
             listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
             assert [(m.name, m.state) for m in listed.models] == [("one", "ready"), ("two", "ready")]
             assert sorted((a.model, a.ref, a.state) for a in listed.adapters) == [
-                ("one", "alpha@1", "loaded"), ("two", "alpha@1", "loaded"),
-            ]  # fmt: skip
+                ("one", "alpha@1", "loaded"),
+                ("two", "alpha@1", "loaded"),
+            ]
             engines = [srv.plane.hosts[m].engine for m in ("one", "two")]
             assert engines[0] is not engines[1]
             # Unloading on one base leaves the other's copy alone.

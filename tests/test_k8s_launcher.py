@@ -69,11 +69,15 @@ def request(**overrides: Any) -> AttemptRequest:
 REQUESTS = {
     "cpu-1-node": request(resources={"cpu": "2", "memory": "4Gi"}),
     "gpu-2x4-deepspeed": request(
-        nodes=2, processes_per_node=4, gpus_per_node=4, launcher="deepspeed", deepspeed=True,
+        nodes=2,
+        processes_per_node=4,
+        gpus_per_node=4,
+        launcher="deepspeed",
+        deepspeed=True,
         resources={"cpu": "16", "memory": "64Gi"},
     ),
     "gpu-2x4-torchrun": request(nodes=2, gpus_per_node=4, resources={"cpu": "500m", "memory": "8589934592"}),
-}  # fmt: skip
+}
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -359,8 +363,19 @@ def test_torchrun_shim_exits_with_the_failed_ranks_status(tmp_path: Path) -> Non
     """Plain torchrun exits 1 whatever its ranks returned; the pod must exit 2 for the FailJob rule."""
     script = tmp_path / "invalid.py"
     script.write_text(f"import sys\nsys.exit({EXIT_INVALID})\n", encoding="utf-8")
-    torchrun_args = ["--nnodes", "1", "--nproc_per_node", "1", "--node_rank", "0",
-                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]  # fmt: skip
+    torchrun_args = [
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "1",
+        "--node_rank",
+        "0",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+    ]
     shim = subprocess.run(
         [sys.executable, "-m", "lorafleet.torchrun", *torchrun_args], capture_output=True, timeout=120
     )
@@ -412,10 +427,19 @@ def add_pod(
     name = f"{job_name}-{index}-{uuid.uuid4().hex[:5]}"
     status: dict[str, Any] = {"phase": "Running"}
     if terminated is not None:
-        status = {"phase": "Failed", "containerStatuses": [
-            {"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
-             "state": {"terminated": terminated}},
-        ]}  # fmt: skip
+        status = {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "image": "x",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                },
+            ],
+        }
     kmock.objects[PODS, NS, name] = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -536,10 +560,18 @@ class TestLauncherAgainstKMock:
         await set_job_status(api, handle, {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]})
         assert await phase() == AttemptPhase.RUNNING  # pods still terminating
         await set_job_status(
-            api, handle, {"active": 0, "ready": 0, "succeeded": 2, "conditions": [
-                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"},
-            ]},
-        )  # fmt: skip
+            api,
+            handle,
+            {
+                "active": 0,
+                "ready": 0,
+                "succeeded": 2,
+                "conditions": [
+                    {"type": "SuccessCriteriaMet", "status": "True"},
+                    {"type": "Complete", "status": "True"},
+                ],
+            },
+        )
         status = await asyncio.to_thread(launcher.poll, handle)
         assert (status.phase, status.exit_code, status.finished) == (AttemptPhase.SUCCEEDED, 0, True)
 
@@ -558,16 +590,38 @@ class TestLauncherAgainstKMock:
             f"Container trainer for pod {NS}/{handle['job_name']}-1-abcde failed with exit code 2 "
             "matching FailJob rule at index 0"
         )
-        await set_job_status(api, handle, {"conditions": [
-            {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": message},
-        ]})  # fmt: skip
+        await set_job_status(
+            api,
+            handle,
+            {
+                "conditions": [
+                    {
+                        "type": "FailureTarget",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": message,
+                    },
+                ]
+            },
+        )
         assert (
             await asyncio.to_thread(launcher.poll, handle)
         ).phase == AttemptPhase.RUNNING  # pods still terminating
-        await set_job_status(api, handle, {"conditions": [
-            {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": message},
-            {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message},
-        ]})  # fmt: skip
+        await set_job_status(
+            api,
+            handle,
+            {
+                "conditions": [
+                    {
+                        "type": "FailureTarget",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": message,
+                    },
+                    {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": message},
+                ]
+            },
+        )
         status = await asyncio.to_thread(launcher.poll, handle)
         assert (status.phase, status.exit_code) == (AttemptPhase.FAILED, EXIT_INVALID)
         assert "PodFailurePolicy" in status.reason and "exit code 2" in status.reason
@@ -582,10 +636,20 @@ class TestLauncherAgainstKMock:
             kmock, job, 1, {"exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-01-01T00:10:00Z"}
         )
         add_pod(kmock, "lf-otherjob-a1", 0, {"exitCode": 3, "finishedAt": "2026-01-01T00:00:00Z"})  # not ours
-        await set_job_status(api, handle, {"conditions": [
-            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-             "message": "Job has reached the specified backoff limit"},
-        ]})  # fmt: skip
+        await set_job_status(
+            api,
+            handle,
+            {
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    },
+                ]
+            },
+        )
         status = await asyncio.to_thread(launcher.poll, handle)
         assert (status.phase, status.exit_code) == (AttemptPhase.FAILED, 137)
         assert (
@@ -603,10 +667,20 @@ class TestLauncherAgainstKMock:
         self, api: k8s.ApiClient, launcher: KubernetesLauncher
     ) -> None:
         handle = await asyncio.to_thread(launcher.start, REQUESTS["cpu-1-node"])
-        await set_job_status(api, handle, {"conditions": [
-            {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
-             "message": "Job was active longer than specified deadline"},
-        ]})  # fmt: skip
+        await set_job_status(
+            api,
+            handle,
+            {
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "DeadlineExceeded",
+                        "message": "Job was active longer than specified deadline",
+                    },
+                ]
+            },
+        )
         status = await asyncio.to_thread(launcher.poll, handle)
         assert (status.phase, status.exit_code) == (AttemptPhase.FAILED, None)
         assert status.reason.startswith("DeadlineExceeded")

@@ -90,9 +90,15 @@ def overlay_settings(docs: list[dict[str, Any]], tmp_path: Path) -> K8sSettings:
 def gpu_request(nodes: int = 2, gpus: int = 8) -> AttemptRequest:
     run = Path("/data/runs/jobs/0123456789ab")
     return AttemptRequest(
-        job_id="0123456789ab", attempt=1, config_path=run / "config.yaml", attempt_dir=run / "attempt-1",
-        nodes=nodes, gpus_per_node=gpus, processes_per_node=max(gpus, 1), resources={"cpu": "32", "memory": "256Gi"},
-    )  # fmt: skip
+        job_id="0123456789ab",
+        attempt=1,
+        config_path=run / "config.yaml",
+        attempt_dir=run / "attempt-1",
+        nodes=nodes,
+        gpus_per_node=gpus,
+        processes_per_node=max(gpus, 1),
+        resources={"cpu": "32", "memory": "256Gi"},
+    )
 
 
 # -- 1. every overlay renders and every object passes the schemas ------------------------------------
@@ -153,7 +159,9 @@ def test_policy_catches_each_kind_of_violation(rendered: dict[str, list[dict[str
 
     cases = {
         "capabilities": lambda d: container(d)["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
-        "allowPrivilegeEscalation": lambda d: container(d)["securityContext"].update(allowPrivilegeEscalation=True),
+        "allowPrivilegeEscalation": lambda d: container(d)["securityContext"].update(
+            allowPrivilegeEscalation=True
+        ),
         "read-only": lambda d: container(d)["securityContext"].pop("readOnlyRootFilesystem"),
         "memory limit": lambda d: container(d)["resources"]["limits"].pop("memory"),
         "latest tag": lambda d: container(d).update(image="registry.example.com/x:latest"),
@@ -165,7 +173,7 @@ def test_policy_catches_each_kind_of_violation(rendered: dict[str, list[dict[str
         "/tmp": lambda d: container(d).update(
             volumeMounts=[m for m in container(d)["volumeMounts"] if m["mountPath"] != "/tmp"]
         ),
-    }  # fmt: skip
+    }
 
     def trainer_cm(d: list[dict[str, Any]]) -> dict[str, Any]:
         data: dict[str, Any] = one(d, "ConfigMap", "lorafleet-trainer-config")["data"]
@@ -491,11 +499,17 @@ async def kubectl_apply(kmock: km.KubernetesEmulator, overlay: str, tmp_path: Pa
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text("apiVersion: v1\nkind: Config\n", encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        str(kubectl()), "--server", str(kmock.url).rstrip("/"), "apply", "--validate=false",
-        "-k", str(K8S_DIR / "overlays" / overlay),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(kubectl()),
+        "--server",
+        str(kmock.url).rstrip("/"),
+        "apply",
+        "--validate=false",
+        "-k",
+        str(K8S_DIR / "overlays" / overlay),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)},
-    )  # fmt: skip
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     return proc.returncode or 0, out.decode() + err.decode()
 
@@ -504,9 +518,11 @@ def register_prometheus_operator_crds(kmock: km.KubernetesEmulator) -> None:
     """What installing the Prometheus operator adds to the API server's discovery."""
     for (api_version, kind), (plural, singular) in CRD_KINDS.items():
         kmock.resources[f"{api_version}/{plural}"] = km.ResourceInfo(
-            kind=kind, singular=singular, namespaced=True,
+            kind=kind,
+            singular=singular,
+            namespaced=True,
             verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
-        )  # fmt: skip
+        )
 
 
 class TestKubectlApplyAgainstKMock:
@@ -630,10 +646,15 @@ def test_launcher_job_for_cpu_dev_validates(
     docs = rendered["cpu-dev"]
     settings = overlay_settings(docs, tmp_path)
     request = AttemptRequest(
-        job_id="0123456789ab", attempt=2, config_path=Path("/data/runs/jobs/0123456789ab/config.yaml"),
-        attempt_dir=Path("/data/runs/jobs/0123456789ab/attempt-2"), nodes=1, gpus_per_node=0,
-        processes_per_node=2, resources={"cpu": "2", "memory": "4Gi"},
-    )  # fmt: skip
+        job_id="0123456789ab",
+        attempt=2,
+        config_path=Path("/data/runs/jobs/0123456789ab/config.yaml"),
+        attempt_dir=Path("/data/runs/jobs/0123456789ab/attempt-2"),
+        nodes=1,
+        gpus_per_node=0,
+        processes_per_node=2,
+        resources={"cpu": "2", "memory": "4Gi"},
+    )
     job, service = render_attempt(settings, request)
     for obj in (job, k8s_objects.set_job_owner(service, job["metadata"]["name"], "uid-1")):
         validate(obj, version)

@@ -35,11 +35,20 @@ LORA_Q_V_RANK8 = 32 * 2 * 8 * (4096 + 4096)  # 4.19M
 
 def _estimate(**overrides: Any) -> MemoryEstimate:
     args: dict[str, Any] = {
-        **LLAMA7B, "total_params": LLAMA7B_PARAMS, "trainable_params": LORA_Q_V_RANK8, "method": "lora",
-        "dtype": "bf16", "quantization": "none", "batch_size": 4, "seq_len": 512,
-        "gradient_checkpointing": False, "zero_stage": 0, "world_size": 1, "offload_optimizer": False,
+        **LLAMA7B,
+        "total_params": LLAMA7B_PARAMS,
+        "trainable_params": LORA_Q_V_RANK8,
+        "method": "lora",
+        "dtype": "bf16",
+        "quantization": "none",
+        "batch_size": 4,
+        "seq_len": 512,
+        "gradient_checkpointing": False,
+        "zero_stage": 0,
+        "world_size": 1,
+        "offload_optimizer": False,
         "offload_param": False,
-    }  # fmt: skip
+    }
     args.update(overrides)
     return estimate_training_memory(**args)
 
@@ -210,11 +219,25 @@ def test_estimate_matches_a_real_cpu_training_run() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     est = estimate_training_memory(
-        total_params=measured["params"], trainable_params=measured["params"], num_layers=4, hidden_size=256,
-        vocab_size=4000, method="full", dtype="fp32", quantization="none", batch_size=8, seq_len=256,
-        gradient_checkpointing=False, zero_stage=0, world_size=1, offload_optimizer=False,
-        offload_param=False, intermediate_size=688, num_heads=4, device="cpu",
-    )  # fmt: skip
+        total_params=measured["params"],
+        trainable_params=measured["params"],
+        num_layers=4,
+        hidden_size=256,
+        vocab_size=4000,
+        method="full",
+        dtype="fp32",
+        quantization="none",
+        batch_size=8,
+        seq_len=256,
+        gradient_checkpointing=False,
+        zero_stage=0,
+        world_size=1,
+        offload_optimizer=False,
+        offload_param=False,
+        intermediate_size=688,
+        num_heads=4,
+        device="cpu",
+    )
     estimated = est.model_states_bytes + est.activations_bytes + est.logits_bytes
     ratio = measured["growth"] / estimated
     assert 0.5 < ratio < 2.0, (

@@ -131,11 +131,20 @@ def test_artifact_kinds_are_manifest_kinds() -> None:
 def test_every_method_has_a_memory_model(method: str) -> None:
     spec = method_spec(method)
     common: dict[str, Any] = {
-        "total_params": 10**9, "trainable_params": 10**9 if spec.trains == "all" else 10**7,
-        "num_layers": 16, "hidden_size": 2048, "vocab_size": 32000, "dtype": "bf16",
-        "batch_size": 1, "seq_len": 512, "gradient_checkpointing": False, "zero_stage": 0,
-        "world_size": 1, "offload_optimizer": False, "offload_param": False,
-    }  # fmt: skip
+        "total_params": 10**9,
+        "trainable_params": 10**9 if spec.trains == "all" else 10**7,
+        "num_layers": 16,
+        "hidden_size": 2048,
+        "vocab_size": 32000,
+        "dtype": "bf16",
+        "batch_size": 1,
+        "seq_len": 512,
+        "gradient_checkpointing": False,
+        "zero_stage": 0,
+        "world_size": 1,
+        "offload_optimizer": False,
+        "offload_param": False,
+    }
     est = estimate_training_memory(method=method, quantization=spec.quantization("none"), **common)
     # 16-bit base weights that are trained keep an fp32 master copy; new adapter weights are fp32 already.
     assert (est.master_weights_bytes > 0) == spec.trains_base_weights

@@ -240,8 +240,13 @@ def _lora_over_4bit(llama_dir: Path, *, patch: bool, monkeypatch: pytest.MonkeyP
     model = load_model(ModelConfig(name_or_path=str(llama_dir), quantization="nf4"), for_training=True)
     torch.manual_seed(0)
     # init_lora_weights=False: B is random too, so every LoRA weight gets a nonzero gradient.
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
     return get_peft_model(model, config)
 
 

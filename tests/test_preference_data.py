@@ -1,5 +1,5 @@
 """Preference rows: pairwise and KTO formats, every bad row reported with file, line and field;
-the bundled parity task is balanced and its rule holds; stage/preference config errors name fields."""
+the bundled tag task is balanced and its rule holds; stage/preference config errors name fields."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from lorafleet.config import DataConfig, PreferenceConfig, RunConfig
 from lorafleet.config_checks import validate_config
-from lorafleet.datagen import preference_tables
+from lorafleet.datagen import _TAG_DIGITS, preference_tables
 from lorafleet.errors import ConfigError
 from lorafleet.preference_data import load_preference_samples, tokenize_preference
 from lorafleet.templates import get_template
@@ -117,18 +117,19 @@ def test_over_length_answers_are_reported_not_truncated(tmp_path: Path, tiny_tok
     assert tiny_tokenizer.decode(pair.chosen_ids).startswith("a")
 
 
-def test_bundled_parity_task_is_balanced_and_follows_its_rule() -> None:
+def test_bundled_tag_task_is_balanced_and_follows_its_rule() -> None:
     tables = preference_tables(0)
     train, held_out = tables["preference_train"], tables["preference_validation"]
     assert len(train) == 400 and len(held_out) == 100
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     for row in train + held_out:
-        digit = int(next(ch for ch in row["chosen"] if ch.isdigit()))
-        odd_words = ("odd", "奇数")
-        assert any(w in row["chosen"] for w in odd_words) == (digit % 2 == 1)
-        assert row["chosen"] != row["rejected"]
-    odd = sum(any(w in r["chosen"] for w in ("odd", "奇数")) for r in held_out)
-    assert 35 <= odd <= 65  # a constant answer ranks about half the held-out pairs right
+        tag = row["prompt"].split()[-1]  # every instruction ends with the tag letter
+        assert row["chosen"][:2] == tag + _TAG_DIGITS[tag]
+        assert row["rejected"][:2] == tag + ({"3", "7"} - {_TAG_DIGITS[tag]}).pop()
+        assert row["chosen"][2:] == row["rejected"][2:]  # the same answer: only the digit differs
+    # Each digit is the right one for half the rows, so a constant preference ranks about half.
+    threes = sum(r["chosen"][1] == "3" for r in held_out)
+    assert 35 <= threes <= 65
     assert preference_tables(0) == tables and preference_tables(1) != tables
     assert [r["label"] for r in tables["kto_train"]].count(True) == 200
 

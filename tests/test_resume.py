@@ -48,8 +48,14 @@ def _adapter(tmp: Path, name: str) -> dict[str, torch.Tensor]:
 
 def _kill_after_checkpoint(cmd: list[str], run_dir: Path) -> int:
     """Start training, SIGKILL its whole process group right after a checkpoint at >= KILL_AFTER."""
-    proc = subprocess.Popen(cmd, env=launch_environment(), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env=launch_environment(),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = run_dir / "trainer_log.jsonl"
     deadline = time.monotonic() + 300
     try:

@@ -30,8 +30,18 @@ def test_gauges_follow_records_and_pass_promtool() -> None:
 
     metrics = RunMetrics("run-1", "lora", node_rank=0, main=True)
     port = metrics.serve(0, host="127.0.0.1")
-    metrics.observe({"step": 5, "total_steps": 40, "loss": 2.5, "learning_rate": 1e-3, "tokens_per_s": 900.0,
-                     "tokens": 4000, "eta_s": 70.0, "peak_memory_bytes": 123456789})  # fmt: skip
+    metrics.observe(
+        {
+            "step": 5,
+            "total_steps": 40,
+            "loss": 2.5,
+            "learning_rate": 1e-3,
+            "tokens_per_s": 900.0,
+            "tokens": 4000,
+            "eta_s": 70.0,
+            "peak_memory_bytes": 123456789,
+        }
+    )
     metrics.observe(
         {"step": 10, "total_steps": 40, "loss": 1.25, "eval_loss": 1.5}
     )  # missing fields keep theirs

@@ -133,7 +133,12 @@ def test_compute_generation_metrics_partial_overlap_is_between() -> None:
 
 def test_compute_generation_metrics_no_samples_and_length_mismatch() -> None:
     assert compute_generation_metrics([], []) == {
-        "bleu-4": 0.0, "rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "accuracy": 0.0, "num_samples": 0.0,
-    }  # fmt: skip
+        "bleu-4": 0.0,
+        "rouge-1": 0.0,
+        "rouge-2": 0.0,
+        "rouge-l": 0.0,
+        "accuracy": 0.0,
+        "num_samples": 0.0,
+    }
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         compute_generation_metrics(["a", "b"], ["a"])

@@ -23,8 +23,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("bad")
     # Paused (nothing starts), small queue, a remote-code allow-list that excludes the test model.
-    t = TrainerProcess(root / "state", root / "adapters",
-                       ["--max-running", "0", "--allow-remote-code", "THUDM/"]).start()  # fmt: skip
+    t = TrainerProcess(
+        root / "state", root / "adapters", ["--max-running", "0", "--allow-remote-code", "THUDM/"]
+    ).start()
     yield t
     t.stop()
 

@@ -44,8 +44,18 @@ def roots(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, bundled_da
 @pytest.fixture(scope="module")
 def server(roots: dict[str, Path]) -> Iterator[TrainerProcess]:
     base = roots["base"]
-    t = TrainerProcess(base / "state", base / "adapters", ["--max-running", "0", "--data-roots",
-                       str(roots["data"]), "--model-roots", str(roots["model"].parent)]).start()  # fmt: skip
+    t = TrainerProcess(
+        base / "state",
+        base / "adapters",
+        [
+            "--max-running",
+            "0",
+            "--data-roots",
+            str(roots["data"]),
+            "--model-roots",
+            str(roots["model"].parent),
+        ],
+    ).start()
     yield t
     t.stop()
 
@@ -296,8 +306,9 @@ def test_same_refusal_whether_a_path_exists_or_not(server: TrainerProcess, roots
 
 
 def test_hub_ids_stay_allowed(server: TrainerProcess, roots) -> None:
-    job = server.stub.SubmitJob(pb.SubmitJobRequest(spec=_spec(roots, model__name_or_path="org/model"),
-                                                    dry_run=True))  # fmt: skip
+    job = server.stub.SubmitJob(
+        pb.SubmitJobRequest(spec=_spec(roots, model__name_or_path="org/model"), dry_run=True)
+    )
     assert job.spec.model.name_or_path == "org/model"
 
 
@@ -313,8 +324,10 @@ def _insert_rows(db_path: Path, template: dict[str, Any], rows: list[dict[str, A
             values.pop("queue_seq", None)
             values["idempotency_key"] = None
             names = ", ".join(values)
-            db.execute(f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' for _ in values)})",
-                       tuple(values.values()))  # fmt: skip
+            db.execute(
+                f"INSERT INTO jobs ({names}) VALUES ({', '.join('?' for _ in values)})",
+                tuple(values.values()),
+            )
             ids.append(values["id"])
         db.commit()
     finally:
@@ -396,8 +409,16 @@ def test_read_paths_survive_any_stored_row(server: TrainerProcess, roots, bystan
 
 def test_bad_adapter_manifests_do_not_fail_the_listing(server: TrainerProcess, roots) -> None:
     adapters = roots["base"] / "adapters"
-    good = {"schema": 1, "name": "good", "version": 1, "kind": "lora", "method": "lora",
-            "base_model": {"id": "x"}, "created_at": "2026-01-01T00:00:00Z", "files": {}}  # fmt: skip
+    good = {
+        "schema": 1,
+        "name": "good",
+        "version": 1,
+        "kind": "lora",
+        "method": "lora",
+        "base_model": {"id": "x"},
+        "created_at": "2026-01-01T00:00:00Z",
+        "files": {},
+    }
     manifests = {
         ("good", 1): json.dumps(good),
         ("bigint", 1): json.dumps({**good, "name": "bigint", "metrics": {"loss": 1, "n": 1}}).replace(

@@ -159,8 +159,11 @@ def test_killed_attempt_resumes_from_checkpoint(trainer, tiny_llama, bundled_dat
     assert "SIGKILL" in final.attempts[0].reason
     resumed = final.attempts[1].resumed_from_step
     assert resumed >= 40, "the second attempt resumes from the last checkpoint"
-    second = [ev.metrics.step for ev in watch_all(t.stub, job.id)
-              if ev.WhichOneof("event") == "metrics" and ev.metrics.attempt == 2]  # fmt: skip
+    second = [
+        ev.metrics.step
+        for ev in watch_all(t.stub, job.id)
+        if ev.WhichOneof("event") == "metrics" and ev.metrics.attempt == 2
+    ]
     assert second and second[0] > resumed and second[-1] == 200
 
 
@@ -256,18 +259,32 @@ def test_cli_submit_jobs_cancel(trainer, tiny_llama, bundled_data, tmp_path: Pat
     t = trainer()
     config = {
         "model": {"name_or_path": str(tiny_llama)},
-        "data": {"train_file": str(bundled_data["cblue_train"]), "format": "columns", "max_source_length": 96,
-                 "max_target_length": 8, "max_samples": 80},
+        "data": {
+            "train_file": str(bundled_data["cblue_train"]),
+            "format": "columns",
+            "max_source_length": 96,
+            "max_target_length": 8,
+            "max_samples": 80,
+        },
         "lora": {"rank": 4},
-        "train": {"max_steps": 6, "per_device_batch_size": 8, "logging_steps": 2, "predict_with_generate": False},
+        "train": {
+            "max_steps": 6,
+            "per_device_batch_size": 8,
+            "logging_steps": 2,
+            "predict_with_generate": False,
+        },
         "output": {"adapter_name": "cli-lora", "run_dir": "ignored-by-the-server"},
-    }  # fmt: skip
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "services.cli", *args, "--addr", t.address],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args, "--addr", t.address],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     submitted = cli("submit", str(path), "train.learning_rate=0.01")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr

@@ -32,15 +32,30 @@ class TrainerProcess(ServiceProcess):
     def start(self, timeout: float = 60.0) -> TrainerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._launch(
-            ["-m", "services.trainer.server", "--port", "0", "--state-dir", str(self.state_dir),
-             "--adapters-root", str(self.adapters_root), "--poll-interval", "0.2", "--cancel-grace", "5",
-             "--data-roots", pytest_base_dir(self.state_dir), "--model-roots", pytest_base_dir(self.state_dir),
-             *self.extra],
+            [
+                "-m",
+                "services.trainer.server",
+                "--port",
+                "0",
+                "--state-dir",
+                str(self.state_dir),
+                "--adapters-root",
+                str(self.adapters_root),
+                "--poll-interval",
+                "0.2",
+                "--cancel-grace",
+                "5",
+                "--data-roots",
+                pytest_base_dir(self.state_dir),
+                "--model-roots",
+                pytest_base_dir(self.state_dir),
+                *self.extra,
+            ],
             self.state_dir.parent / f"trainer-server-{time.time_ns()}.log",
             {},
             trainer_pb2_grpc.TrainerServiceStub,
             timeout,
-        )  # fmt: skip
+        )
         return self
 
     def kill(self) -> None:
@@ -73,8 +88,16 @@ def pytest_base_dir(path: Path) -> str:
 
 def lora_spec(model: Path, datasets: dict[str, Path], **hyper: Any) -> pb.JobSpec:
     """A short LoRA job on the tiny model and the PromptCBLUE-like data."""
-    h = {"max_steps": 12, "per_device_batch_size": 8, "learning_rate": 1e-2, "lr_scheduler": "constant",
-         "logging_steps": 2, "predict_with_generate": False, "num_threads": 1, **hyper}  # fmt: skip
+    h = {
+        "max_steps": 12,
+        "per_device_batch_size": 8,
+        "learning_rate": 1e-2,
+        "lr_scheduler": "constant",
+        "logging_steps": 2,
+        "predict_with_generate": False,
+        "num_threads": 1,
+        **hyper,
+    }
     return pb.JobSpec(
         model=pb.ModelSpec(name_or_path=str(model)),
         dataset=pb.DatasetSpec(
