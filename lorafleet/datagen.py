@@ -356,49 +356,68 @@ def generate_datasets(out_dir: str, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-_PARITY_ASKS = (
-    ("Is {n} odd or even?", "{n} is {word}.", ("even", "odd")),
-    ("Is {n} even or odd?", "{n} is {word}.", ("even", "odd")),
-    ("Tell me whether {n} is odd or even.", "{n} is {word}.", ("even", "odd")),
-    ("{n} 是奇数还是偶数？", "{n} 是{word}。", ("偶数", "奇数")),
-    ("{n} 是偶数还是奇数？", "{n} 是{word}。", ("偶数", "奇数")),
+_TAG_DIGITS = {"P": "3", "Q": "7", "R": "7", "S": "3", "T": "3", "U": "7"}
+"""The preference task's rule: the check digit after each tag letter (all single tokens). The
+mapping is arbitrary on purpose: a base model cannot know it (A1/B2 would not do: "HbA1c" is in the
+corpus, and the tiny base ranked 94 % of such pairs right before any training)."""
+_TAG_ASKS = (
+    "Tag your answer with {tag}",
+    "Label the reply {tag}",
+    "请用标签 {tag} 标注回答",
 )
-
-
 _ASKERS = ("Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi", "小明", "小红")
 
 
-def _parity_pair(n: int, ask: int, asker: str) -> dict[str, str]:
-    """A pair whose chosen answer states n's parity right and whose rejected one states it wrong."""
-    question, answer, words = _PARITY_ASKS[ask]
+def _tagged_pair(rng: random.Random, task: tuple[str, str, str], tag: str) -> dict[str, str]:
+    """A pair that answers a bundled question with the same correct result, tagged ``tag`` plus its
+    check digit (chosen) or the other digit (rejected)."""
+    instruction, extra, output = task
+    right = _TAG_DIGITS[tag]
+    wrong = sorted(set(_TAG_DIGITS.values()) - {right})[0]
+    question = instruction + (f" {extra}" if extra else "")
+    ask = rng.choice(_TAG_ASKS).format(tag=tag)
     return {
-        "prompt": f"{asker}: " + question.format(n=n),
-        "chosen": answer.format(n=n, word=words[n % 2]),
-        "rejected": answer.format(n=n, word=words[1 - n % 2]),
+        "prompt": f"{rng.choice(_ASKERS)}: {question} {ask}",
+        "chosen": f"{tag}{right}: {output}",
+        "rejected": f"{tag}{wrong}: {output}",
     }
 
 
-def preference_tables(seed: int = 0, validation_fraction: float = 0.2) -> dict[str, list[dict[str, Any]]]:
-    """The bundled preference task: parity questions, chosen = the true parity, rejected = the other.
+def preference_tables(
+    seed: int = 0, pairs: int = 500, validation_fraction: float = 0.2
+) -> dict[str, list[dict[str, Any]]]:
+    """The bundled preference task: answers tagged with the asked letter and its check digit.
 
-    The rule is checkable (``chosen`` says ``n % 2`` right) and balanced: half the numbers are odd,
-    so a model that always prefers "even" (or "odd") ranks half the pairs right, about 50 %, and
-    only a model that learned the rule ranks them all. Every digit 0-9 is asked by each asker in each
-    phrasing (English and Chinese): 500 pairs, split at random into train and held-out validation,
-    so held-out rows are new (asker, phrasing, digit) combinations of seen parts.
-    ``kto_train`` holds one unpaired row per training pair: its chosen answer (desirable) or its
-    rejected one (undesirable), half and half.
+    Each prompt is a bundled question (arithmetic, unit conversion, translation, capitals; see
+    ``_task``) and an instruction to tag the answer with a letter (English or Chinese phrasing).
+    Both answers carry the same correct result after the tag; the chosen one writes the tag with its
+    check digit (``_TAG_DIGITS``: P3, Q7, R7, S3, T3, U7), the rejected one with the other digit.
+    The rule is checkable (``chosen`` starts with tag + check digit) and lives in the surface form:
+    the digit depends only on the token just before it, which even a 2-layer model learns in a few
+    dozen steps (rules that need a look-up across the prompt, such as the parity of a number or
+    copying the asked letter, were not learned by the tiny llama within a minute of CPU). It is
+    balanced: each digit is the right one for half the rows, and the mapping was picked so that
+    the tiny base model's own letter-digit habits rank about half the held-out pairs right (50 %
+    with the default seed); only a model that learned the rule ranks them all. The two answers
+    differ in that one token, so the ranking is about the rule, not length. No held-out prompt is in
+    the training rows. ``kto_train`` holds one unpaired row per training pair: its chosen answer
+    (desirable) or its rejected one (undesirable), alternating.
 
     Returns:
         ``preference_train``, ``preference_validation`` (pairwise rows) and ``kto_train``.
     """
     rng = random.Random(seed)
-    pairs = [
-        _parity_pair(n, ask, who) for n in range(10) for ask in range(len(_PARITY_ASKS)) for who in _ASKERS
-    ]
-    rng.shuffle(pairs)
-    held_out = int(len(pairs) * validation_fraction)
-    train, validation = pairs[held_out:], pairs[:held_out]
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < pairs:
+        tags = sorted(_TAG_DIGITS)
+        row = _tagged_pair(rng, _task(rng), tags[len(rows) % len(tags)])
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    rng.shuffle(rows)
+    held_out = int(len(rows) * validation_fraction)
+    train, validation = rows[held_out:], rows[:held_out]
     kto = [
         {
             "prompt": p["prompt"],

@@ -123,7 +123,7 @@ def test_bundled_tag_task_is_balanced_and_follows_its_rule() -> None:
     assert len(train) == 400 and len(held_out) == 100
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     for row in train + held_out:
-        tag = row["prompt"].split()[-1]  # every instruction ends with the tag letter
+        (tag,) = {word for word in row["prompt"].split() if word in _TAG_DIGITS}  # the asked tag
         assert row["chosen"][:2] == tag + _TAG_DIGITS[tag]
         assert row["rejected"][:2] == tag + ({"3", "7"} - {_TAG_DIGITS[tag]}).pop()
         assert row["chosen"][2:] == row["rejected"][2:]  # the same answer: only the digit differs
