@@ -12,16 +12,33 @@ in for the cluster's DNS (Service names and pod hostnames on loopback).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("LORAFLEET_IMAGE_CACHE", str(REPO / ".cache" / "images")))
+MACHINE_CACHE = Path("/var/cache/lorafleet/images")
+
+
+def _image_cache() -> Path:
+    """Where scripts/buildah_storage.sh keeps the images: $LORAFLEET_IMAGE_CACHE, else the machine-wide
+    directory when it can be created and written, else .cache/images of the repository."""
+    if os.environ.get("LORAFLEET_IMAGE_CACHE"):
+        return Path(os.environ["LORAFLEET_IMAGE_CACHE"])
+    try:
+        MACHINE_CACHE.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return REPO / ".cache" / "images"
+    return MACHINE_CACHE if os.access(MACHINE_CACHE, os.W_OK) else REPO / ".cache" / "images"
+
+
+CACHE = _image_cache()
 BUILD_SCRIPT = REPO / "scripts" / "build_images.sh"
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
@@ -187,16 +204,26 @@ class ImageRun:
         )
         cmd = [*buildah(), "run", "--isolation", "chroot", "--network", "host", "--user", container.user]
         cmd += ["--no-hosts", "--volume", f"{hosts_file}:/etc/hosts:ro"]
-        rootfs = subprocess.run(
-            [*buildah(), "mount", self.container_id], capture_output=True, text=True, timeout=120, check=True
-        ).stdout.strip()
+        self.rootfs = Path(
+            subprocess.run(
+                [*buildah(), "mount", self.container_id],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            ).stdout.strip()
+        )
+        self.mount_targets = ["/etc/hosts"]
         for host, path, read_only in container.mounts:
-            target = in_root(Path(rootfs), path)
+            target = in_root(self.rootfs, path)
+            self.mount_targets.append(target)
             cmd += ["--volume", f"{host}:{target}" + (":ro" if read_only else "")]
         for key, value in container.env.items():
             cmd += ["--env", f"{key}={value}"]
         cmd += [self.container_id, "--", *container.argv]
         self._out = log.open("wb")
+        self.started = time.time() - 1.0
+        self.root_writes: list[str] | None = None
         self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -205,7 +232,60 @@ class ImageRun:
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
 
-    def stop(self) -> None:
+    def written(self) -> list[str]:
+        """Every path (in the container) that its writable layer holds: what the container created,
+        changed or deleted in the image's filesystem, outside its bind-mounted volumes.
+
+        overlay storage: the layer's upper directory (``storage/overlay/<layer>/diff``), exactly the
+        copied-up, new and whited-out entries. vfs storage has no separate upper layer (the container's
+        root is a full copy), so there: every entry of the root whose ctime is after the run started.
+        """
+        driver = buildah()[-1]
+        if driver == "overlay":
+            records = json.loads((CACHE / "storage" / "overlay-containers" / "containers.json").read_text())
+            [layer] = [
+                r["layer"] for r in records if r["id"] == self.container_id or self.container_id in r["names"]
+            ]
+            upper, since = CACHE / "storage" / "overlay" / layer / "diff", None
+        else:
+            upper, since = self.rootfs, self.started
+        paths = []
+        for directory, dirs, files in os.walk(upper):
+            for name in dirs + files:
+                path = Path(directory, name)
+                if since is None or path.lstat().st_ctime >= since:
+                    paths.append("/" + str(path.relative_to(upper)))
+        return sorted(paths)
+
+    def written_outside_volumes(self) -> list[str]:
+        """``written()`` less what a read-only root filesystem allows: anything under ``/tmp`` (an
+        emptyDir in every pod), and the empty directories the runtime itself creates as mount points:
+        each volume's target and its parents, and ``/run`` (buildah run sets up its run-time mounts
+        there). Directories that only hold other written entries are left out (overlay copies a
+        file's parents up with it). Empty when the container would run unchanged with
+        ``readOnlyRootFilesystem: true``."""
+        mount_dirs = {"/run"}
+        for target in self.mount_targets:
+            parts = target.strip("/").split("/")
+            mount_dirs.update("/" + "/".join(parts[: i + 1]) for i in range(len(parts)))
+        written = self.written()
+        # A directory that holds other written entries was only copied up to hold them: report those.
+        parents = {str(Path(p).parent) for p in written}
+        return [
+            p
+            for p in written
+            if p not in parents
+            and not (p == "/tmp" or p.startswith("/tmp/"))
+            and not (p in mount_dirs and (self.rootfs / p.lstrip("/")).is_dir())
+        ]
+
+    def stop(self) -> list[str]:
+        """End the container (SIGTERM, as the kubelet does, then SIGKILL after 30 s) and remove it.
+
+        Returns ``written_outside_volumes()`` as it stood once the process had ended (the container's
+        layer goes with it); a second call returns the same list."""
+        if self.root_writes is not None:
+            return self.root_writes
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -214,4 +294,8 @@ class ImageRun:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
         self._out.close()
-        subprocess.run([*buildah(), "rm", self.container_id], capture_output=True, timeout=120)
+        try:
+            self.root_writes = self.written_outside_volumes()
+        finally:
+            subprocess.run([*buildah(), "rm", self.container_id], capture_output=True, timeout=120)
+        return self.root_writes

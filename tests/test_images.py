@@ -11,12 +11,19 @@ directories where the volumes would be:
 - the trainer server answers SubmitJob from the host;
 - the worker image runs as the 2 pods of one Indexed Job (JOB_COMPLETION_INDEX 0 and 1, the master
   address and port the launcher renders, resolved to loopback): the 2-node ZeRO-2 LoRA run completes
-  and the adapter is published once on the mounted adapters volume.
+  and the adapter is published once on the mounted adapters volume;
+- the dashboard serves its page against the running trainer image: in Debian's chromium the Jobs page
+  lists the job submitted to that trainer (a screenshot is kept, see the test), and /metrics answers.
+
+Read-only root filesystem: every pod here sets ``readOnlyRootFilesystem: true``, which ``buildah run``
+cannot enforce; so once each container has ended, its writable layer must hold nothing outside its
+mounted volumes and /tmp (``ImageRun.stop``), i.e. it would have run unchanged on a read-only root.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import time
@@ -29,7 +36,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from image_utils import Cluster, ImageRun, buildah, built_images, resolve
+from image_utils import Cluster, ImageRun, PodContainer, buildah, built_images, resolve
 from k8s_utils import K8S_DIR, find, kustomize, one
 
 from lorafleet.v1 import inference_pb2, inference_pb2_grpc, trainer_pb2_grpc
@@ -138,11 +145,15 @@ def test_inference_serves_the_tiny_model_from_the_models_volume(
     assert reply.usage.generated_tokens == len(reply.token_ids) > 0
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     assert "lorafleet_inference_" in text
+    assert run.stop() == [], f"written outside the volumes (read-only root):\n{run.output()[-3000:]}"
 
 
-def test_trainer_server_answers_submit_job(
-    rendered, images, tiny_llama, bundled_data, tmp_path, running
-) -> None:
+def start_trainer(
+    rendered: list[dict[str, Any]], images: dict[str, str], tiny_llama: Path, bundled_data: dict[str, Path],
+    tmp_path: Path, running: list[ImageRun],
+) -> tuple[ImageRun, str]:  # fmt: skip
+    """The trainer server image as its cpu-dev pod, with the tiny model and the bundled data on its
+    volumes; returns the run and its gRPC address on the host, once it is SERVING."""
     data_root, models = tmp_path / "datasets", tmp_path / "models"
     shutil.copytree(tiny_llama, models / "tiny" / "llama")
     for path in bundled_data.values():
@@ -162,11 +173,16 @@ def test_trainer_server_answers_submit_job(
     (kube / "config").write_text(KUBECONFIG, encoding="utf-8")
     container.mounts.append((kube, "/etc/lorafleet-test/kube", True))
     container.env["KUBECONFIG"] = "/etc/lorafleet-test/kube/config"
-    port = container.env["LORAFLEET_TRAINER_PORT"]
+    address = f"127.0.0.1:{container.env['LORAFLEET_TRAINER_PORT']}"
     run = ImageRun(images["lorafleet-trainer"], container, tmp_path / "trainer.log", {})
     running.append(run)
-    wait_serving(f"127.0.0.1:{port}", run, timeout=120)
-    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{port}"), TOKEN)
+    wait_serving(address, run, timeout=120)
+    return run, address
+
+
+def submit_tiny_job(address: str, bundled_data: dict[str, Path]) -> tpb.Job:
+    """SubmitJob from the host: a 2-step LoRA job on the pod's paths of the model and the data."""
+    channel = with_token(grpc.insecure_channel(address), TOKEN)
     stub = trainer_pb2_grpc.TrainerServiceStub(channel)
     in_pod = {k: Path("/data/datasets/bundled") / p.name for k, p in bundled_data.items()}
     spec = lora_spec(Path("/data/models/tiny/llama"), in_pod, max_steps=2)
@@ -174,8 +190,88 @@ def test_trainer_server_answers_submit_job(
     assert job.id and job.spec.model.name_or_path == "/data/models/tiny/llama"
     assert stub.GetJob(tpb.GetJobRequest(job_id=job.id), timeout=30).id == job.id
     channel.close()
+    return job
+
+
+def test_trainer_server_answers_submit_job(
+    rendered, images, tiny_llama, bundled_data, tmp_path, running
+) -> None:
+    run, address = start_trainer(rendered, images, tiny_llama, bundled_data, tmp_path, running)
+    submit_tiny_job(address, bundled_data)
     # The job store is on the mounted runs volume, written as uid 1000.
     assert any(p.stat().st_uid == UID for p in (tmp_path / "runs").rglob("*"))
+    assert run.stop() == [], f"written outside the volumes (read-only root):\n{run.output()[-3000:]}"
+
+
+def wait_http(url: str, run: ImageRun, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert run.proc.poll() is None, f"the container exited:\n{run.output()[-4000:]}"
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} did not answer 200 in {timeout} s:\n{run.output()[-4000:]}")
+
+
+def test_dashboard_shows_the_trainer_images_jobs_in_a_browser(
+    rendered, images, tiny_llama, bundled_data, tmp_path, running
+) -> None:
+    """The dashboard image as its pod, against the trainer image as its pod (the Service names on
+    loopback): the Jobs page, in Debian's chromium, lists the job submitted to the trainer; the
+    screenshot is ``dashboard-jobs.png`` in the test's directory, copied to $LORAFLEET_IMAGE_SCREENSHOTS
+    when set (CI prints where)."""
+    from playwright.sync_api import sync_playwright
+    from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+
+    trainer, address = start_trainer(
+        rendered, images, tiny_llama, bundled_data, tmp_path / "trainer", running
+    )
+    job = submit_tiny_job(address, bundled_data)
+    pod = deployment_pod(rendered, "lorafleet-dashboard")
+    container = resolve(pod, "dashboard", cluster(rendered, tmp_path / "dashboard", {}))
+    assert container.env["LORAFLEET_TRAINER_ADDR"] == "lorafleet-trainer:50051"
+    hosts = {"lorafleet-trainer": "127.0.0.1", "lorafleet-inference": "127.0.0.1"}
+    dashboard = ImageRun(images["lorafleet-dashboard"], container, tmp_path / "dashboard.log", hosts)
+    running.append(dashboard)
+    [port] = [p["containerPort"] for p in pod["containers"][0]["ports"] if p["name"] == "http"]
+    [metrics_port] = [p["containerPort"] for p in pod["containers"][0]["ports"] if p["name"] == "metrics"]
+    wait_http(f"http://127.0.0.1:{port}/_stcore/health", dashboard, timeout=180)
+
+    shot = tmp_path / "dashboard-jobs.png"
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} missing: run `make tools` (scripts/install_chromium.sh)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900}, device_scale_factor=1)
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.get_by_role("heading", name="Jobs", exact=True).wait_for(timeout=TIMEOUT_MS)
+            grid = page.locator(".st-key-jobs-table [data-testid=stDataFrame]")
+            grid.wait_for(timeout=TIMEOUT_MS)
+            # The grid draws on a canvas; its cells' accessible text holds the job id from the trainer.
+            grid.get_by_text(job.id, exact=True).first.wait_for(state="attached", timeout=TIMEOUT_MS)
+            page.get_by_text("lorafleet-trainer:50051", exact=True).first.wait_for(timeout=TIMEOUT_MS)
+            page.wait_for_function(
+                "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT_MS
+            )
+            assert not page.get_by_text("Traceback").count()
+            assert not page.locator("[data-testid=stException]").count()
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000, f"{shot} looks empty"
+    if os.environ.get("LORAFLEET_IMAGE_SCREENSHOTS"):
+        out = Path(os.environ["LORAFLEET_IMAGE_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / shot.name)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    assert "lorafleet_dashboard_" in metrics
+    assert dashboard.stop() == [], (
+        f"written outside the volumes (read-only root):\n{dashboard.output()[-3000:]}"
+    )
+    assert trainer.stop() == [], f"written outside the volumes (read-only root):\n{trainer.output()[-3000:]}"
 
 
 def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
@@ -236,7 +332,26 @@ def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
         workers.append(run)
     for index, run in enumerate(workers):
         assert run.wait(timeout=600) == 0, f"pod {index}:\n{run.output()[-5000:]}"
+    for index, run in enumerate(workers):
+        assert run.stop() == [], f"pod {index} wrote outside its volumes (read-only root)"
     published = sorted((tmp_path / "adapters").rglob("adapter_config.json"))
     assert published == [tmp_path / "adapters" / "img-smoke" / "1" / "adapter_config.json"], published
     assert (published[0].parent / "lorafleet_manifest.json").is_file()
     assert published[0].stat().st_uid == UID  # written by the pod's user
+
+
+def test_root_write_check_sees_writes_outside_the_volumes(images, tmp_path, running) -> None:
+    """The read-only-root check itself: a file written into the image's own HOME directory (not a
+    volume here) is reported, and files written on the mounted /tmp and on a volume are not."""
+    scratch, volume = tmp_path / "tmp", owned(tmp_path / "volume")
+    scratch.mkdir()
+    scratch.chmod(0o1777)
+    script = "for p in ('/var/cache/lorafleet/x', '/tmp/y', '/data/v/z'): open(p, 'w').write('1')"
+    container = PodContainer(
+        ["python", "-c", script], {}, [(scratch, "/tmp", False), (volume, "/data/v", False)], f"{UID}:{UID}"
+    )
+    run = ImageRun(images["lorafleet-dashboard"], container, tmp_path / "writer.log", {})
+    running.append(run)
+    assert run.wait(timeout=120) == 0, run.output()
+    assert run.stop() == ["/var/cache/lorafleet/x"]
+    assert (scratch / "y").is_file() and (volume / "z").is_file()
