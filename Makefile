@@ -78,7 +78,8 @@ proto-check: setup
 # Container images of the services (services/*/Dockerfile, built from the repository root), CPU variant
 # by default (TORCH_VARIANT=cu128 for GPU nodes). BUILDER=docker needs a Docker engine; BUILDER=buildah
 # (what CI runs, as root: scripts/build_images.sh) needs no engine and no registry: it makes the base
-# from Debian packages when it cannot pull it, and caches it with the layers under .cache/images.
+# from Debian packages when it cannot pull it, and caches it with the layers machine-wide
+# (/var/cache/lorafleet/images when writable, else .cache/images; LORAFLEET_IMAGE_CACHE overrides).
 # `make images REGISTRY=registry.example.com/lorafleet/ IMAGE_TAG=0.1.0`, then push them and set the
 # same names in your overlay's `images:` (k8s/overlays/gpu/kustomization.yaml).
 REGISTRY ?=
@@ -97,7 +98,9 @@ else
 endif
 
 # Smoke-runs the images `make images BUILDER=buildah` built, each as its pod runs it (command, env and
-# mounts from the rendered manifests and the launcher's Job): tests/test_images.py, marker `images`.
+# mounts from the rendered manifests and the launcher's Job), each checked to write nothing outside its
+# volumes (read-only root): tests/test_images.py, marker `images`. LORAFLEET_IMAGE_SCREENSHOTS=DIR keeps
+# the dashboard image's screenshot of its Jobs page.
 images-test: setup tools
 	$(PY) -m pytest -m images -q -rs tests/test_images.py $(PYTEST_ARGS)
 
