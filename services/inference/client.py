@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -118,7 +118,8 @@ class InferenceClient:
             call.cancel()
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        """Base models and every adapter version, all pages of the listing merged."""
+        return collect_model_pages(lambda request: self.stub.ListModels(request, timeout=self.timeout))
 
     def load_adapter(self, adapter: str, model: str = "") -> pb.AdapterStatus:
         request = pb.LoadAdapterRequest(model=model, adapter=adapter)
@@ -164,6 +165,23 @@ def usage_line(usage: pb.Usage | None) -> str:
         f"finish {finish_name(usage.finish_reason)}, first token {usage.time_to_first_token_s * 1000:.0f} ms, "
         f"total {usage.total_time_s:.2f} s]"
     )
+
+
+def collect_model_pages(
+    call: Callable[[pb.ListModelsRequest], pb.ListModelsResponse],
+) -> pb.ListModelsResponse:
+    """Follow ``next_page_token`` until the last page; one response with every adapter."""
+    merged = pb.ListModelsResponse()
+    token = ""
+    for _ in range(100_000):  # a server that never stops paging is a bug, not a reason to hang
+        page = call(pb.ListModelsRequest(page_token=token))
+        if not token:
+            merged.models.extend(page.models)
+        merged.adapters.extend(page.adapters)
+        token = page.next_page_token
+        if not token:
+            break
+    return merged
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -40,14 +40,14 @@ from typing import Any
 
 import grpc
 
-from lorafleet.errors import ConfigError, LorafleetError
+from lorafleet.errors import ConfigError, FieldProblem, LorafleetError
 from lorafleet.v1 import inference_pb2 as pb
 from lorafleet.v1 import inference_pb2_grpc
 from services.common import grpc_util
 from services.common.auth import add_secret_refusal, guarded_methods
 from services.common.interceptor import ErrorInterceptor
 from services.inference import settings as settings_module
-from services.inference.errors import STATUS_FOR
+from services.inference.errors import STATUS_FOR, InvalidRequestError
 from services.inference.metrics import InferenceMetrics
 from services.inference.openai_api import HttpServer, OpenAIApi
 from services.inference.plane import (
@@ -154,8 +154,56 @@ def adapter_status_to_pb(hosted: HostedAdapterStatus) -> pb.AdapterStatus:
     )
 
 
-def list_models_to_pb(plane: InferencePlane) -> pb.ListModelsResponse:
+LIST_PAGE_DEFAULT = 500
+LIST_PAGE_MAX = 1000
+LIST_PAGE_BYTES = 3 * 1024 * 1024
+"""Byte budget of one ListModels page: under gRPC's default 4 MiB client limit whatever is published."""
+
+
+def _page_start(page_token: str) -> int:
+    """The adapter offset a page token names; malformed tokens are the client's error."""
+    if page_token == "":
+        return 0
+    if not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 9):
+        raise InvalidRequestError(
+            [FieldProblem("page_token", page_token, "use the next_page_token of a listing")]
+        )
+    return int(page_token)
+
+
+def list_models_to_pb(
+    plane: InferencePlane, page_size: int = 0, page_token: str = ""
+) -> pb.ListModelsResponse:
+    """One page of ListModels: every base model, then adapters from ``page_token`` on, up to
+    ``page_size`` of them or :data:`LIST_PAGE_BYTES`, with the token of the next page if any remain.
+
+    Raises:
+        InvalidRequestError: a negative or too large page size, or a malformed page token.
+    """
+    if not 0 <= page_size <= LIST_PAGE_MAX:
+        raise InvalidRequestError(
+            [FieldProblem("page_size", page_size, f"use 0 (default) to {LIST_PAGE_MAX}")]
+        )
+    start = _page_start(page_token)
+    limit = page_size or LIST_PAGE_DEFAULT
     infos, adapters = plane.list_models()
+    out = _models_to_pb(infos)
+    used = out.ByteSize()
+    end = start
+    for status in adapters[start : start + limit]:
+        item = adapter_status_to_pb(status)
+        size = item.ByteSize() + 8  # field tag and length prefix
+        if end > start and used + size > LIST_PAGE_BYTES:
+            break
+        out.adapters.append(item)
+        used += size
+        end += 1
+    if end < len(adapters):
+        out.next_page_token = str(end)
+    return out
+
+
+def _models_to_pb(infos: list[Any]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(
         models=[
             pb.BaseModelStatus(
@@ -170,7 +218,6 @@ def list_models_to_pb(plane: InferencePlane) -> pb.ListModelsResponse:
             )
             for i in infos
         ],
-        adapters=[adapter_status_to_pb(a) for a in adapters],
     )
 
 
@@ -258,7 +305,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        return list_models_to_pb(self.plane)
+        return list_models_to_pb(self.plane, request.page_size, request.page_token)
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterStatus:
         return adapter_status_to_pb(self.plane.load_adapter(request.model, request.adapter))
