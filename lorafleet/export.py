@@ -18,17 +18,24 @@ Refused, with the reason: DoRA (its magnitude vector normalises each fused row b
 trained biases, ``modules_to_save`` (a trained Baichuan2 head is no longer a ``NormHead``),
 embedding or head LoRA.
 
+``--merge`` instead writes a standalone Hugging Face model directory: the adapter merged into its
+base (``merge_adapter``), its chat template as the tokenizer's ``chat_template``, loadable by plain
+transformers, vLLM or TGI; ``--publish NAME`` publishes it as a ``full_model`` artifact.
+
 Run as::
 
     lorafleet export NAME@VERSION --layout original --out DIR [--root .cache/adapters]
+    lorafleet export NAME@VERSION --merge [--dtype bf16|fp16|fp32] (--out DIR | --publish NAME)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,19 +251,258 @@ def _qkv_rows(base_dir: str | Path | None, family: str) -> list[int] | None:
     return [hidden] * 3 if isinstance(hidden, int) else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Merge: a standalone Hugging Face model directory
+
+
+MERGE_DTYPES = ("bf16", "fp16", "fp32")
+"""Dtypes ``--merge`` writes; the merge itself always runs in fp32."""
+MERGE_RECORD = "lorafleet_merge.json"
+"""Written beside a merged model exported with ``--out``: what was merged and how (the published
+form records the same in its manifest's ``source``)."""
+_QUANTIZED = ("nf4", "int8")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge_adapter`` wrote and how."""
+
+    path: Path
+    """The model directory (``--out``, or the staging directory before publishing)."""
+    source: dict[str, Any]
+    """The merge record: ``kind`` ``merge``, the adapter, dtypes, and ``dequantized`` when the base
+    was quantized in training (stored in ``lorafleet_merge.json`` / the manifest's ``source``)."""
+
+    @property
+    def notice(self) -> str:
+        """The line the CLI prints about a quantized base: empty when the base was not quantized."""
+        return str(self.source.get("dequantized", ""))
+
+
+def jinja_chat_template(template: Any) -> str:
+    """The tokenizer ``chat_template`` (Jinja) that renders a conversation exactly as the lorafleet
+    ``template`` does (``lorafleet.templates.render_turns``), so a merged model served elsewhere
+    (vLLM, TGI, ``apply_chat_template``) gets the prompt format it was trained on.
+
+    Every literal becomes a quoted Jinja expression (``{{ "..." }}``) and every tag strips whitespace,
+    so the ``trim_blocks`` / ``lstrip_blocks`` options transformers renders with change nothing. A
+    generation prompt needs nothing extra: a lorafleet user turn already ends where the answer starts.
+    """
+
+    def piece(fmt: str, slots: dict[str, str]) -> str:
+        out, pos = [], 0
+        for match in re.finditer(r"\{(query|answer|system|n|bos|eos)\}", fmt):
+            if match.start() > pos:
+                out.append("{{ " + json.dumps(fmt[pos : match.start()], ensure_ascii=False) + " }}")
+            out.append(slots[match[1]])
+            pos = match.end()
+        if pos < len(fmt):
+            out.append("{{ " + json.dumps(fmt[pos:], ensure_ascii=False) + " }}")
+        return "".join(out)
+
+    common = {"bos": "{{ bos_token }}", "eos": "{{ eos_token }}", "n": "{{ ns.n }}"}
+    system = (
+        piece(template.system_format, {**common, "system": "{{ ns.system }}"})
+        if template.system_format
+        else ""
+    )
+    query = "{{ message['content'] }}"
+    if template.system_in_query and system:
+        query = "{%- if ns.n == 1 and ns.system -%}" + system + "{%- endif -%}" + query
+    return "".join(
+        [
+            "{%- set ns = namespace(system="
+            + json.dumps(template.default_system, ensure_ascii=False)
+            + ", n=0) -%}",
+            "{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.system = messages[0]['content'] -%}{%- endif -%}",
+            piece(template.prefix, common),
+            ("{%- if ns.system -%}" + system + "{%- endif -%}")
+            if system and not template.system_in_query
+            else "",
+            "{%- for message in messages -%}",
+            "{%- if message['role'] == 'user' -%}",
+            ("{%- if ns.n > 0 -%}" + piece(template.separator, common) + "{%- endif -%}")
+            if template.separator
+            else "",
+            "{%- set ns.n = ns.n + 1 -%}",
+            piece(template.user_format, {**common, "query": query}),
+            "{%- elif message['role'] == 'assistant' -%}",
+            piece(template.assistant_format, {**common, "answer": "{{ message['content'] }}"}),
+            "{%- endif -%}",
+            "{%- endfor -%}",
+        ]
+    )
+
+
+def _dequantize_bnb(model: Any) -> int:
+    """Replace every bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` of ``model`` by an fp32
+    ``nn.Linear`` holding its dequantized weight: the exact weight the quantized base computed with
+    in training, so an adapter merged into it gives the trained model (merging into the original
+    fp16 checkpoint would not, and requantizing after the merge would round the update away:
+    LlamaFactory#5171). Returns the count replaced."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            continue
+        state = (
+            getattr(module.weight, "quant_state", None)
+            if isinstance(module, bnb.nn.Linear4bit)
+            else module.state
+        )
+        weight = dequantize_bnb_weight(module.weight, state=state).float()  # type: ignore[arg-type]  # [out, in]
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        replaced += 1
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # config, quantizer, method: a plain model now
+    return replaced
+
+
+def merge_adapter(published: Any, out_dir: str | Path, dtype: str = "bf16") -> MergeResult:
+    """Merge a published LoRA / DoRA adapter into its base and write a standalone HF model directory.
+
+    ``W' = W + s * B @ A`` for every adapted module (PEFT ``merge_and_unload``; DoRA rescales rows by
+    its magnitude vector; ``modules_to_save`` replace their modules), computed in fp32 and then cast
+    to ``dtype``. A base the adapter was trained over in 4 or 8 bits is loaded quantized as in
+    training and dequantized to fp32 first (``_dequantize_bnb``), and the result says so.
+
+    Writes ``config.json``, ``model.safetensors``, ``generation_config.json``, the tokenizer with the
+    adapter's template as its ``chat_template``, and ``lorafleet_merge.json``.
+
+    Args:
+        published: a ``lorafleet.adapters.PublishedAdapter`` of kind ``lora``.
+        out_dir: the directory to write (must not exist or be empty).
+        dtype: ``bf16``, ``fp16`` or ``fp32``: the stored weights' dtype.
+
+    Returns:
+        The merge result.
+
+    Raises:
+        AdapterImportError: another kind, an unknown dtype, a non-empty ``out_dir``, a base that is
+            not available here.
+    """
+    from peft import PeftModel
+
+    from lorafleet.config import ModelConfig
+    from lorafleet.errors import AdapterImportError, FieldProblem
+    from lorafleet.models import load_model, load_tokenizer, torch_dtype
+    from lorafleet.templates import TEMPLATES
+
+    manifest, target = published.manifest, Path(out_dir)
+    problems = []
+    if manifest.kind != "lora":
+        problems.append(FieldProblem("kind", manifest.kind, f"{published.ref}: only LoRA adapters merge"))
+    if dtype not in MERGE_DTYPES:
+        problems.append(FieldProblem("dtype", dtype, f"must be one of {list(MERGE_DTYPES)}"))
+    if target.exists() and any(target.iterdir()):
+        problems.append(FieldProblem("out", str(target), "exists and is not empty"))
+    base = manifest.base_model
+    base_path = base.get("path") if base.get("kind") == "local" else base.get("id")
+    if not base_path:
+        problems.append(FieldProblem("base_model", base, "the manifest names no base"))
+    if problems:
+        raise AdapterImportError(problems, f"cannot merge {published.ref}")
+    quantization = str((manifest.hyperparameters.get("model") or {}).get("quantization") or "none")
+    model_cfg = ModelConfig(name_or_path=str(base_path), revision=base.get("revision"), dtype="fp32")
+    model = load_model(
+        dataclasses.replace(model_cfg, quantization=quantization if quantization in _QUANTIZED else "none"),
+        for_training=False,
+        device_map="cpu",
+    )
+    source: dict[str, Any] = {
+        "kind": "merge",
+        "adapter": published.ref,
+        "adapter_method": manifest.method,
+        "merge_dtype": "fp32",
+        "dtype": dtype,
+        "base_quantization": quantization,
+    }
+    if quantization in _QUANTIZED:
+        count = _dequantize_bnb(model)
+        source["dequantized"] = (
+            f"the adapter was trained over a {quantization}-quantized base: its {count} quantized linear "
+            f"layers were dequantized to fp32, the adapter merged in fp32 and the result written in {dtype}; "
+            "the weights are the quantized base's plus the update, not the original checkpoint's"
+        )
+    merged = PeftModel.from_pretrained(model, str(published.path)).merge_and_unload()
+    merged = merged.to(torch_dtype(dtype))
+    merged.config.dtype = torch_dtype(dtype)
+    target.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(target), safe_serialization=True)
+    tokenizer = load_tokenizer(model_cfg)
+    template = TEMPLATES.get(manifest.template)
+    if template is not None and not template.use_chat_template:
+        tokenizer.chat_template = jinja_chat_template(template)
+    source["chat_template"] = manifest.template
+    tokenizer.save_pretrained(str(target))
+    (target / MERGE_RECORD).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+    return MergeResult(target, source)
+
+
+def merge_and_publish(published: Any, adapters_root: str | Path, name: str, dtype: str = "bf16") -> Any:
+    """Merge (``merge_adapter``) into a staging directory and publish it as a new version of ``name``,
+    a ``full_model`` artifact whose manifest ``source`` records the merge.
+
+    Returns:
+        ``(PublishedAdapter, MergeResult)``.
+    """
+    import shutil
+
+    from lorafleet import adapters
+
+    staging = adapters.new_staging_dir(adapters_root, name)
+    try:
+        result = merge_adapter(published, staging, dtype)
+        m = published.manifest
+        manifest = adapters.Manifest(
+            name=name, version=0, kind="full_model", method=m.method, base_model=m.base_model,
+            family=m.family, template=m.template, hyperparameters=m.hyperparameters,
+            created_at=adapters.utc_now(), source=result.source,
+        )  # fmt: skip
+        return adapters.publish(staging, adapters_root, name, manifest), result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``lorafleet export NAME@V --layout original --out DIR``: a published adapter in the original layout."""
+    """``lorafleet export NAME@V --layout original --out DIR`` (a published adapter in the original
+    layout) or ``lorafleet export NAME@V --merge [--dtype bf16] (--out DIR | --publish NAME)``."""
     from lorafleet.adapters import get_adapter, parse_adapter_ref
 
     parser = argparse.ArgumentParser(prog="lorafleet export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref", help="NAME or NAME@VERSION of a published LoRA adapter")
-    parser.add_argument("--layout", choices=("original",), required=True, help="key layout to write")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--layout", choices=("original",), help="key layout to write")
+    mode.add_argument("--merge", action="store_true", help="merge into the base: a standalone HF model")
+    parser.add_argument("--dtype", choices=MERGE_DTYPES, default="bf16", help="--merge: stored weights dtype")
+    parser.add_argument("--out", help="output directory (must not exist or be empty)")
+    parser.add_argument("--publish", metavar="NAME", help="--merge: publish as a full-model artifact NAME")
     parser.add_argument("--root", default=".cache/adapters", help="adapters root")
     args = parser.parse_args(argv)
+    if (args.out is None) == (args.publish is None) or (args.publish and not args.merge):
+        parser.error("give exactly one of --out DIR or --publish NAME (--publish only with --merge)")
     name, version = parse_adapter_ref(args.ref)
     published = get_adapter(args.root, name, version)
     manifest = published.manifest
+    if args.merge:
+        if args.publish:
+            merged, result = merge_and_publish(published, args.root, args.publish, args.dtype)
+            print(
+                f"{published.ref} merged into its base -> {merged.ref} (full model, {args.dtype}) at {merged.path}"
+            )
+        else:
+            result = merge_adapter(published, args.out, args.dtype)
+            print(f"{published.ref} merged into its base -> {result.path} ({args.dtype})")
+        if result.notice:
+            print(f"note: {result.notice}")
+        return 0
     if manifest.kind != "lora":
         raise AdapterError(f"{published.ref} is a {manifest.kind!r} artifact; only LoRA adapters export")
     base = manifest.base_model.get("path") if manifest.base_model.get("kind") == "local" else None
