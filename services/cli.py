@@ -86,8 +86,9 @@ COMMANDS: dict[str, Command] = {
         Command(
             "export",
             "lorafleet.export:main",
-            "NAME[@V] --layout original --out DIR",
-            "write a Baichuan/ChatGLM LoRA adapter in the original key layout (W_pack, query_key_value)",
+            "NAME[@V] (--layout original --out DIR | --merge [--dtype bf16] (--out DIR | --publish NAME))",
+            "merge an adapter into its base as a standalone HF model, or write a Baichuan/ChatGLM "
+            "adapter in the original key layout",
         ),
         Command("data", "lorafleet.cli:data_main", "--out data/", "write the bundled datasets"),
         Command(
