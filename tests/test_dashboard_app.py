@@ -29,7 +29,8 @@ from dashboard_utils import (
     table,
     wait_until,
 )
-from inference_service_utils import collect, greedy
+from inference_service_utils import collect, greedy, publish_adapter, serving, settings_for
+from inference_utils import save_lora_adapter
 from prom_utils import promtool_check_metrics
 from trainer_utils import TERMINAL, TrainerProcess
 
@@ -330,6 +331,44 @@ def test_chat_streams_the_adapters_answer(stack: Stack, monkeypatch) -> None:
     # The base model is another conversation, with its own (empty) history.
     at.selectbox(key="chat.adapter").set_value("(base model)").run()
     assert len(at.chat_message) == 0
+
+
+def test_chat_over_the_openai_http_api(stack: Stack, monkeypatch, tmp_path) -> None:
+    """With LORAFLEET_INFERENCE_HTTP_ADDR set, the chat page can ask a real inference server over its
+    OpenAI-compatible HTTP API (started with an HTTP port): the greedy answer equals gRPC's for the
+    same adapter, the usage says which transport served it, and a parameter OpenAI's API lacks is
+    refused by name instead of being dropped."""
+    source = save_lora_adapter(stack.model, tmp_path / "src", rank=8, seed=5, targets=("q_proj", "v_proj"))
+    publish_adapter(tmp_path / "adapters", "http-lora", source, stack.model, template="chatml")
+    settings = settings_for(stack.model, tmp_path / "adapters", http_port=0, max_new_tokens_cap=64)
+    with serving(settings) as server:
+        grpc_addr, http_addr = f"127.0.0.1:{server.port}", f"127.0.0.1:{server.http_port}"
+        env = stack.env(LORAFLEET_INFERENCE_ADDR=grpc_addr, LORAFLEET_INFERENCE_HTTP_ADDR=http_addr)
+        at = open_page(monkeypatch, env, "chat")
+        no_exception(at)
+        at.selectbox(key="chat.adapter").set_value("http-lora@1")
+        at.slider(key="chat.temperature").set_value(0.0)
+        at.number_input(key="chat.max_new_tokens").set_value(12)
+        at.radio(key="chat.transport").set_value("OpenAI HTTP").run()
+        before = dash_metrics.CALLS.labels(service="inference", method="http:chat.completions", code="OK")
+        before_value = before._value.get()
+        at.chat_input(key="chat.input").set_value("The patient reports").run()
+        no_exception(at)
+        assert not errors(at), errors(at)
+        answer = "".join(str(md.value) for md in at.chat_message[1].markdown)
+        expected = _reference_answer(Stack(stack.model, {}, tmp_path, stack.trainer, grpc_addr), "http-lora@1",
+                                     [("user", "The patient reports")], 12)  # fmt: skip
+        assert answer.strip() == (expected.strip() or "_(no text)_")
+        usage = [str(c.value) for c in at.chat_message[1].caption]
+        assert usage and "over OpenAI HTTP" in usage[0] and "served by http-lora@1" in usage[0], usage
+        assert before._value.get() == before_value + 1
+
+        at.number_input(key="chat.top_k").set_value(5)
+        at.chat_input(key="chat.input").set_value("Again").run()
+        no_exception(at)
+        assert any("top_k=5" in e and "OpenAI" in e for e in errors(at)), errors(at)
+        at.run()
+        assert len(at.chat_message) == 2  # the refused question is not kept
 
 
 def test_stream_arrives_in_pieces(stack: Stack) -> None:

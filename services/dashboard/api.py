@@ -22,6 +22,7 @@ from lorafleet.v1 import adapters_pb2, inference_pb2, inference_pb2_grpc, traine
 from services.common.field_errors import FieldViolation, field_violations
 from services.common.grpc_util import channel
 from services.dashboard import metrics
+from services.inference.client import collect_model_pages
 
 SERVICE_TITLES = {"trainer": "Trainer service", "inference": "Inference service"}
 
@@ -217,7 +218,7 @@ class InferenceApi(_Client):
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     def list_models(self) -> inference_pb2.ListModelsResponse:
-        return self._unary("ListModels", inference_pb2.ListModelsRequest())
+        return collect_model_pages(lambda request: self._unary("ListModels", request))
 
     def load_adapter(self, adapter: str, model: str = "") -> inference_pb2.AdapterStatus:
         # Loading reads and validates the weights: allow it more than a listing.
@@ -248,3 +249,132 @@ class InferenceApi(_Client):
             sampling=sampling,
         )
         yield from self._stream("ChatStream", request, timeout_s=timeout_s)
+
+
+_GRPC_CODE_OF_HTTP = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ALREADY_EXISTS",
+    412: "FAILED_PRECONDITION",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+"""HTTP status -> the gRPC code name a :class:`ServiceError` carries (the inverse of the inference
+service's mapping, ``services/inference/openai_schemas.py``); anything else is INTERNAL."""
+
+
+class OpenAIChatApi:
+    """The inference service's OpenAI-compatible HTTP API (``--http-port``), through the official
+    ``openai`` client, for the chat page's other transport.
+
+    Same contract as the gRPC clients: the bearer token on every call, a :class:`ServiceError` naming
+    the service, its address, a gRPC-style code and the server's message for every failure, and
+    every call recorded in the dashboard's metrics (method ``http:chat.completions``).
+    """
+
+    service = "inference"
+    method = "http:chat.completions"
+
+    def __init__(self, address: str, token: str = "", tls_ca: str = "", timeout_s: float = 10.0) -> None:
+        import openai  # the chat page's HTTP transport only: other pages never pay for the import
+
+        self.address = address
+        self.timeout_s = timeout_s
+        base = address if "://" in address else f"http://{address}"
+        try:
+            http = openai.DefaultHttpxClient(verify=tls_ca or True) if base.startswith("https://") else None
+        except OSError as e:
+            raise ServiceError(self.service, address, "CLIENT_CONFIG", f"TLS CA file {tls_ca!r}: {e}") from e
+        self._openai = openai
+        # The server needs the token only with auth_scope "all"; the client insists on some key.
+        self.client = openai.OpenAI(
+            base_url=base.rstrip("/") + "/v1", api_key=token or "none", max_retries=0, http_client=http
+        )
+
+    def _error(self, e: Exception) -> ServiceError:
+        openai = self._openai
+        if isinstance(e, openai.APIStatusError):
+            body = e.body if isinstance(e.body, dict) else {}
+            message = str(body.get("message") or e.message)
+            code = _GRPC_CODE_OF_HTTP.get(e.status_code, "INTERNAL")
+            param = body.get("param")
+            fields = {str(param): [message]} if param else {}
+            return ServiceError(self.service, self.address, code, message, fields)
+        if isinstance(e, openai.APITimeoutError):
+            return ServiceError(self.service, self.address, "DEADLINE_EXCEEDED", str(e))
+        return ServiceError(self.service, self.address, "UNAVAILABLE", str(e))
+
+    def chat_stream(
+        self,
+        messages: Sequence[tuple[str, str]],
+        model: str,
+        sampling: inference_pb2.SamplingParams,
+        timeout_s: float = 300.0,
+    ) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """Stream a chat answer as ``(text delta, None)`` pairs, then ``("", usage)`` once: prompt and
+        completion tokens, ``finish`` (``stop`` / ``length``), time to first token and total time
+        (measured here, so they include the HTTP hop).
+
+        Args:
+            messages: (role, content) pairs, oldest first.
+            model: OpenAI ``model``: an adapter ref, or a base model's name for no adapter.
+            sampling: the page's parameters; only the ones OpenAI's API has may be set (a ``top_k``
+                or ``repetition_penalty`` is refused here, naming it, rather than silently dropped).
+
+        Raises:
+            ServiceError: refused (INVALID_ARGUMENT for a parameter OpenAI's API lacks), or failed.
+        """
+        extra = [f"{f}={v}" for f, v, off in (("top_k", sampling.top_k, 0),
+                 ("repetition_penalty", sampling.repetition_penalty, 1.0)) if v and v != off]  # fmt: skip
+        if extra:
+            raise ServiceError(
+                self.service, self.address, "INVALID_ARGUMENT",
+                f"{', '.join(extra)}: not a field of the OpenAI API; reset it or use gRPC",
+            )  # fmt: skip
+        start = time.perf_counter()
+        code = "CANCELLED"  # the consumer stopped early
+        first: float | None = None
+        finish = ""
+        try:
+            chat: list[Any] = [{"role": r, "content": c} for r, c in messages]
+            stream = self.client.chat.completions.create(
+                model=model,
+                messages=chat,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p or 1.0,
+                max_tokens=sampling.max_new_tokens or None,
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=timeout_s,
+            )
+            with stream:
+                for chunk in stream:
+                    if chunk.usage is not None:
+                        yield (
+                            "",
+                            {
+                                "prompt_tokens": chunk.usage.prompt_tokens,
+                                "generated_tokens": chunk.usage.completion_tokens,
+                                "finish": finish,
+                                "ttft_s": (first or time.perf_counter()) - start,
+                                "total_s": time.perf_counter() - start,
+                            },
+                        )
+                    for choice in chunk.choices:
+                        finish = choice.finish_reason or finish
+                        if choice.delta.content:
+                            first = first or time.perf_counter()
+                            yield choice.delta.content, None
+            code = "OK"
+        except self._openai.OpenAIError as e:
+            err = self._error(e)
+            code = err.code
+            raise err from None
+        finally:
+            metrics.record(self.service, self.method, code, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.client.close()

@@ -14,6 +14,7 @@ flag                        environment                          default
 ``--inference-addr``        ``LORAFLEET_INFERENCE_ADDR``         ``127.0.0.1:50052``
 ``--inference-token``       ``LORAFLEET_INFERENCE_TOKEN``        (none)
 ``--inference-tls-ca``      ``LORAFLEET_INFERENCE_TLS_CA``       (plaintext)
+``--inference-http-addr``   ``LORAFLEET_INFERENCE_HTTP_ADDR``    (none: the chat page uses gRPC only)
 ``--inference-metrics``     ``LORAFLEET_INFERENCE_METRICS``      (none: the replicas view is empty)
 ``--metrics-port``          ``LORAFLEET_DASHBOARD_METRICS_PORT`` ``9103`` (-1 = off, 0 = any free port)
 ``--refresh-s``             ``LORAFLEET_DASHBOARD_REFRESH_S``    ``2`` (live pages' refresh period)
@@ -45,6 +46,10 @@ class DashboardSettings:
     """Bearer token the inference service requires for LoadAdapter / UnloadAdapter."""
     inference_tls_ca: str = ""
     """CA file to verify the inference service's TLS certificate; empty = plaintext."""
+    inference_http_addr: str = ""
+    """host:port (or an ``http(s)://`` URL) of the inference service's OpenAI-compatible HTTP API
+    (``--http-port``); when set, the chat page can talk to it instead of gRPC, with the same token
+    and CA file. Empty = gRPC only."""
     inference_metrics: str = ""
     """Comma-separated ``/metrics`` URLs of the inference replicas, for the replicas view (e.g.
     ``http://10.0.0.5:8000/metrics,http://10.0.0.6:8000/metrics``)."""
@@ -63,6 +68,7 @@ _FLAGS: list[tuple[str, str, type]] = [
     ("inference_addr", "LORAFLEET_INFERENCE_ADDR", str),
     ("inference_token", "LORAFLEET_INFERENCE_TOKEN", str),
     ("inference_tls_ca", "LORAFLEET_INFERENCE_TLS_CA", str),
+    ("inference_http_addr", "LORAFLEET_INFERENCE_HTTP_ADDR", str),
     ("inference_metrics", "LORAFLEET_INFERENCE_METRICS", str),
     ("metrics_port", "LORAFLEET_DASHBOARD_METRICS_PORT", int),
     ("refresh_s", "LORAFLEET_DASHBOARD_REFRESH_S", float),
