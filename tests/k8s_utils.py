@@ -25,7 +25,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
-OVERLAYS = ["cpu-dev", "gpu", "monitoring"]
+OVERLAYS = ["cpu-dev", "gpu", "monitoring", "inference-gateway"]
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_kubectl.sh"
 KUBECTL = REPO_ROOT / ".cache" / "kubectl" / "bin" / "kubectl"
@@ -33,8 +33,19 @@ KUBECTL = REPO_ROOT / ".cache" / "kubectl" / "bin" / "kubectl"
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("servicemonitors", "servicemonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"): ("podmonitors", "podmonitor"),
+    ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", "inferencepool"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): ("httproutes", "httproute"),
 }
-"""Kinds from the Prometheus operator's CRDs: no bundled schema; checked by ``crd_problems``."""
+"""Kinds from CRDs (the Prometheus operator's; the Gateway API's and its Inference Extension's): no
+bundled schema; checked by ``crd_problems`` (the InferencePool also against its CRD's schema, in
+tests/test_gateway_manifests.py)."""
+CRD_OVERLAY = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inference-gateway",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "inference-gateway",
+}
+"""The one overlay each CRD kind may appear in: applying any other fails on a cluster without it."""
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 _SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
@@ -144,12 +155,15 @@ def validate(doc: dict[str, Any], version: str) -> None:
 
 
 def crd_problems(doc: dict[str, Any]) -> list[str]:
-    """What a ServiceMonitor or PodMonitor lacks of the fields the operator requires to scrape."""
+    """What a ServiceMonitor or PodMonitor lacks of the fields the operator requires to scrape, or an
+    InferencePool / HTTPRoute of what routing to the pool needs."""
     kind, name = doc.get("kind"), doc.get("metadata", {}).get("name")
     spec = doc.get("spec") or {}
     problems = []
     if not name:
         problems.append(f"{kind}: no metadata.name")
+    if kind in ("InferencePool", "HTTPRoute"):
+        return problems + _gateway_problems(kind, name, spec)
     selector = spec.get("selector")
     if not isinstance(selector, dict) or not (
         selector.get("matchLabels") or selector.get("matchExpressions")
@@ -164,6 +178,23 @@ def crd_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"{kind} {name}: spec.{key}[{i}] names no port")
         elif not str(e.get("path", "/metrics")).startswith("/"):
             problems.append(f"{kind} {name}: spec.{key}[{i}].path is not absolute")
+    return problems
+
+
+def _gateway_problems(kind: str, name: Any, spec: dict[str, Any]) -> list[str]:
+    if kind == "InferencePool":
+        problems = []
+        if not (spec.get("selector") or {}).get("matchLabels"):
+            problems.append(f"InferencePool {name}: spec.selector.matchLabels selects nothing")
+        if not spec.get("targetPorts"):
+            problems.append(f"InferencePool {name}: spec.targetPorts is empty")
+        if not (spec.get("endpointPickerRef") or {}).get("name"):
+            problems.append(f"InferencePool {name}: spec.endpointPickerRef names no picker")
+        return problems
+    backends = [b for r in spec.get("rules") or [] for b in r.get("backendRefs") or []]
+    problems = [] if spec.get("parentRefs") else [f"HTTPRoute {name}: spec.parentRefs is empty"]
+    if not any(b.get("kind") == "InferencePool" for b in backends):
+        problems.append(f"HTTPRoute {name}: no rule sends to an InferencePool")
     return problems
 
 

@@ -27,6 +27,7 @@ import kmock as km
 import pytest
 from k8s_utils import (
     CRD_KINDS,
+    CRD_OVERLAY,
     K8S_DIR,
     OVERLAYS,
     VERSIONS,
@@ -114,7 +115,7 @@ def test_every_object_passes_strict_schema_validation(
     for doc in docs:
         key = (doc["apiVersion"], doc["kind"])
         if key in CRD_KINDS:
-            assert overlay == "monitoring", (
+            assert overlay == CRD_OVERLAY[key], (
                 f"{key} outside the monitoring overlay: apply fails without the CRD"
             )
             assert crd_problems(doc) == []
@@ -541,7 +542,7 @@ class TestKubectlApplyAgainstKMock:
         rendered: dict[str, list[dict[str, Any]]],
     ) -> None:
         kmock.resources.load_bundled()
-        if overlay == "monitoring":
+        if overlay in CRD_OVERLAY.values():
             register_prometheus_operator_crds(kmock)
         code, output = await kubectl_apply(kmock, overlay, tmp_path)
         assert code == 0, output
