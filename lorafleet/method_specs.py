@@ -4,15 +4,18 @@ Config validation, the memory estimate, the recipe, the manifest and the dashboa
 method's spec (``method_spec(config.method)``) instead of comparing method names, so a new method
 is a new row here plus, only when it trains something new, its preparation in ``lorafleet.methods``.
 
-| method   | base weights            | trains                                        | publishes (kind)         |
-|----------|-------------------------|-----------------------------------------------|--------------------------|
-| lora     | fp32 / bf16 / fp16, or  | LoRA A/B (+ DoRA magnitudes, modules_to_save) | PEFT adapter (lora)      |
-|          | model.quantization      |                                               |                          |
-| qlora    | 4-bit nf4, double quant | LoRA A/B                                      | PEFT adapter (lora)      |
-| lora8bit | 8-bit                   | LoRA A/B                                      | PEFT adapter (lora)      |
-| freeze   | as loaded, unquantized  | the last N blocks or named modules            | full model (full_model)  |
-| full     | as loaded, unquantized  | everything                                    | full model (full_model)  |
-| ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    |
+| method   | base weights            | trains                                        | publishes (kind)         | served |
+|----------|-------------------------|-----------------------------------------------|--------------------------|--------|
+| lora     | fp32 / bf16 / fp16, or  | LoRA A/B (+ DoRA magnitudes, modules_to_save) | PEFT adapter (lora)      | yes (*)|
+|          | model.quantization      |                                               |                          |        |
+| qlora    | 4-bit nf4, double quant | LoRA A/B                                      | PEFT adapter (lora)      | yes (*)|
+| lora8bit | 8-bit                   | LoRA A/B                                      | PEFT adapter (lora)      | yes (*)|
+| freeze   | as loaded, unquantized  | the last N blocks or named modules            | full model (full_model)  | no     |
+| full     | as loaded, unquantized  | everything                                    | full model (full_model)  | no     |
+| ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    | no     |
+
+(*) without the options ``LORA_OPTION_SERVABLE`` marks False (DoRA, ``modules_to_save``). What is
+not served yet is refused at submit / ``lorafleet train`` (``serving_problems``), not after training.
 
 Stages (``stage``; ``lorafleet.preference``): every method trains ``sft``. The LoRA methods also
 train ``dpo``, ``kto`` and ``rm``, with the base (adapters disabled) or a frozen copy of the starting
@@ -90,6 +93,11 @@ class MethodSpec:
     """One line for humans (form help, docs)."""
     stages: tuple[str, ...] = ("sft",)
     """``stage`` values the method trains (see the module docstring)."""
+    servable: bool = True
+    """Whether the inference service serves what this method publishes (its ``artifact_kind``). A
+    method that is not is refused when a job is submitted or ``lorafleet train`` starts
+    (:func:`serving_problems`), never trained and then refused at serving. Set True when the
+    inference service learns to serve the artifact kind."""
 
     @property
     def options_section(self) -> str | None:
@@ -140,6 +148,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "freeze",
             TRAINS_BLOCKS,
             ARTIFACT_FULL_MODEL,
+            servable=False,
             stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             description="train the last blocks (or named modules) of the base, the rest frozen",
@@ -148,6 +157,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "full",
             TRAINS_ALL,
             ARTIFACT_FULL_MODEL,
+            servable=False,
             stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             full_model_rule=True,
@@ -157,6 +167,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "ptuning",
             TRAINS_PROMPT,
             ARTIFACT_PROMPT,
+            servable=False,
             deepspeed_stages=(-1, 0, 1, 2),
             deepspeed_reason="PEFT prompt learning",
             description="prefix tuning (P-tuning v2) or a prompt encoder (P-tuning)",
@@ -164,6 +175,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     )
 }
 """Every training method, keyed by name, in the order forms and messages list them."""
+
+LORA_OPTION_SERVABLE: dict[str, bool] = {"use_dora": False, "modules_to_save": False}
+"""``lora`` options (``LoraOptions`` fields) that change what an adapter holds, and whether the
+inference service serves adapters that use them: DoRA magnitude vectors, ``modules_to_save``
+replacement modules. A False entry refuses the option when set (:func:`serving_problems`); flip it
+when serving lands."""
 
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 """Every method name."""
@@ -187,6 +204,38 @@ def method_spec(name: str) -> MethodSpec:
 def methods_with_options(section: str) -> tuple[str, ...]:
     """The methods whose options live in config section ``section`` (``lora`` -> lora, qlora, ...)."""
     return tuple(s.name for s in METHOD_SPECS.values() if s.options_section == section)
+
+
+def serving_problems(config: RunConfig) -> list[FieldProblem]:
+    """Why the artifact ``config`` would publish cannot be served yet: a method whose spec is not
+    ``servable``, or a ``lora`` option that ``LORA_OPTION_SERVABLE`` marks False and the config sets.
+
+    Returns:
+        One problem per reason, naming the run-config field and its value; empty when servable.
+    """
+    spec = method_spec(config.method)
+    problems: list[FieldProblem] = []
+    if not spec.servable:
+        problems.append(
+            FieldProblem(
+                "method",
+                config.method,
+                f"publishes a {spec.artifact_kind!r} artifact that the inference service cannot serve yet; "
+                "train a LoRA method (lora, qlora, lora8bit) to serve the result",
+            )
+        )
+    if spec.options_section == TRAINS_LORA:
+        for option, servable in LORA_OPTION_SERVABLE.items():
+            value = getattr(config.lora, option)
+            if value and not servable:
+                problems.append(
+                    FieldProblem(
+                        f"lora.{option}",
+                        value,
+                        "the inference service cannot serve adapters that use it yet; leave it unset",
+                    )
+                )
+    return problems
 
 
 def quantization_for(config: RunConfig) -> str:

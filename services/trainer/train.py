@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         launch_environment,
         resolve_node_settings,
     )
+    from lorafleet.errors import ConfigError
+    from lorafleet.method_specs import serving_problems
 
     parser = argparse.ArgumentParser(
         prog="lorafleet train",
@@ -34,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied over the YAML")
     args = parser.parse_args(argv)
     recipe_args = [args.config, *args.overrides]
-    topology = resolve_node_settings(load_config(args.config, args.overrides).distributed)
+    config = load_config(args.config, args.overrides)
+    unservable = serving_problems(config)
+    if unservable:  # refused before training, as SubmitJob refuses it
+        raise ConfigError(
+            unservable, context="the inference service cannot serve what this run would publish"
+        )
+    topology = resolve_node_settings(config.distributed)
     if topology.nproc_per_node * topology.nnodes == 1 and topology.deepspeed_stage < 0:
         from services.trainer.recipe import main as recipe_main
 

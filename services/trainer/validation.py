@@ -4,7 +4,8 @@ One ``ConfigError`` lists every problem by spec field, so a client fixes its spe
 Checks, cheapest first: the spec maps to a valid run config (types, ranges, method options together);
 the adapter name is safe; the model is an existing directory or a well-formed hub id, and remote code
 only for allow-listed models; resources fit the launcher; the datasets exist and pass the core's
-row validation (first bad rows quoted); the memory estimate fits a process's memory.
+row validation (first bad rows quoted); the memory estimate fits a process's memory; the artifact the
+run would publish is one the inference service serves (``lorafleet.method_specs.serving_problems``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lorafleet.adapters import validate_adapter_name
 from lorafleet.config import RunConfig
 from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
 from lorafleet.memory import MemoryEstimate
+from lorafleet.method_specs import serving_problems
 from services.trainer.jobspec import request_to_config, spec_field, spec_from_request
 from services.trainer.launchers.base import Capacity
 from services.trainer.store import JobRequest
@@ -190,6 +192,8 @@ def validate_submission(
         problems += [p for p in e.problems if p.field not in named]
         raise ConfigError(problems, context="invalid job spec") from None
     _check_storable(request, config, problems)
+    # What the inference service cannot serve is refused now, not trained and refused at serving.
+    problems += [FieldProblem(spec_field(p.field), p.value, p.message) for p in serving_problems(config)]
     if problems:
         raise ConfigError(problems, context="invalid job spec")
     _check_resources(request, config, capacity, problems)
