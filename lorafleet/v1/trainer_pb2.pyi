@@ -471,3 +471,33 @@ class GetAdapterRequest(_message.Message):
     REF_FIELD_NUMBER: _ClassVar[int]
     ref: str
     def __init__(self, ref: _Optional[str] = ...) -> None: ...
+
+class ImportAdapterRequest(_message.Message):
+    __slots__ = ("source", "name", "base", "template")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    name: str
+    base: str
+    template: str
+    def __init__(self, source: _Optional[str] = ..., name: _Optional[str] = ..., base: _Optional[str] = ..., template: _Optional[str] = ...) -> None: ...
+
+class ExportAdapterRequest(_message.Message):
+    __slots__ = ("ref", "dtype", "publish_name")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_NAME_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    dtype: str
+    publish_name: str
+    def __init__(self, ref: _Optional[str] = ..., dtype: _Optional[str] = ..., publish_name: _Optional[str] = ...) -> None: ...
+
+class ExportAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "notice")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    adapter: _adapters_pb2.Adapter
+    notice: str
+    def __init__(self, adapter: _Optional[_Union[_adapters_pb2.Adapter, _Mapping]] = ..., notice: _Optional[str] = ...) -> None: ...

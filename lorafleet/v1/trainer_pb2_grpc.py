@@ -70,6 +70,16 @@ class TrainerServiceStub:
                 request_serializer=lorafleet_dot_v1_dot_trainer__pb2.GetAdapterRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_v1_dot_adapters__pb2.Adapter.FromString,
                 _registered_method=True)
+        self.ImportAdapter = channel.unary_unary(
+                '/lorafleet.v1.TrainerService/ImportAdapter',
+                request_serializer=lorafleet_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_adapters__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.ExportAdapter = channel.unary_unary(
+                '/lorafleet.v1.TrainerService/ExportAdapter',
+                request_serializer=lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -121,6 +131,23 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAdapter(self, request, context):
+        """Import a PEFT adapter directory from the server's import directory (<adapters_root>/.imports):
+        checked against its base, pickle weights converted to safetensors, published as a new version.
+        FAILED_PRECONDITION with a field violation per problem when it does not fit its base.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAdapter(self, request, context):
+        """Merge a published LoRA adapter into its base and publish the merged model as a full-model
+        artifact (dequantizing a base trained quantized first, which the notice and manifest say).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +185,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetAdapter,
                     request_deserializer=lorafleet_dot_v1_dot_trainer__pb2.GetAdapterRequest.FromString,
                     response_serializer=lorafleet_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
+            ),
+            'ImportAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportAdapter,
+                    request_deserializer=lorafleet_dot_v1_dot_trainer__pb2.ImportAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_adapters__pb2.Adapter.SerializeToString,
+            ),
+            'ExportAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportAdapter,
+                    request_deserializer=lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +386,60 @@ class TrainerService:
             '/lorafleet.v1.TrainerService/GetAdapter',
             lorafleet_dot_v1_dot_trainer__pb2.GetAdapterRequest.SerializeToString,
             lorafleet_dot_v1_dot_adapters__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.TrainerService/ImportAdapter',
+            lorafleet_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
+            lorafleet_dot_v1_dot_adapters__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.TrainerService/ExportAdapter',
+            lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterRequest.SerializeToString,
+            lorafleet_dot_v1_dot_trainer__pb2.ExportAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
