@@ -306,3 +306,64 @@ def test_adapter_trained_by_plain_peft_is_imported_and_served_with_identical_tok
     assert list(got.token_ids) != list(base.token_ids), (
         "the adapter changed nothing: the test would prove nothing"
     )
+
+
+def test_trainer_rpcs_import_and_export(tiny_llama: Path, lora_dir: Path, tmp_path: Path) -> None:
+    """ImportAdapter / ExportAdapter through a real trainer server: sources only from the import
+    directory, refusals with field violations, the merged model published as a full model."""
+    from lorafleet.v1 import trainer_pb2 as tpb
+    from services.common.field_errors import field_violations
+    from services.trainer.adapter_ops import IMPORT_DIR
+    from tests.trainer_utils import TrainerProcess
+
+    root = tmp_path / "adapters"
+    shutil.copytree(lora_dir, root / IMPORT_DIR / "peer")
+    models = tmp_path / "models"
+    shutil.copytree(tiny_llama, models / "llama")
+    trainer = TrainerProcess(
+        tmp_path / "state", root, ["--max-running", "0", "--model-roots", str(models)]
+    ).start()
+    try:
+        stub = trainer.stub
+        base = str(models / "llama")
+        adapter = stub.ImportAdapter(
+            tpb.ImportAdapterRequest(source="peer", name="peer", base=base), timeout=120
+        )
+        assert adapter.ref == "peer@1" and json.loads(adapter.manifest_json)["source"]["kind"] == "import"
+        for request, code, field in [
+            (
+                tpb.ImportAdapterRequest(source="../peer", name="x", base=base),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "source",
+            ),
+            (
+                tpb.ImportAdapterRequest(source="peer", name="x", base=str(tiny_llama)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "base",
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ImportAdapter(request, timeout=60)
+            assert info.value.code() == code and [v.field for v in field_violations(info.value)] == [field]
+        config = json.loads((root / IMPORT_DIR / "peer" / ADAPTER_CONFIG).read_text())
+        (root / IMPORT_DIR / "peer" / ADAPTER_CONFIG).write_text(
+            json.dumps({**config, "target_modules": ["W_pack"]})
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ImportAdapter(tpb.ImportAdapterRequest(source="peer", name="x", base=base), timeout=60)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        violations = field_violations(info.value)
+        assert [v.field for v in violations] == [f"{ADAPTER_CONFIG}.target_modules"]
+        assert "W_pack" in violations[0].description
+        merged = stub.ExportAdapter(
+            tpb.ExportAdapterRequest(ref="peer@1", publish_name="peer-merged"), timeout=300
+        )
+        assert merged.adapter.ref == "peer-merged@1" and merged.notice == ""
+        assert json.loads(merged.adapter.manifest_json)["kind"] == "full_model"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ExportAdapter(
+                tpb.ExportAdapterRequest(ref="peer@1", publish_name="m", dtype="int4"), timeout=60
+            )
+        assert [v.field for v in field_violations(info.value)] == ["dtype"]
+    finally:
+        trainer.stop()

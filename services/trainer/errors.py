@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import AdapterImportError, LorafleetError
 from services.common.interceptor import CORE_STATUS
 
 
@@ -37,4 +37,6 @@ STATUS_FOR: Mapping[type[BaseException], grpc.StatusCode] = {
     JobStateError: grpc.StatusCode.FAILED_PRECONDITION,
     QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IdempotencyConflictError: grpc.StatusCode.ALREADY_EXISTS,
+    # An imported or exported adapter that does not fit its base (a ConfigError: field violations).
+    AdapterImportError: grpc.StatusCode.FAILED_PRECONDITION,
 }

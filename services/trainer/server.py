@@ -34,7 +34,7 @@ from services.common import grpc_util
 from services.common.auth import AUTH_SCOPES, add_secret_refusal, guarded_methods, read_token
 from services.common.field_errors import truncate_utf8
 from services.common.interceptor import ErrorInterceptor
-from services.trainer import bounds
+from services.trainer import adapter_ops, bounds
 from services.trainer import store as st
 from services.trainer.errors import STATUS_FOR
 from services.trainer.jobspec import request_from_spec, spec_from_request
@@ -43,7 +43,7 @@ from services.trainer.paths import DEFAULT_DATA_ROOTS, DEFAULT_MODEL_ROOTS, Path
 
 log = logging.getLogger("lorafleet.trainer")
 SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
-MUTATING = ["SubmitJob", "CancelJob"]
+MUTATING = ["SubmitJob", "CancelJob", "ImportAdapter", "ExportAdapter"]
 
 _STATE_TO_PB = {
     st.QUEUED: trainer_pb2.JOB_STATE_QUEUED,
@@ -309,6 +309,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         bounds.check_request(request)
         name, version = adapter_store.parse_adapter_ref(request.ref)
         return adapter_to_pb(adapter_store.get_adapter(self.adapters_root, name, version))
+
+    def ImportAdapter(self, request: trainer_pb2.ImportAdapterRequest, context: grpc.ServicerContext) -> Any:
+        bounds.check_request(request)
+        published = adapter_ops.import_from_request(
+            self.adapters_root,
+            request.source,
+            request.name,
+            request.base,
+            request.template,
+            self.manager.settings.path_policy,
+        )
+        return adapter_to_pb(published)
+
+    def ExportAdapter(
+        self, request: trainer_pb2.ExportAdapterRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.ExportAdapterResponse:
+        bounds.check_request(request)
+        result = adapter_ops.export_from_request(
+            self.adapters_root, request.ref, request.publish_name, request.dtype
+        )
+        return trainer_pb2.ExportAdapterResponse(
+            adapter=adapter_to_pb(result.published), notice=result.notice
+        )
 
 
 def event_to_pb(e: st.EventRow) -> trainer_pb2.JobEvent:
