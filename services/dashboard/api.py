@@ -207,6 +207,12 @@ class TrainerApi(_Client):
     def list_adapters(self, name: str = "") -> list[adapters_pb2.Adapter]:
         return list(self._unary("ListAdapters", trainer_pb2.ListAdaptersRequest(name=name)).adapters)
 
+    def export_adapter(self, ref: str, publish_name: str, dtype: str = "") -> trainer_pb2.ExportAdapterResponse:
+        """Merge ``ref`` into its base and publish it as ``publish_name``; a merge loads the base, so
+        it gets minutes rather than the default timeout."""
+        request = trainer_pb2.ExportAdapterRequest(ref=ref, publish_name=publish_name, dtype=dtype)
+        return self._unary("ExportAdapter", request, timeout_s=max(self.timeout_s, 900.0))
+
 
 class InferenceApi(_Client):
     """``lorafleet.v1.InferenceService``."""
