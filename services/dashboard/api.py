@@ -207,7 +207,9 @@ class TrainerApi(_Client):
     def list_adapters(self, name: str = "") -> list[adapters_pb2.Adapter]:
         return list(self._unary("ListAdapters", trainer_pb2.ListAdaptersRequest(name=name)).adapters)
 
-    def export_adapter(self, ref: str, publish_name: str, dtype: str = "") -> trainer_pb2.ExportAdapterResponse:
+    def export_adapter(
+        self, ref: str, publish_name: str, dtype: str = ""
+    ) -> trainer_pb2.ExportAdapterResponse:
         """Merge ``ref`` into its base and publish it as ``publish_name``; a merge loads the base, so
         it gets minutes rather than the default timeout."""
         request = trainer_pb2.ExportAdapterRequest(ref=ref, publish_name=publish_name, dtype=dtype)
