@@ -190,3 +190,35 @@ def test_merge_refuses_a_prompt_adapter(tiny_llama: Path, tmp_path: Path) -> Non
     with pytest.raises(AdapterImportError) as info:
         merge_adapter(published, tmp_path / "out", "fp32")
     assert [(p.field, p.value) for p in info.value.problems] == [("kind", "ptuning")]
+
+
+def test_dashboard_export_action_publishes_the_merged_model(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapters page's Export action, against a real trainer service (no inference service: the
+    page says so and export still works)."""
+    from tests.dashboard_utils import errors, no_exception, open_page
+    from tests.trainer_utils import TrainerProcess
+
+    root = tmp_path / "adapters"
+    adapter = save_lora_adapter(tiny_llama, tmp_path / "lora", rank=4)
+    _publish(root, "dash", adapter, tiny_llama, template="chatml")
+    trainer = TrainerProcess(tmp_path / "state", root, ["--max-running", "0"]).start()
+    try:
+        env = {
+            "LORAFLEET_TRAINER_ADDR": trainer.address,
+            "LORAFLEET_INFERENCE_ADDR": "127.0.0.1:1",
+            "LORAFLEET_DASHBOARD_METRICS_PORT": "0",
+            "LORAFLEET_DASHBOARD_REFRESH_S": "1",
+        }
+        at = open_page(monkeypatch, env, "adapters", timeout=300)
+        no_exception(at)
+        at.text_input(key="adapters.export_name").set_value("dash-full")
+        at.selectbox(key="adapters.export_dtype").set_value("fp32")
+        at.button(key="adapters.export").click().run()
+        no_exception(at)
+        assert any("published as dash-full@1" in str(s.value) for s in at.success), errors(at)
+    finally:
+        trainer.stop()
+    merged = get_adapter(root, "dash-full")
+    assert merged.manifest.kind == "full_model" and merged.manifest.source["dtype"] == "fp32"

@@ -1,5 +1,6 @@
 """Adapters: every published adapter version with its manifest (from the trainer), which of them the
-inference service has loaded, and load / unload."""
+inference service has loaded, load / unload, and export: merge a LoRA adapter into its base and
+publish the merged model as a full-model artifact (the trainer's ExportAdapter)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,28 @@ def _act(action: str, ref: str, model: str) -> None:
         st.session_state[RESULT] = ("error", e)
 
 
+def _export(ref: str) -> None:
+    # Read the inputs at click time: on_click args would hold the values of the previous run.
+    publish_name = str(st.session_state.get("adapters.export_name", ""))
+    dtype = str(st.session_state.get("adapters.export_dtype", "bf16"))
+    try:
+        response = ui.trainer_api().export_adapter(ref, publish_name.strip(), dtype)
+        notice = f" Note: {response.notice}" if response.notice else ""
+        st.session_state[RESULT] = (
+            "ok",
+            f"{ref} merged into its base and published as {response.adapter.ref} (full model, {dtype}).{notice}",
+        )
+    except ServiceError as e:
+        st.session_state[RESULT] = ("error", e)
+
+
+def _kind(adapter: adapters_pb2.Adapter) -> str:
+    try:
+        return str(json.loads(adapter.manifest_json or "{}").get("kind", ""))
+    except json.JSONDecodeError:
+        return ""
+
+
 st.title("Adapters")
 published: list[adapters_pb2.Adapter] | None = None
 models: inference_pb2.ListModelsResponse | None = None
@@ -105,6 +128,24 @@ if published is not None:
                 args=("unload", ref, model),
                 disabled=models is None,
             )
+            with st.expander("Export: merge into the base", icon=":material/merge:"):
+                st.caption(
+                    "Writes a standalone Hugging Face model (config, safetensors, tokenizer with this "
+                    "adapter's chat template) and publishes it as a full-model artifact. A base trained "
+                    "quantized is dequantized first, and the result says so."
+                )
+                st.text_input("Publish as", value=f"{ref.split('@')[0]}-merged", key="adapters.export_name")
+                st.selectbox("dtype", ["bf16", "fp16", "fp32"], key="adapters.export_dtype")
+                is_lora = _kind(next(a for a in published if a.ref == ref)) == "lora"
+                st.button(
+                    "Export",
+                    icon=":material/merge:",
+                    key="adapters.export",
+                    on_click=_export,
+                    args=(ref,),
+                    disabled=not is_lora,
+                    help=None if is_lora else "only LoRA adapters merge",
+                )
             result = st.session_state.pop(RESULT, None)
             if result and result[0] == "ok":
                 st.success(result[1])
