@@ -542,7 +542,9 @@ class AdapterRegistry:
                         return max(with_manifest, key=lambda v: v.version)
                     if versions:  # versions without a manifest: the same answer as ListModels
                         newest = versions[max(versions)]
-                        raise AdapterLoadError(f"adapter {newest.ref} cannot be used: {newest.manifest_error}")
+                        raise AdapterLoadError(
+                            f"adapter {newest.ref} cannot be used: {newest.manifest_error}"
+                        )
                 elif version in versions:
                     return versions[version]
             if attempt == 0:
