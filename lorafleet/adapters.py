@@ -4,6 +4,7 @@
 
     <adapters_root>/
       .staging/<name>-<random>/          # being written; same filesystem, never read by services
+      .imports/<dir>/                    # PEFT adapters waiting for the trainer's ImportAdapter; never served
       <name>/<version>/                  # version = 1, 2, 3 ... (no padding)
         adapter_config.json              # PEFT kinds (lora, ptuning) ...
         adapter_model.safetensors
