@@ -35,6 +35,9 @@ log = logging.getLogger("lorafleet.grpc")
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
+GRPC_STATUS_CODES = frozenset(code.name for code in grpc.StatusCode)
+"""Every status code name (``OK``, ``NOT_FOUND``, ...): the closed set a metrics ``code`` label takes."""
+
 CORE_STATUS: Mapping[type[BaseException], grpc.StatusCode] = {
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     DatasetError: grpc.StatusCode.INVALID_ARGUMENT,

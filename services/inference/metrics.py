@@ -74,6 +74,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from services.common.interceptor import GRPC_STATUS_CODES
 from services.inference.registry import RegistryEvent
 from services.inference.requests import EngineObserver
 
@@ -92,27 +93,6 @@ METHODS: Final = (
 )
 """The RPCs counted; pre-initialised with code OK so a rate() has a series from the first scrape."""
 
-GRPC_STATUS_CODES: Final = frozenset(
-    {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
-)
 
 FINISH_REASONS: Final = ("stop", "length", "cancelled", "error")
 

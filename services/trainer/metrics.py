@@ -45,6 +45,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+from services.common.interceptor import GRPC_STATUS_CODES
+
 __all__ = [
     "DURATION_BUCKETS_S",
     "FINAL_STATES",
@@ -61,28 +63,6 @@ PREFIX: Final = "lorafleet_trainer_"
 #: (a rate() or an alert on a series that does not exist yet silently evaluates to nothing).
 FINAL_STATES: Final = ("succeeded", "failed", "cancelled")
 
-#: Canonical gRPC status code names (``grpc.StatusCode.X.name``): the closed set ``code`` may take.
-GRPC_STATUS_CODES: Final = frozenset(
-    {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
-)
 
 #: Job durations span a smoke test on the tiny model (seconds) to a long fine-tune (a day), so the
 #: buckets grow roughly geometrically from 10 s to 24 h; the default buckets (5 ms .. 10 s) would
