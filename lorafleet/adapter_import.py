@@ -433,6 +433,21 @@ def _source_record(source: Path, config: dict[str, Any], weights_file: str) -> d
     }
 
 
+def serving_note(config: dict[str, Any]) -> str:
+    """What the inference service cannot serve yet in an imported adapter, from the same table that
+    refuses such training runs (``lorafleet.method_specs``); empty when it serves all of it."""
+    from lorafleet.method_specs import LORA_OPTION_SERVABLE, METHOD_SPECS
+
+    if config.get("peft_type") in PROMPT_TYPES:
+        return (
+            ""
+            if METHOD_SPECS["ptuning"].servable
+            else "the inference service cannot serve prompt-learning adapters yet"
+        )
+    unserved = [o for o, servable in LORA_OPTION_SERVABLE.items() if config.get(o) and not servable]
+    return f"the inference service cannot serve adapters with {', '.join(unserved)} yet" if unserved else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lorafleet adapters import SRC --name NAME``: check, convert and publish a PEFT adapter."""
     parser = argparse.ArgumentParser(prog="lorafleet adapters import", description=__doc__.split("\n\n")[0])
@@ -453,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     if converted:
         print(f"  {converted}")
     print(f"  {published.path}")
+    note = serving_note(read_adapter_config(published.path))
+    if note:
+        print(f"note: {note}; it is published, and served once that lands")
     return 0
 
 

@@ -20,9 +20,11 @@ from lorafleet.adapter_import import (
     SAFETENSORS_WEIGHTS,
     ImportRequest,
     import_adapter,
+    serving_note,
 )
 from lorafleet.adapters import MANIFEST_NAME, get_adapter, list_adapters, verify_files
 from lorafleet.errors import AdapterImportError
+from lorafleet.method_specs import LORA_OPTION_SERVABLE
 from lorafleet.models import base_model_fingerprint, fingerprints_match
 from lorafleet.v1 import inference_pb2 as pb
 from tests.inference_service_utils import greedy, serving, settings_for, stub_for
@@ -210,6 +212,8 @@ def test_dora_and_prefix_adapters_import(tiny_llama: Path, tmp_path: Path) -> No
     get_peft_model(base, dora).save_pretrained(str(tmp_path / "dora"))
     published = import_adapter(ImportRequest(str(tmp_path / "dora"), "dora", base=str(tiny_llama)), root)
     assert published.manifest.hyperparameters["lora"]["use_dora"] is True
+    note = serving_note(json.loads((published.path / ADAPTER_CONFIG).read_text()))
+    assert ("use_dora" in note) == (not LORA_OPTION_SERVABLE["use_dora"])
     assert any("lora_magnitude_vector" in k for k in load_file(str(published.path / SAFETENSORS_WEIGHTS)))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(
