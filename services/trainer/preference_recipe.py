@@ -30,19 +30,18 @@ from typing import Any
 import torch
 import yaml
 
-from lorafleet import __version__, adapters, preference, preference_data, templates
+from lorafleet import adapters, preference, preference_data, templates
 from lorafleet.config import RunConfig
 from lorafleet.data import check_bad_rows, count_bad_rows
 from lorafleet.errors import ConfigError, FieldProblem, LorafleetError
 from lorafleet.families import detect_family, get_family
 from lorafleet.method_specs import (
     ARTIFACT_FULL_MODEL,
-    OPTION_SECTIONS,
     TRAINS_LORA,
     method_spec,
     quantization_for,
 )
-from lorafleet.methods import PreparedModel, prepare_model, save_artifact
+from lorafleet.methods import PreparedModel, prepare_model
 from lorafleet.models import (
     base_model_fingerprint,
     count_parameters,
@@ -51,6 +50,7 @@ from lorafleet.models import (
     load_tokenizer,
 )
 from lorafleet.runlog import RunRecorder, write_final_metrics
+from services.trainer.recipe import publish_run
 
 _EVAL_BATCH = 16
 
@@ -420,37 +420,19 @@ def _publish(
     stats: dict[str, Any],
     start: adapters.PublishedAdapter | None,
 ) -> adapters.PublishedAdapter:
-    o = config.output
-    tree = config.to_dict()
-    options_section = method_spec(config.method).options_section
-    staging = adapters.new_staging_dir(o.adapters_root, o.adapter_name)
     if preference.REFERENCE_ADAPTER in (getattr(prepared.model, "peft_config", None) or {}):
         prepared.model.delete_adapter(
             preference.REFERENCE_ADAPTER
         )  # the artifact is the trained adapter only
-    save_artifact(prepared.model, tokenizer, staging, prepared.kind)
     files = [config.data.train_file] + ([config.data.validation_file] if config.data.validation_file else [])
-    manifest = adapters.Manifest(
-        name=o.adapter_name,
-        version=0,
-        kind=prepared.kind,
-        method=config.method,
-        base_model=base_model_fingerprint(config.model.name_or_path, config.model.revision),
-        family=family,
-        template=template_name,
-        hyperparameters={
-            "method_options": prepared.details,
-            **{s: tree[s] if s == options_section else None for s in OPTION_SECTIONS},
-            "train": tree["train"],
-            "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
-            "stage": config.stage,
-            "preference": tree["preference"],
-        },
-        dataset={**adapters.dataset_fingerprint(files), **stats},
-        metrics=metrics,
-        created_at=adapters.utc_now(),
-        lorafleet_version=__version__,
+    return publish_run(
+        config,
+        prepared,
+        tokenizer,
+        template_name,
+        family,
+        metrics,
+        {**adapters.dataset_fingerprint(files), **stats},
+        {"stage": config.stage, "preference": config.to_dict()["preference"]},
         extra={"stage": config.stage, "started_from": start.ref if start else None},
     )
-    version = None if o.version == "auto" else int(o.version)
-    return adapters.publish(staging, o.adapters_root, o.adapter_name, manifest, version=version)

@@ -350,18 +350,28 @@ def _find_published(config: RunConfig, run_id: str) -> adapters.PublishedAdapter
     return None
 
 
-def _publish(
+def publish_run(
     config: RunConfig,
     prepared: PreparedModel,
     tokenizer: Any,
     template_name: str,
     family: str,
     metrics: dict[str, Any],
-    stats: dict[str, Any],
-    files: list[str],
-    run_id: str,
-    state_dict: dict[str, torch.Tensor] | None,
+    dataset: dict[str, Any],
+    stage_hyperparameters: dict[str, Any],
+    run_id: str = "",
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> adapters.PublishedAdapter:
+    """Save the trained artifact and publish it atomically with its manifest, as a new version.
+
+    Args:
+        dataset: the data fingerprint and statistics for the manifest.
+        stage_hyperparameters: what the stage adds to the manifest's hyperparameters (SFT: the data
+            options and the DeepSpeed stage; preference stages: the stage and its options).
+        extra: manifest fields of the stage (e.g. the SFT adapter a DPO run started from).
+        state_dict: the weights to save when the model's own are sharded (ZeRO-3).
+    """
     o = config.output
     tree = config.to_dict()
     options_section = method_spec(config.method).options_section
@@ -380,14 +390,14 @@ def _publish(
             **{s: tree[s] if s == options_section else None for s in OPTION_SECTIONS},
             "train": tree["train"],
             "model": {"dtype": config.model.dtype, "quantization": quantization_for(config)},
-            "data": {k: v for k, v in tree["data"].items() if k not in ("train_file", "validation_file")},
-            "deepspeed_stage": config.distributed.deepspeed_stage,
+            **stage_hyperparameters,
         },
-        dataset={**adapters.dataset_fingerprint(files), **stats},
+        dataset=dataset,
         metrics=metrics,
         created_at=adapters.utc_now(),
         lorafleet_version=__version__,
         run_id=run_id,
+        extra=extra or {},
     )
     version = None if o.version == "auto" else int(o.version)
     return adapters.publish(staging, o.adapters_root, o.adapter_name, manifest, version=version)
@@ -647,17 +657,23 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
         write_final_metrics(run_dir, metrics)
         plot_loss(run_dir)
         if config.output.adapter_name:
-            published = _publish(
+            tree = config.to_dict()
+            published = publish_run(
                 config,
                 prepared,
                 tokenizer,
                 template_name,
                 family.name,
                 metrics,
-                ds.stats,
-                ds.files,
-                run_id,
-                state_dict,
+                {**adapters.dataset_fingerprint(ds.files), **ds.stats},
+                {
+                    "data": {
+                        k: v for k, v in tree["data"].items() if k not in ("train_file", "validation_file")
+                    },
+                    "deepspeed_stage": config.distributed.deepspeed_stage,
+                },
+                run_id=run_id,
+                state_dict=state_dict,
             )
             recorder.write_event(
                 "published", name=published.name, version=published.version, path=str(published.path)
