@@ -76,7 +76,7 @@ def test_lorafleet_train_refuses_before_training(capsys: pytest.CaptureFixture[s
         pytest.skip("ptuning is servable: nothing to refuse")
     assert main(["train", "examples/ptuning.yaml"]) == 2
     err = capsys.readouterr().err
-    assert "method='ptuning'" in err and "cannot serve" in err
+    assert "method='ptuning'" in err and "cannot serve" in err and "--no-serving-check" in err
 
 
 def _peft_dir(base_dir: Path, out: Path, **options: Any) -> Path:

@@ -34,14 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", help="YAML config (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied over the YAML")
+    parser.add_argument(
+        "--no-serving-check",
+        action="store_true",
+        help="train even what lorafleet's inference service cannot serve yet (to export or use elsewhere)",
+    )
     args = parser.parse_args(argv)
     recipe_args = [args.config, *args.overrides]
     config = load_config(args.config, args.overrides)
     unservable = serving_problems(config)
-    if unservable:  # refused before training, as SubmitJob refuses it
+    if unservable and not args.no_serving_check:  # refused before training, as SubmitJob refuses it
         raise ConfigError(
-            unservable, context="the inference service cannot serve what this run would publish"
+            unservable,
+            context="the inference service cannot serve what this run would publish "
+            "(--no-serving-check trains it anyway, to export or serve elsewhere)",
         )
+    if unservable:
+        print("warning: lorafleet's inference service cannot serve this artifact yet", file=sys.stderr)
     topology = resolve_node_settings(config.distributed)
     if topology.nproc_per_node * topology.nnodes == 1 and topology.deepspeed_stage < 0:
         from services.trainer.recipe import main as recipe_main
