@@ -103,7 +103,9 @@ for entry in "${IMAGES[@]}"; do
     log "building $tag ($dockerfile, target $target)"
     t0=$(date +%s)
     logfile="$CACHE/build-$name.log"
-    if ! buildah_ bud --layers --isolation chroot --network host --pull=never "${args[@]}" \
+    # --format docker: the OCI image config has no HEALTHCHECK field, and buildah drops it with only a
+    # warning in its default OCI format (tests/test_images.py checks the images keep theirs).
+    if ! buildah_ bud --format docker --layers --isolation chroot --network host --pull=never "${args[@]}" \
         -f "$ROOT/$dockerfile" --target "$target" -t "$tag" "$ROOT" >"$logfile" 2>&1; then
         tail -n 60 "$logfile" >&2
         die "building $tag failed (last lines above; whole log: $logfile)."

@@ -23,6 +23,7 @@ mounted volumes and /tmp (``ImageRun.stop``), i.e. it would have run unchanged o
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -355,3 +356,39 @@ def test_root_write_check_sees_writes_outside_the_volumes(images, tmp_path, runn
     assert run.wait(timeout=120) == 0, run.output()
     assert run.stop() == ["/var/cache/lorafleet/x"]
     assert (scratch / "y").is_file() and (volume / "z").is_file()
+
+
+def _stage_healthcheck(dockerfile: Path, target: str) -> list[str] | None:
+    """The exec-form ``HEALTHCHECK ... CMD [...]`` of stage ``target`` (None when it has none)."""
+    stage, found = None, None
+    for line in dockerfile.read_text(encoding="utf-8").splitlines():
+        if line.startswith("FROM "):
+            stage = line.split()[-1]
+        elif stage == target and line.startswith("HEALTHCHECK "):
+            found = json.loads(line.split(" CMD ", 1)[1])
+    return found
+
+
+def test_images_keep_the_dockerfiles_healthchecks(images) -> None:
+    """Each image's config carries its stage's HEALTHCHECK (the OCI config format has no field for it:
+    the build must write Docker's format, or buildah drops the check with only a warning)."""
+    from image_utils import BUILD_SCRIPT, REPO
+
+    listing = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--list"], capture_output=True, text=True, timeout=30
+    )
+    checked = 0
+    for name, dockerfile, target in (line.split() for line in listing.stdout.splitlines() if line.strip()):
+        expected = _stage_healthcheck(REPO / dockerfile, target)
+        config = json.loads(
+            subprocess.run(
+                [*buildah(), "inspect", "--type", "image", images[name]],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            ).stdout
+        )["Docker"]["config"]
+        got = (config.get("Healthcheck") or {}).get("Test")
+        assert got == (None if expected is None else ["CMD", *expected]), f"{name}: healthcheck {got}"
+        checked += expected is not None
+    assert checked == 3, "the trainer server, inference and dashboard images declare a HEALTHCHECK"
