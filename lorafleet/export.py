@@ -47,11 +47,18 @@ FUSED_NAMES = {"baichuan": "self_attn.W_pack", "chatglm": "self_attention.query_
 """The fused q/k/v projection of each original layout, relative to a decoder layer."""
 
 _RENAMES = {
-    "baichuan": {"self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp.gate_proj",
-                 "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"},
-    "chatglm": {"self_attn.o_proj": "self_attention.dense", "mlp.gate_up_proj": "mlp.dense_h_to_4h",
-                "mlp.down_proj": "mlp.dense_4h_to_h"},
-}  # fmt: skip
+    "baichuan": {
+        "self_attn.o_proj": "self_attn.o_proj",
+        "mlp.gate_proj": "mlp.gate_proj",
+        "mlp.up_proj": "mlp.up_proj",
+        "mlp.down_proj": "mlp.down_proj",
+    },
+    "chatglm": {
+        "self_attn.o_proj": "self_attention.dense",
+        "mlp.gate_up_proj": "mlp.dense_h_to_4h",
+        "mlp.down_proj": "mlp.dense_4h_to_h",
+    },
+}
 _LAYER_PREFIX = {
     "baichuan": "base_model.model.model.layers.",
     "chatglm": "base_model.model.transformer.encoder.layers.",
@@ -462,10 +469,17 @@ def merge_and_publish(published: Any, adapters_root: str | Path, name: str, dtyp
         result = merge_adapter(published, staging, dtype)
         m = published.manifest
         manifest = adapters.Manifest(
-            name=name, version=0, kind="full_model", method=m.method, base_model=m.base_model,
-            family=m.family, template=m.template, hyperparameters=m.hyperparameters,
-            created_at=adapters.utc_now(), source=result.source,
-        )  # fmt: skip
+            name=name,
+            version=0,
+            kind="full_model",
+            method=m.method,
+            base_model=m.base_model,
+            family=m.family,
+            template=m.template,
+            hyperparameters=m.hyperparameters,
+            created_at=adapters.utc_now(),
+            source=result.source,
+        )
         return adapters.publish(staging, adapters_root, name, manifest), result
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -292,9 +292,13 @@ def test_adapter_trained_by_plain_peft_is_imported_and_served_with_identical_tok
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         out = reference.eval().generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     expected = out[0, ids.shape[1] :].tolist()
     with serving(settings_for(tiny_llama, root, max_new_tokens_cap=12)) as server:
         channel, stub = stub_for(server.port)

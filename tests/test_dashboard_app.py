@@ -113,11 +113,18 @@ def test_bad_submission_errors_next_to_fields(stack: Stack, monkeypatch) -> None
 
 def test_form_builds_the_spec_and_leaves_empty_fields_unset() -> None:
     values = {path: f.default for path, f in forms.FIELDS.items()}
-    values.update({
-        "method": "qlora", "lora.target_modules": "q_proj, v_proj,", "labels": "owner=me, exp = a",
-        "hyperparameters.predict_with_generate": "yes", "deepspeed.zero_stage": "2",
-        "ptuning.num_virtual_tokens": 20, "hyperparameters.epochs": None, "model.dtype": forms.DEFAULT,
-    })  # fmt: skip
+    values.update(
+        {
+            "method": "qlora",
+            "lora.target_modules": "q_proj, v_proj,",
+            "labels": "owner=me, exp = a",
+            "hyperparameters.predict_with_generate": "yes",
+            "deepspeed.zero_stage": "2",
+            "ptuning.num_virtual_tokens": 20,
+            "hyperparameters.epochs": None,
+            "model.dtype": forms.DEFAULT,
+        }
+    )
     spec = forms.build_spec(values)
     assert (
         spec.method == "qlora"
@@ -165,11 +172,19 @@ def test_field_errors_key_the_trainers_violations_by_form_path() -> None:
 def test_submit_watch_live_charts(stack: Stack, monkeypatch) -> None:
     at = open_page(monkeypatch, stack.env())
     # 400 steps of about 40 ms, a record every 4 steps: the job trains for several seconds.
-    _fill_form(at, stack, **{
-        "hyperparameters.max_steps": 400, "hyperparameters.logging_steps": 4, "hyperparameters.eval_steps": 100,
-        "hyperparameters.learning_rate": 1e-2, "hyperparameters.lr_scheduler": "cosine",
-        "hyperparameters.max_eval_samples": 16, "adapter_name": "dash-live",
-    })  # fmt: skip
+    _fill_form(
+        at,
+        stack,
+        **{
+            "hyperparameters.max_steps": 400,
+            "hyperparameters.logging_steps": 4,
+            "hyperparameters.eval_steps": 100,
+            "hyperparameters.learning_rate": 1e-2,
+            "hyperparameters.lr_scheduler": "cosine",
+            "hyperparameters.max_eval_samples": 16,
+            "adapter_name": "dash-live",
+        },
+    )
     at.button(key="form.submit").click().run()
     no_exception(at)
     submitted = [str(s.value) for s in at.success if "submitted as job" in str(s.value)]
@@ -356,8 +371,12 @@ def test_chat_over_the_openai_http_api(stack: Stack, monkeypatch, tmp_path) -> N
         no_exception(at)
         assert not errors(at), errors(at)
         answer = "".join(str(md.value) for md in at.chat_message[1].markdown)
-        expected = _reference_answer(Stack(stack.model, {}, tmp_path, stack.trainer, grpc_addr), "http-lora@1",
-                                     [("user", "The patient reports")], 12)  # fmt: skip
+        expected = _reference_answer(
+            Stack(stack.model, {}, tmp_path, stack.trainer, grpc_addr),
+            "http-lora@1",
+            [("user", "The patient reports")],
+            12,
+        )
         assert answer.strip() == (expected.strip() or "_(no text)_")
         usage = [str(c.value) for c in at.chat_message[1].caption]
         assert usage and "over OpenAI HTTP" in usage[0] and "served by http-lora@1" in usage[0], usage
@@ -520,8 +539,11 @@ def test_launcher_serves_metrics_before_the_first_visit(stack: Stack, tmp_path) 
     with (tmp_path / "dashboard.log").open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.dashboard", "--port", str(port)],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         wait_until(lambda: _get(f"http://127.0.0.1:{port}/_stcore/health") == "ok", 60, what="dashboard up")
         body = _get(f"http://127.0.0.1:{metrics_port}/metrics")

@@ -49,11 +49,16 @@ def _publish(
     staging = new_staging_dir(root, name)
     shutil.copytree(adapter, staging, dirs_exist_ok=True)
     manifest = Manifest(
-        name=name, version=0, kind="lora", method="qlora" if quantization == "nf4" else "lora",
-        base_model=base_model_fingerprint(str(base), None), family="llama", template=template,
+        name=name,
+        version=0,
+        kind="lora",
+        method="qlora" if quantization == "nf4" else "lora",
+        base_model=base_model_fingerprint(str(base), None),
+        family="llama",
+        template=template,
         hyperparameters={"lora": {"rank": 4}, "model": {"dtype": "fp32", "quantization": quantization}},
         created_at=utc_now(),
-    )  # fmt: skip
+    )
     return publish(staging, root, name, manifest)
 
 
@@ -72,8 +77,11 @@ def _logits(model: Any, ids: list[list[int]]) -> list[torch.Tensor]:
 def _plain_load(out: Path, ids: list[list[int]]) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", _PLAIN_LOAD, str(out), json.dumps(ids)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -183,9 +191,13 @@ def test_merge_refuses_a_prompt_adapter(tiny_llama: Path, tmp_path: Path) -> Non
     staging = new_staging_dir(tmp_path, "p")
     (staging / "adapter_config.json").write_text("{}")
     manifest = Manifest(
-        name="p", version=0, kind="ptuning", method="ptuning",
-        base_model=base_model_fingerprint(str(tiny_llama), None), created_at=utc_now(),
-    )  # fmt: skip
+        name="p",
+        version=0,
+        kind="ptuning",
+        method="ptuning",
+        base_model=base_model_fingerprint(str(tiny_llama), None),
+        created_at=utc_now(),
+    )
     published = publish(staging, tmp_path, "p", manifest)
     with pytest.raises(AdapterImportError) as info:
         merge_adapter(published, tmp_path / "out", "fp32")

@@ -150,9 +150,13 @@ def test_inference_serves_the_tiny_model_from_the_models_volume(
 
 
 def start_trainer(
-    rendered: list[dict[str, Any]], images: dict[str, str], tiny_llama: Path, bundled_data: dict[str, Path],
-    tmp_path: Path, running: list[ImageRun],
-) -> tuple[ImageRun, str]:  # fmt: skip
+    rendered: list[dict[str, Any]],
+    images: dict[str, str],
+    tiny_llama: Path,
+    bundled_data: dict[str, Path],
+    tmp_path: Path,
+    running: list[ImageRun],
+) -> tuple[ImageRun, str]:
     """The trainer server image as its cpu-dev pod, with the tiny model and the bundled data on its
     volumes; returns the run and its gRPC address on the host, once it is SERVING."""
     data_root, models = tmp_path / "datasets", tmp_path / "models"
@@ -161,9 +165,11 @@ def start_trainer(
         (data_root / "bundled").mkdir(parents=True, exist_ok=True)
         shutil.copy(path, data_root / "bundled" / path.name)
     claims = {
-        "lorafleet-models": owned(models), "lorafleet-datasets": owned(data_root),
-        "lorafleet-adapters": owned(tmp_path / "adapters"), "lorafleet-runs": owned(tmp_path / "runs"),
-    }  # fmt: skip
+        "lorafleet-models": owned(models),
+        "lorafleet-datasets": owned(data_root),
+        "lorafleet-adapters": owned(tmp_path / "adapters"),
+        "lorafleet-runs": owned(tmp_path / "runs"),
+    }
     pod = deployment_pod(rendered, "lorafleet-trainer")
     container = resolve(pod, "trainer", cluster(rendered, tmp_path, claims))
     # In a cluster the pod gets its service account's API access; no API server runs here, so the one
@@ -296,25 +302,38 @@ def test_worker_runs_a_two_node_zero2_job_and_publishes_once(
     job_dir = runs_dir / "jobs" / "imgsmoke0001"
     in_pod = {k: Path("/data/datasets/bundled") / p.name for k, p in bundled_data.items()}
     config = training_config(
-        Path("/data/runs/jobs/imgsmoke0001"), Path("/data/models/tiny/llama"), in_pod,
+        Path("/data/runs/jobs/imgsmoke0001"),
+        Path("/data/models/tiny/llama"),
+        in_pod,
         train={"max_steps": 4, "per_device_batch_size": 4, "logging_steps": 1},
         distributed={"deepspeed_stage": 2, "nnodes": 2, "nproc_per_node": 1},
-        output={"run_dir": "/data/runs/jobs/imgsmoke0001/run", "adapters_root": "/data/adapters",
-                "adapter_name": "img-smoke"},
-    )  # fmt: skip
+        output={
+            "run_dir": "/data/runs/jobs/imgsmoke0001/run",
+            "adapters_root": "/data/adapters",
+            "adapter_name": "img-smoke",
+        },
+    )
     job_dir.mkdir(parents=True)
     (job_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()), encoding="utf-8")
     request = AttemptRequest(
-        job_id="imgsmoke0001", attempt=1, config_path=Path("/data/runs/jobs/imgsmoke0001/config.yaml"),
-        attempt_dir=Path("/data/runs/jobs/imgsmoke0001/attempt-1"), nodes=2, processes_per_node=1,
-        launcher="torchrun", deepspeed=True, resources={"cpu": "1", "memory": "2Gi"},
-    )  # fmt: skip
+        job_id="imgsmoke0001",
+        attempt=1,
+        config_path=Path("/data/runs/jobs/imgsmoke0001/config.yaml"),
+        attempt_dir=Path("/data/runs/jobs/imgsmoke0001/attempt-1"),
+        nodes=2,
+        processes_per_node=1,
+        launcher="torchrun",
+        deepspeed=True,
+        resources={"cpu": "1", "memory": "2Gi"},
+    )
     job, service = render_attempt(settings, request)
     pod = job["spec"]["template"]["spec"]
     claims = {
-        "lorafleet-models": owned(models), "lorafleet-datasets": owned(data_root),
-        "lorafleet-adapters": owned(tmp_path / "adapters"), "lorafleet-runs": owned(runs_dir),
-    }  # fmt: skip
+        "lorafleet-models": owned(models),
+        "lorafleet-datasets": owned(data_root),
+        "lorafleet-adapters": owned(tmp_path / "adapters"),
+        "lorafleet-runs": owned(runs_dir),
+    }
     hostname = f"{job['metadata']['name']}-0.{service['metadata']['name']}"
     workers = []
     for index in (0, 1):

@@ -91,9 +91,13 @@ def test_chat_with_an_adapter_unary_and_streamed_equals_grpc(client: openai.Open
     assert unary.usage.prompt_tokens == grpc_answer.usage.prompt_tokens
 
     stream = client.chat.completions.create(
-        model="alpha@1", messages=messages, temperature=0, max_tokens=12, stream=True,
+        model="alpha@1",
+        messages=messages,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == grpc_answer.text
@@ -115,11 +119,14 @@ def test_completions_echo_with_logprobs_equal_grpc(client: openai.OpenAI, stub: 
         model="alpha", prompt=PROMPT, echo=True, logprobs=2, temperature=0, max_tokens=5
     )
     grpc_answer = stub.Generate(
-        pb.GenerateRequest(adapter="alpha", prompt=PROMPT,
-                           sampling=pb.SamplingParams(max_new_tokens=5, temperature=0.0, logprobs=2,
-                                                      prompt_logprobs=2)),
-        metadata=GRPC_AUTH, timeout=60,
-    )  # fmt: skip
+        pb.GenerateRequest(
+            adapter="alpha",
+            prompt=PROMPT,
+            sampling=pb.SamplingParams(max_new_tokens=5, temperature=0.0, logprobs=2, prompt_logprobs=2),
+        ),
+        metadata=GRPC_AUTH,
+        timeout=60,
+    )
     choice = answer.choices[0]
     assert choice.text == PROMPT + grpc_answer.text
     logprobs = choice.logprobs
@@ -135,10 +142,12 @@ def test_completions_echo_with_logprobs_equal_grpc(client: openai.OpenAI, stub: 
 def test_echo_with_zero_max_tokens_gives_the_prompt_logprobs_alone(client: openai.OpenAI) -> None:
     """lm-evaluation-harness's loglikelihood request: the prompt's logprobs, no completion; the same
     prompt entries as an echo that also generates, unary and streamed."""
-    scored = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0,
-                                       temperature=0)  # fmt: skip
-    generated = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3,
-                                          temperature=0)  # fmt: skip
+    scored = client.completions.create(
+        model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    generated = client.completions.create(
+        model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, temperature=0
+    )
     prompt_tokens = generated.usage.prompt_tokens
     choice = scored.choices[0]
     assert choice.text == PROMPT and choice.finish_reason == "length"
@@ -146,8 +155,16 @@ def test_echo_with_zero_max_tokens_gives_the_prompt_logprobs_alone(client: opena
     assert len(choice.logprobs.tokens) == prompt_tokens
     assert choice.logprobs.token_logprobs == generated.choices[0].logprobs.token_logprobs[:prompt_tokens]
     assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == prompt_tokens
-    stream = client.completions.create(model="alpha", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0,
-                                       temperature=0, stream=True, stream_options={"include_usage": True})  # fmt: skip
+    stream = client.completions.create(
+        model="alpha",
+        prompt=PROMPT,
+        echo=True,
+        logprobs=1,
+        max_tokens=0,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
     streamed = [
@@ -237,23 +254,43 @@ def test_plane_field_names_become_the_openai_names() -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_cli_http_port_serves_sse_framing_metrics_and_drains(tiny_llama: Path, adapters: Path,
-                                                             tmp_path: Path) -> None:  # fmt: skip
+def test_cli_http_port_serves_sse_framing_metrics_and_drains(
+    tiny_llama: Path, adapters: Path, tmp_path: Path
+) -> None:
     process = InferenceProcess(
-        ["--model", f"tiny={tiny_llama}", "--adapters-root", str(adapters), "--http-port", "0",
-         "--max-new-tokens-cap", "64"],
-        tmp_path, entry=["-m", "services.cli", "inference-server"],
-    ).start()  # fmt: skip
+        [
+            "--model",
+            f"tiny={tiny_llama}",
+            "--adapters-root",
+            str(adapters),
+            "--http-port",
+            "0",
+            "--max-new-tokens-cap",
+            "64",
+        ],
+        tmp_path,
+        entry=["-m", "services.cli", "inference-server"],
+    ).start()
     try:
         found = re.search(r"^http on (http://[\d.]+:\d+)$", process.server_log(), re.M)
         assert found, process.server_log()
         base = found.group(1)
-        body = json.dumps({"model": "alpha", "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
-                           "stream": True, "stream_options": {"include_usage": True}})  # fmt: skip
+        body = json.dumps(
+            {
+                "model": "alpha",
+                "prompt": PROMPT,
+                "max_tokens": 4,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
         raw = subprocess.run(
             ["curl", "-sN", "-H", "Content-Type: application/json", "-d", body, f"{base}/v1/completions"],
-            capture_output=True, check=True, timeout=60,
-        ).stdout.decode()  # fmt: skip
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.decode()
         assert "\r" not in raw and raw.endswith("data: [DONE]\n\n"), raw
         events = [e for e in raw.split("\n\n") if e]
         assert all(e.startswith("data: ") and "\n" not in e for e in events), events

@@ -330,9 +330,12 @@ def test_recipe_trains_publishes_and_exports_baichuan2(
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_estimate_reads_the_native_config_without_converting(
-    arch: str, sources: dict[str, Path], bundled_data: dict[str, Path], tmp_path: Path,
+    arch: str,
+    sources: dict[str, Path],
+    bundled_data: dict[str, Path],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     """The trainer's SubmitJob memory check builds the model on the meta device from its config: for
     an original checkpoint that is the native config (AutoConfig would need the checkpoint's own
     code), and no weights are converted for it (a 7B conversion would stall every submit)."""

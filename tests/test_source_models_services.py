@@ -116,10 +116,21 @@ def services(root: Path, sources: dict[str, Path]) -> Iterator[tuple[TrainerProc
         for c in CASES.values()
     ]
     inference = InferenceProcess(
-        [*(a for m in models for a in ("--model", m)), "--adapters-root", str(adapters), "--scan-interval-s", "0.2",
-         "--max-rank", "16", "--torch-threads", "1", "--metrics-port", "-1"],
+        [
+            *(a for m in models for a in ("--model", m)),
+            "--adapters-root",
+            str(adapters),
+            "--scan-interval-s",
+            "0.2",
+            "--max-rank",
+            "16",
+            "--torch-threads",
+            "1",
+            "--metrics-port",
+            "-1",
+        ],
         root,
-    )  # fmt: skip
+    )
     trainer = TrainerProcess(root / "state", adapters, ["--max-running", "2"])
     try:
         inference.start(timeout=300)
@@ -216,9 +227,11 @@ def test_trainer_service_trains_and_publishes_the_original_checkpoint(
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_running_server_serves_the_published_adapter_with_peft_parity(
-    name: str, trained: dict[str, Trained], services: tuple[TrainerProcess, InferenceProcess],
+    name: str,
+    trained: dict[str, Trained],
+    services: tuple[TrainerProcess, InferenceProcess],
     sources: dict[str, Path],
-) -> None:  # fmt: skip
+) -> None:
     case, run = CASES[name], trained[name]
     _, inference = services
     _wait_served(inference, case.served_by, f"{name}@1")
@@ -243,11 +256,13 @@ def test_running_server_serves_the_published_adapter_with_peft_parity(
     messages = [("user", "头痛"), ("assistant", "多休息。"), ("user", "还要吃药吗？")]
     chat = inference.stub.Chat(
         ipb.ChatRequest(
-            model=case.served_by, adapter=name, sampling=greedy(10),
+            model=case.served_by,
+            adapter=name,
+            sampling=greedy(10),
             messages=[ipb.ChatMessage(role=r, content=c) for r, c in messages],
         ),
         timeout=120,
-    )  # fmt: skip
+    )
     assert list(chat.token_ids) == want
     assert chat.usage.template == case.arch and chat.usage.prompt_tokens == len(chat_ids)
     if case.arch == "chatglm3":  # the template's prefix and role tokens, one control token each

@@ -335,13 +335,21 @@ class OpenAIChatApi:
         Raises:
             ServiceError: refused (INVALID_ARGUMENT for a parameter OpenAI's API lacks), or failed.
         """
-        extra = [f"{f}={v}" for f, v, off in (("top_k", sampling.top_k, 0),
-                 ("repetition_penalty", sampling.repetition_penalty, 1.0)) if v and v != off]  # fmt: skip
+        extra = [
+            f"{f}={v}"
+            for f, v, off in (
+                ("top_k", sampling.top_k, 0),
+                ("repetition_penalty", sampling.repetition_penalty, 1.0),
+            )
+            if v and v != off
+        ]
         if extra:
             raise ServiceError(
-                self.service, self.address, "INVALID_ARGUMENT",
+                self.service,
+                self.address,
+                "INVALID_ARGUMENT",
                 f"{', '.join(extra)}: not a field of the OpenAI API; reset it or use gRPC",
-            )  # fmt: skip
+            )
         start = time.perf_counter()
         code = "CANCELLED"  # the consumer stopped early
         first: float | None = None

@@ -477,14 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--config", default=_env("config"), help="YAML settings file (flags override it)")
     env_models = [m for m in (_env("model") or "").split(",") if m]
-    ap.add_argument("--model", action="append", default=None,
-                    help=f"NAME=PATH[:none|nf4|int8], repeatable (env default: {env_models or 'none'})")  # fmt: skip
-    ap.add_argument("--dtype", default=_env("dtype"), choices=settings_module.DTYPES,
-                    help="dtype of the --model bases")  # fmt: skip
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"NAME=PATH[:none|nf4|int8], repeatable (env default: {env_models or 'none'})",
+    )
+    ap.add_argument(
+        "--dtype", default=_env("dtype"), choices=settings_module.DTYPES, help="dtype of the --model bases"
+    )
     for name, kind, helptext in _FLAGS:
         raw = _env(name)
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=kind(raw) if raw is not None else None,
-                        help=helptext)  # fmt: skip
+        ap.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=kind(raw) if raw is not None else None,
+            help=helptext,
+        )
     add_secret_refusal(ap, "--auth-token", "use --auth-token-file or LORAFLEET_INFERENCE_AUTH_TOKEN")
     return ap
 

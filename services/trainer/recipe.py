@@ -609,10 +609,14 @@ def run_training(config: RunConfig, progress: bool | None = None) -> TrainResult
                 elapsed = time.perf_counter() - window_start
                 state.tokens_seen += int(tok_sum)
                 record: dict[str, Any] = {
-                    "step": state.global_step, "epoch": round(epoch + done_in_epoch / max(len(batches), 1), 4),
-                    "loss": loss_sum / max(micro_sum, 1), "learning_rate": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tok_sum / max(elapsed, 1e-9), "tokens": state.tokens_seen, **last_eval,
-                }  # fmt: skip
+                    "step": state.global_step,
+                    "epoch": round(epoch + done_in_epoch / max(len(batches), 1), 4),
+                    "loss": loss_sum / max(micro_sum, 1),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tok_sum / max(elapsed, 1e-9),
+                    "tokens": state.tokens_seen,
+                    **last_eval,
+                }
                 if grad_norm is not None and math.isfinite(grad_norm):
                     record["grad_norm"] = grad_norm
                 recorder.log(record)

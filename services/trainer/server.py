@@ -223,19 +223,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
         for a in job.attempts:
             attempt = trainer_pb2.Attempt(
-                number=a.number, state=a.state, started_at=_ts(a.started_at), finished_at=_ts(a.finished_at),
-                reason=a.reason, resumed_from_step=a.resumed_from_step, launcher=a.launcher,
+                number=a.number,
+                state=a.state,
+                started_at=_ts(a.started_at),
+                finished_at=_ts(a.finished_at),
+                reason=a.reason,
+                resumed_from_step=a.resumed_from_step,
+                launcher=a.launcher,
                 launcher_ref=str(a.handle.get("pid") or a.handle.get("job_name") or ""),
-            )  # fmt: skip
+            )
             if a.exit_code is not None:
                 attempt.exit_code = a.exit_code
             out.attempts.append(attempt)
         if job.memory_estimate:
             m = job.memory_estimate
-            out.memory_estimate.CopyFrom(trainer_pb2.MemoryEstimate(
-                device_bytes_per_process=int(m["device_bytes_per_process"]), host_bytes=int(m["host_bytes"]),
-                device=m["device"], summary=m["summary"],
-            ))  # fmt: skip
+            out.memory_estimate.CopyFrom(
+                trainer_pb2.MemoryEstimate(
+                    device_bytes_per_process=int(m["device_bytes_per_process"]),
+                    host_bytes=int(m["host_bytes"]),
+                    device=m["device"],
+                    summary=m["summary"],
+                )
+            )
         if job.adapter_ref:
             name, _, version = job.adapter_ref.partition("@")
             try:
@@ -378,13 +387,20 @@ def _event_to_pb(e: st.EventRow) -> trainer_pb2.JobEvent:
     out = trainer_pb2.JobEvent(seq=e.seq, job_id=e.job_id, time=_ts(e.time))
     p = e.payload
     if e.kind == "state":
-        out.state.CopyFrom(trainer_pb2.StateChange(state=_STATE_TO_PB[p["state"]], reason=p.get("reason", ""),
-                                                   attempt=int(p.get("attempt", 0))))  # fmt: skip
+        out.state.CopyFrom(
+            trainer_pb2.StateChange(
+                state=_STATE_TO_PB[p["state"]], reason=p.get("reason", ""), attempt=int(p.get("attempt", 0))
+            )
+        )
     elif e.kind == "metrics":
         m = trainer_pb2.MetricRecord(
-            step=int(p.get("step", 0)), total_steps=int(p.get("total_steps", 0)), epoch=float(p.get("epoch", 0)),
-            percent=float(p.get("percent", 0)), attempt=int(p.get("attempt", 0)), values=_number_map(p.get("values")),
-        )  # fmt: skip
+            step=int(p.get("step", 0)),
+            total_steps=int(p.get("total_steps", 0)),
+            epoch=float(p.get("epoch", 0)),
+            percent=float(p.get("percent", 0)),
+            attempt=int(p.get("attempt", 0)),
+            values=_number_map(p.get("values")),
+        )
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "eta_s"):
             if p.get(key) is not None:
                 setattr(m, key, float(p[key]))
@@ -419,22 +435,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-processes", type=int, default=int(_env("max_processes", 0)) or None)
     ap.add_argument("--poll-interval", type=float, default=float(_env("poll_interval", 0.5)))
     ap.add_argument("--cancel-grace", type=float, default=float(_env("cancel_grace", 10.0)))
-    ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", -1)),
-                    help="serve /metrics on this port (0 = any free port, -1 = off)")  # fmt: skip
-    ap.add_argument("--auth-token-file", default=_env("auth_token_file", ""),
-                    help="file holding the bearer token (or set LORAFLEET_TRAINER_AUTH_TOKEN)")  # fmt: skip
-    ap.add_argument("--auth-scope", choices=AUTH_SCOPES, default=_env("auth_scope", "writes"),
-                    help="what the token guards: writes (SubmitJob/CancelJob) or all RPCs")  # fmt: skip
+    ap.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("metrics_port", -1)),
+        help="serve /metrics on this port (0 = any free port, -1 = off)",
+    )
+    ap.add_argument(
+        "--auth-token-file",
+        default=_env("auth_token_file", ""),
+        help="file holding the bearer token (or set LORAFLEET_TRAINER_AUTH_TOKEN)",
+    )
+    ap.add_argument(
+        "--auth-scope",
+        choices=AUTH_SCOPES,
+        default=_env("auth_scope", "writes"),
+        help="what the token guards: writes (SubmitJob/CancelJob) or all RPCs",
+    )
     add_secret_refusal(ap, "--auth-token", "use --auth-token-file or LORAFLEET_TRAINER_AUTH_TOKEN")
     ap.add_argument("--tls-cert", default=_env("tls_cert", ""))
     ap.add_argument("--tls-key", default=_env("tls_key", ""))
-    ap.add_argument("--allow-remote-code", nargs="*", default=[x for x in _env("allow_remote_code", "").split(",") if x],
-                    help="models (ids, paths, or 'org/' prefixes) that may use trust_remote_code")  # fmt: skip
-    ap.add_argument("--data-roots", nargs="*", default=_env_list("data_roots", DEFAULT_DATA_ROOTS),
-                    help="directories a job's data files must be under (default: %(default)s)")  # fmt: skip
-    ap.add_argument("--model-roots", nargs="*", default=_env_list("model_roots", DEFAULT_MODEL_ROOTS),
-                    help="directories a job's local model must be under; hub ids stay allowed "
-                    "(default: %(default)s)")  # fmt: skip
+    ap.add_argument(
+        "--allow-remote-code",
+        nargs="*",
+        default=[x for x in _env("allow_remote_code", "").split(",") if x],
+        help="models (ids, paths, or 'org/' prefixes) that may use trust_remote_code",
+    )
+    ap.add_argument(
+        "--data-roots",
+        nargs="*",
+        default=_env_list("data_roots", DEFAULT_DATA_ROOTS),
+        help="directories a job's data files must be under (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--model-roots",
+        nargs="*",
+        default=_env_list("model_roots", DEFAULT_MODEL_ROOTS),
+        help="directories a job's local model must be under; hub ids stay allowed (default: %(default)s)",
+    )
     ap.add_argument("--no-memory-check", action="store_true")
     return ap
 
@@ -465,14 +503,19 @@ class TrainerServer:
             self.store,
             launcher or make_launcher(args),
             ManagerSettings(
-                state_dir=state_dir, adapters_root=adapters_root, max_running=args.max_running,
-                max_queued=args.max_queued, default_max_attempts=args.max_attempts,
-                poll_interval_s=args.poll_interval, cancel_grace_s=args.cancel_grace,
-                remote_code_allow=list(args.allow_remote_code), check_memory=not args.no_memory_check,
+                state_dir=state_dir,
+                adapters_root=adapters_root,
+                max_running=args.max_running,
+                max_queued=args.max_queued,
+                default_max_attempts=args.max_attempts,
+                poll_interval_s=args.poll_interval,
+                cancel_grace_s=args.cancel_grace,
+                remote_code_allow=list(args.allow_remote_code),
+                check_memory=not args.no_memory_check,
                 path_policy=PathPolicy.from_roots(args.data_roots, args.model_roots),
             ),
             self.metrics,
-        )  # fmt: skip
+        )
         # The error interceptor goes first: it also counts what the auth interceptor refuses.
         interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(STATUS_FOR, self._count_code)]
         token = read_token(

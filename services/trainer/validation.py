@@ -42,18 +42,38 @@ def _check_resources(
 ) -> None:
     d, gpus = config.distributed, request.resources.gpus_per_node
     if d.nnodes > cap.max_nodes:
-        problems.append(FieldProblem("spec.resources.nodes", d.nnodes,
-                                     f"this launcher runs at most {cap.max_nodes} node(s) per job"))  # fmt: skip
+        problems.append(
+            FieldProblem(
+                "spec.resources.nodes",
+                d.nnodes,
+                f"this launcher runs at most {cap.max_nodes} node(s) per job",
+            )
+        )
     if d.nproc_per_node > cap.max_processes_per_node:
-        problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
-                                     f"at most {cap.max_processes_per_node} process(es) per node here"))  # fmt: skip
+        problems.append(
+            FieldProblem(
+                "spec.resources.processes_per_node",
+                d.nproc_per_node,
+                f"at most {cap.max_processes_per_node} process(es) per node here",
+            )
+        )
     if gpus is not None:
         if gpus < 0 or gpus > cap.max_gpus_per_node:
-            problems.append(FieldProblem("spec.resources.gpus_per_node", gpus,
-                                         f"must be in [0, {cap.max_gpus_per_node}] on this launcher"))  # fmt: skip
+            problems.append(
+                FieldProblem(
+                    "spec.resources.gpus_per_node",
+                    gpus,
+                    f"must be in [0, {cap.max_gpus_per_node}] on this launcher",
+                )
+            )
         elif gpus and d.nproc_per_node != gpus:
-            problems.append(FieldProblem("spec.resources.processes_per_node", d.nproc_per_node,
-                                         f"must equal gpus_per_node ({gpus}): one process per GPU"))  # fmt: skip
+            problems.append(
+                FieldProblem(
+                    "spec.resources.processes_per_node",
+                    d.nproc_per_node,
+                    f"must equal gpus_per_node ({gpus}): one process per GPU",
+                )
+            )
 
 
 def _check_model(config: RunConfig, allow: list[str], problems: list[FieldProblem]) -> bool:
@@ -69,9 +89,14 @@ def _check_model(config: RunConfig, allow: list[str], problems: list[FieldProble
         problems.append(FieldProblem("spec.model.name_or_path", name, "not a usable path or hub id"))
         return False
     if config.model.trust_remote_code and not _remote_code_allowed(name, allow):
-        problems.append(FieldProblem("spec.model.trust_remote_code", True,
-                                     f"remote code is not allowed for {name!r}: the server's allow-list is "
-                                     f"{allow or 'empty'} (--allow-remote-code)"))  # fmt: skip
+        problems.append(
+            FieldProblem(
+                "spec.model.trust_remote_code",
+                True,
+                f"remote code is not allowed for {name!r}: the server's allow-list is "
+                f"{allow or 'empty'} (--allow-remote-code)",
+            )
+        )
     return True
 
 
@@ -137,16 +162,24 @@ def _check_memory(config: RunConfig, cap: Capacity, problems: list[FieldProblem]
         return None
     except (LorafleetError, OSError, ValueError) as e:
         reason = e.reason if isinstance(e, LorafleetError) else str(e)
-        problems.append(FieldProblem("spec.model.name_or_path", config.model.name_or_path,
-                                     f"cannot read the model config to estimate memory: {reason}"))  # fmt: skip
+        problems.append(
+            FieldProblem(
+                "spec.model.name_or_path",
+                config.model.name_or_path,
+                f"cannot read the model config to estimate memory: {reason}",
+            )
+        )
         return None
     if cap.memory_bytes_per_process and estimate.device_total_bytes > cap.memory_bytes_per_process:
-        problems.append(FieldProblem(
-            "spec.hyperparameters.per_device_batch_size", config.train.per_device_batch_size,
-            f"the run needs about {estimate.device_total_bytes / _GIB:.1f} GiB per process, over the "
-            f"{cap.memory_bytes_per_process / _GIB:.1f} GiB available; lower the batch size or sequence "
-            "lengths, use qlora, gradient checkpointing or ZeRO-3 offload",
-        ))  # fmt: skip
+        problems.append(
+            FieldProblem(
+                "spec.hyperparameters.per_device_batch_size",
+                config.train.per_device_batch_size,
+                f"the run needs about {estimate.device_total_bytes / _GIB:.1f} GiB per process, over the "
+                f"{cap.memory_bytes_per_process / _GIB:.1f} GiB available; lower the batch size or sequence "
+                "lengths, use qlora, gradient checkpointing or ZeRO-3 offload",
+            )
+        )
     return estimate
 
 

@@ -57,9 +57,19 @@ def write_run(run_dir: Path, steps: int, published: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = [{"event": "run_started", "total_steps": steps, "time": 1.0}]
     for step in range(2, steps + 1, 2):
-        records.append({"step": step, "total_steps": steps, "epoch": step / steps, "loss": 2.0 / step,
-                        "learning_rate": 0.01, "tokens_per_s": 900.0 + step, "percent": 100.0 * step / steps,
-                        "grad_norm": 0.5, "time": 1.0 + step})  # fmt: skip
+        records.append(
+            {
+                "step": step,
+                "total_steps": steps,
+                "epoch": step / steps,
+                "loss": 2.0 / step,
+                "learning_rate": 0.01,
+                "tokens_per_s": 900.0 + step,
+                "percent": 100.0 * step / steps,
+                "grad_norm": 0.5,
+                "time": 1.0 + step,
+            }
+        )
     name, _, version = published.partition("@")
     records.append({"event": "published", "name": name, "version": int(version), "time": 99.0})
     (run_dir / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -84,15 +94,31 @@ def main(out: Path) -> None:
     state_dir = out / "state"
     store = st.SQLiteJobStore(state_dir / "jobs.sqlite3")
     launcher = ScriptedLauncher()
-    manager = JobManager(store, launcher, ManagerSettings(state_dir=state_dir, adapters_root=out / "adapters",
-                                                          max_running=3, check_memory=False))  # fmt: skip
+    manager = JobManager(
+        store,
+        launcher,
+        ManagerSettings(
+            state_dir=state_dir, adapters_root=out / "adapters", max_running=3, check_memory=False
+        ),
+    )
     ok = manager.submit(
-        spec(data, "fixture-ok", labels={"owner": "ana", "experiment": "v1-store"},
-             overrides={"train.seed": "7"}, deepspeed=pb.DeepSpeedSpec(launcher="torchrun")),
+        spec(
+            data,
+            "fixture-ok",
+            labels={"owner": "ana", "experiment": "v1-store"},
+            overrides={"train.seed": "7"},
+            deepspeed=pb.DeepSpeedSpec(launcher="torchrun"),
+        ),
         idempotency_key="fixture-key-1",
-    )  # fmt: skip
-    failed = manager.submit(spec(data, "fixture-failed", max_attempts=2,
-                                 resources=pb.Resources(gpus_per_node=2, cpu="2", memory="4Gi")))  # fmt: skip
+    )
+    failed = manager.submit(
+        spec(
+            data,
+            "fixture-failed",
+            max_attempts=2,
+            resources=pb.Resources(gpus_per_node=2, cpu="2", memory="4Gi"),
+        )
+    )
     running_cancel = manager.submit(spec(data, ""))
     manager.tick()  # all three start
     write_run(Path(ok.run_dir), 6, "fixture-ok@1")
