@@ -43,13 +43,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -66,6 +64,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lorafleet.errors import AdapterError, FieldProblem, show_value
 from services.inference.errors import InvalidRequestError, ModelNotFoundError, ModelNotReadyError
 from services.inference.metrics import InferenceMetrics
+from services.inference.openai_responses import Answer, Failure
 from services.inference.openai_schemas import (
     RETRY_AFTER_S,
     ApiError,
@@ -80,7 +79,7 @@ from services.inference.openai_schemas import (
 )
 
 if TYPE_CHECKING:  # annotations only: the plane imports torch-side modules this one does not need
-    from services.inference.plane import Chunk, Completion, Generation, InferencePlane, Logprob
+    from services.inference.plane import Chunk, Completion, Generation, InferencePlane
     from services.inference.settings import InferenceSettings
 
 log = logging.getLogger("lorafleet.inference.http")
@@ -89,11 +88,6 @@ ROUTES: Final = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/heal
 """The ``route`` label values of the HTTP request counter (``other`` for anything else)."""
 _END: Final = object()
 _R = TypeVar("_R")
-
-
-class _Failure:
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -225,7 +219,7 @@ class OpenAIApi:
             await answers
         return None
 
-    def _chunks(self, generation: Generation) -> AsyncIterator[Chunk | _Failure]:
+    def _chunks(self, generation: Generation) -> AsyncIterator[Chunk | Failure]:
         """The generation's chunks on the loop, pumped from a pool thread as they come."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -239,13 +233,13 @@ class OpenAIApi:
                 for chunk in generation:
                     put(chunk)
             except BaseException as e:
-                put(_Failure(e))
+                put(Failure(e))
             finally:
                 put(_END)
 
         self.executor.submit(pump)
 
-        async def drain() -> AsyncIterator[Chunk | _Failure]:
+        async def drain() -> AsyncIterator[Chunk | Failure]:
             while (item := await queue.get()) is not _END:
                 yield item
 
@@ -309,7 +303,7 @@ class OpenAIApi:
             generation = await self._run(lambda: self.plane.chat(base, adapter, messages, params))
         except Exception as e:
             return self.error_response(e, renames)
-        answer = _Answer("chat", body.model, params.n, include_usage=_include_usage(body))
+        answer = Answer("chat", body.model, params.n, include_usage=_include_usage(body))
         if body.stream:
             return _sse(answer.chat_stream(self._chunks(generation), generation), [generation])
         completions = await self._wait(request, [generation])
@@ -338,7 +332,7 @@ class OpenAIApi:
             for g in generations:
                 g.close()
             return self.error_response(e, renames)
-        answer = _Answer("text", body.model, params.n, include_usage=_include_usage(body))
+        answer = Answer("text", body.model, params.n, include_usage=_include_usage(body))
         answer.prompt_only = prompt_only(body)
         echo = prompts if body.echo else None
         if body.stream:
@@ -454,217 +448,6 @@ def _sse(events: AsyncIterator[str], generations: list[Generation]) -> EventSour
                 g.close()
 
     return EventSourceResponse(guarded(), sep="\n")
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-class _Answer:
-    """Builds the OpenAI response objects of one request (chat or text completion)."""
-
-    def __init__(self, kind: str, model: str, n: int, include_usage: bool) -> None:
-        self.kind = kind
-        self.model = model
-        self.n = n
-        self.include_usage = include_usage
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-        self.prompt_only = False
-        """``echo`` with ``max_tokens: 0``: the one generated token is dropped from every choice
-        (its text, its logprob, its count in ``usage``) and the finish reason is ``length``."""
-
-    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
-        obj = self.object + (".chunk" if chunk and self.kind == "chat" else "")
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-
-    # -- chat --------------------------------------------------------------------------------------
-
-    def chat_body(self, completion: Completion) -> dict[str, Any]:
-        choices = [
-            {
-                "index": s.index,
-                "message": {"role": "assistant", "content": s.text},
-                "logprobs": None if s.logprobs is None else {"content": _chat_logprobs(s.logprobs)},
-                "finish_reason": s.finish_reason,
-            }
-            for s in completion.samples
-        ]
-        body = self._envelope(choices, chunk=False)
-        body["usage"] = self._usage(completion.usage.prompt_tokens, completion.usage.generated_tokens)
-        return body
-
-    async def chat_stream(
-        self, chunks: AsyncIterator[Chunk | _Failure], generation: Generation
-    ) -> AsyncIterator[str]:
-        started: set[int] = set()
-        async for chunk in chunks:
-            if isinstance(chunk, _Failure):
-                yield self._stream_error(chunk.error)
-                break
-            if chunk.usage is not None:
-                if self.include_usage:
-                    yield self._usage_chunk(chunk.usage.prompt_tokens, chunk.usage.generated_tokens)
-                continue
-            choice: dict[str, Any] = {
-                "index": chunk.index,
-                "delta": {},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-            if chunk.index not in started:
-                started.add(chunk.index)
-                choice["delta"]["role"] = "assistant"
-            if chunk.text or "role" in choice["delta"]:
-                choice["delta"]["content"] = chunk.text
-            if chunk.logprobs:
-                choice["logprobs"] = {"content": _chat_logprobs(chunk.logprobs)}
-            if chunk.finish_reason is not None:
-                choice["finish_reason"] = chunk.finish_reason
-            elif not chunk.text and not chunk.logprobs and "role" not in choice["delta"]:
-                continue  # text held back (a partial character or stop string): nothing to send
-            yield self._chunk([choice])
-        yield "[DONE]"
-
-    # -- text --------------------------------------------------------------------------------------
-
-    def text_body(self, completions: list[Completion], echo: list[str] | None) -> dict[str, Any]:
-        choices: list[dict[str, Any]] = []
-        prompt_tokens = generated = 0
-        for p, completion in enumerate(completions):
-            prompt_tokens += completion.usage.prompt_tokens
-            generated += 0 if self.prompt_only else completion.usage.generated_tokens
-            prefix = echo[p] if echo is not None else ""
-            for s in completion.samples:
-                logprobs = None
-                if s.logprobs is not None:
-                    entries = list(completion.prompt_logprobs or []) if echo is not None else []
-                    logprobs = _text_logprobs(entries + ([] if self.prompt_only else list(s.logprobs)))
-                choices.append(
-                    {
-                        "index": p * self.n + s.index,
-                        "text": prefix + ("" if self.prompt_only else s.text),
-                        "logprobs": logprobs,
-                        "finish_reason": "length" if self.prompt_only else s.finish_reason,
-                    }
-                )
-        body = self._envelope(choices, chunk=False)
-        body["usage"] = self._usage(prompt_tokens, generated)
-        return body
-
-    async def text_stream(
-        self,
-        streams: list[AsyncIterator[Chunk | _Failure]],
-        generations: list[Generation],
-        echo: list[str] | None,
-    ) -> AsyncIterator[str]:
-        prompt_tokens = generated = 0
-        for p, chunks in enumerate(streams):
-            started: set[int] = set()
-            prompt_entries: tuple[Logprob, ...] = ()
-            async for chunk in chunks:
-                if isinstance(chunk, _Failure):
-                    yield self._stream_error(chunk.error)
-                    yield "[DONE]"
-                    return
-                if chunk.usage is not None:
-                    prompt_tokens += chunk.usage.prompt_tokens
-                    generated += 0 if self.prompt_only else chunk.usage.generated_tokens
-                    continue
-                if chunk.prompt_logprobs is not None:
-                    prompt_entries = chunk.prompt_logprobs
-                text = "" if self.prompt_only else chunk.text
-                entries = [] if self.prompt_only else list(chunk.logprobs)
-                finish = chunk.finish_reason
-                if self.prompt_only and finish is not None:
-                    finish = "length"
-                if chunk.index not in started:
-                    started.add(chunk.index)
-                    if echo is not None:
-                        text = echo[p] + text
-                        entries = (
-                            list(prompt_entries) + entries if chunk.logprobs or prompt_entries else entries
-                        )
-                if not text and not entries and finish is None:
-                    continue
-                choice = {
-                    "index": p * self.n + chunk.index,
-                    "text": text,
-                    "logprobs": _text_logprobs(entries) if entries else None,
-                    "finish_reason": finish,
-                }
-                yield self._chunk([choice])
-        if self.include_usage:
-            yield self._usage_chunk(prompt_tokens, generated)
-        yield "[DONE]"
-
-    # -- shared --------------------------------------------------------------------------------------
-
-    def _chunk(self, choices: list[dict[str, Any]]) -> str:
-        body = self._envelope(choices, chunk=True)
-        if self.include_usage:
-            body["usage"] = None
-        return _json(body)
-
-    def _usage_chunk(self, prompt_tokens: int, generated: int) -> str:
-        body = self._envelope([], chunk=True)
-        body["usage"] = self._usage(prompt_tokens, generated)
-        return _json(body)
-
-    @staticmethod
-    def _stream_error(error: BaseException) -> str:
-        mapped = error_for(error, {})
-        if mapped is None:
-            log.error("HTTP stream failed", exc_info=error)
-            return _json(error_body(500, "internal error; the server logged the details", "internal"))
-        return _json(mapped[1])
-
-
-def _chat_logprobs(entries: list[Logprob] | tuple[Logprob, ...]) -> list[dict[str, Any]]:
-    """OpenAI chat ``logprobs.content``: token, logprob, UTF-8 bytes, alternatives."""
-    return [
-        {
-            "token": e.token,
-            "logprob": e.logprob,
-            "bytes": list(e.token.encode()),
-            "top_logprobs": [
-                {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in e.top
-            ],
-        }
-        for e in entries
-    ]
-
-
-def _text_logprobs(entries: list[Logprob]) -> dict[str, Any]:
-    """OpenAI completions ``logprobs``: parallel lists; ``text_offset`` counts the characters of the
-    tokens before each (decoded alone, as vLLM reports it); the first prompt token (echo) has a
-    null logprob and null alternatives."""
-    offsets: list[int] = []
-    at = 0
-    for e in entries:
-        offsets.append(at)
-        at += len(e.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in entries],
-        "text_offset": offsets,
-    }
 
 
 # -- the server --------------------------------------------------------------------------------------
