@@ -11,7 +11,7 @@ A config file mirrors these dataclasses section by section::
 Overrides use dotted paths (``train.learning_rate=1e-4``, ``lora.target_modules=[q_proj,v_proj]``),
 their values parsed as YAML scalars. A key must name one field exactly (lowercase ASCII
 ``section.field``); values and config files are YAML without anchors or aliases, nested at most
-:data:`MAX_YAML_DEPTH` deep, so a small input cannot expand into a large one. ``validate_config``
+:data:`lorafleet.safe_yaml.MAX_YAML_DEPTH` deep, so a small input cannot expand into a large one. ``validate_config``
 checks every field at once and raises one ``ConfigError`` naming each bad field and value: each
 field's documented range, and for every field a hard bound (:data:`NUMERIC_BOUNDS`, finite floats,
 bounded storable strings) that keeps any accepted config inside what the trainer API can carry.
@@ -43,6 +43,7 @@ from lorafleet.config_checks import (
     validate_config,
 )
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.safe_yaml import MAX_YAML_DEPTH, UnsafeYamlError, load_bounded_yaml
 
 
 @dataclass
@@ -282,40 +283,8 @@ MAX_OVERRIDES = 64
 MAX_OVERRIDE_KEY_CHARS = 128
 MAX_OVERRIDE_VALUE_CHARS = 4096
 """Characters of one override's YAML text; the longest legitimate value (a system prompt) fits."""
-MAX_YAML_DEPTH = 16
-"""Nesting of YAML collections in an override value or config file; a run config needs 3."""
 MAX_CONFIG_FILE_BYTES = 1024 * 1024
 _KEY_RE = re.compile(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*")
-
-
-class _UnsafeYamlError(yaml.YAMLError):
-    """YAML that could cost far more to load than its size: anchors, aliases, deep nesting."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses anchors and aliases and nests at most :data:`MAX_YAML_DEPTH` deep.
-
-    Aliases let a few hundred bytes expand exponentially ("billion laughs"); deep nesting makes
-    PyYAML's recursive composer overflow the stack. A run config needs neither.
-    """
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _UnsafeYamlError("YAML anchors and aliases (&name, *name) are not accepted")
-        if self._depth >= MAX_YAML_DEPTH:
-            raise _UnsafeYamlError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep is not accepted")
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
 
 
 def _leaf_fields(cls: type, prefix: str = "") -> dict[str, str]:
@@ -376,8 +345,8 @@ def parse_override_value(key: str, raw: str) -> Any:
     if raw == "":
         return ""
     try:
-        return _load_yaml(raw)
-    except _UnsafeYamlError as e:
+        return load_bounded_yaml(raw)
+    except UnsafeYamlError as e:
         raise ConfigError([FieldProblem(_key_label(key), raw, str(e))]) from None
     except (yaml.YAMLError, ValueError):
         return raw  # e.g. ``a: b: c`` or a number too long to convert: the text itself
@@ -544,8 +513,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 [FieldProblem("config", str(path), f"larger than {MAX_CONFIG_FILE_BYTES} bytes")]
             )
         try:
-            loaded = _load_yaml(p.read_text(encoding="utf-8"))
-        except _UnsafeYamlError as e:
+            loaded = load_bounded_yaml(p.read_text(encoding="utf-8"))
+        except UnsafeYamlError as e:
             raise ConfigError([FieldProblem("config", str(path), str(e))]) from None
         except (yaml.YAMLError, ValueError) as e:
             raise ConfigError([FieldProblem("config", str(path), f"not valid YAML: {e}")]) from e

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.safe_yaml import load_bounded_yaml
 from services.common.auth import AUTH_SCOPES, read_token
 
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -272,7 +273,7 @@ def load_yaml(path: str | Path) -> InferenceSettings:
         ConfigError: unreadable file, unknown keys, wrong shapes; every problem at once.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = load_bounded_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError([FieldProblem("--config", str(path), f"cannot read: {e}")]) from e
     if not isinstance(data, dict):
