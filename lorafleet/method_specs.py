@@ -43,6 +43,31 @@ STAGES = ("sft", "dpo", "kto", "rm")
 """Training stages: supervised fine-tuning, pairwise preference (DPO and its variants), unpaired
 preference (KTO), reward model (pairwise ranking with a scalar head)."""
 PREFERENCE_STAGES = ("dpo", "kto", "rm")
+_PAIR_COLUMNS = ("prompt_column", "chosen_column", "rejected_column")
+STAGE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sft": (),
+    "dpo": (
+        "loss",
+        "beta",
+        "gamma",
+        "label_smoothing",
+        "sft_adapter",
+        "precompute_reference",
+        *_PAIR_COLUMNS,
+    ),
+    "kto": (
+        "beta",
+        "desirable_weight",
+        "undesirable_weight",
+        "sft_adapter",
+        "prompt_column",
+        "completion_column",
+        "label_column",
+    ),
+    "rm": _PAIR_COLUMNS,
+}
+"""The ``preference`` options each stage reads: a job that sets another is refused, the dashboard's
+form shows only these, and the CLI submits only these."""
 _LORA_STAGES = STAGES
 _REFERENCE_MODEL_STAGES = ("sft", "dpo", "kto")
 
