@@ -407,9 +407,10 @@ def test_non_lora_artifacts_are_incompatible(
     reg, loader, _ = make()
     with pytest.raises(AdapterIncompatibleError, match=r"'ptuning' artifact .* LoRA adapters only"):
         reg.resolve("prompts")
-    with pytest.raises(AdapterIncompatibleError, match=r"'full_model' artifact .* base model of its own"):
+    # A full model is a base model (the plane's published-model catalog), never a failed adapter.
+    with pytest.raises(AdapterIncompatibleError, match=r"whole@1 is a full model .* model='whole@1'"):
         reg.resolve("whole")
-    assert loader.calls == [] and {s.state for s in reg.statuses()} == {"failed"}
+    assert loader.calls == [] and [(s.ref, s.state) for s in reg.statuses()] == [("prompts@1", "failed")]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from lorafleet.adapters import (
     verify_files,
 )
 from lorafleet.errors import AdapterError, AdapterNotFoundError
+from lorafleet.method_specs import ARTIFACT_FULL_MODEL
 from lorafleet.models import fingerprints_match
 from services.inference.adapter_checks import (
     MAX_LISTED,
@@ -117,7 +118,7 @@ class RegistryEvent:
 
 
 @dataclass(frozen=True)
-class _VersionInfo:
+class VersionInfo:
     """What a scan learned about one version directory; immutable, replaced when the directory changes."""
 
     name: str
@@ -130,6 +131,12 @@ class _VersionInfo:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def is_full_model(self) -> bool:
+        """A whole model (``freeze`` / ``full`` training, a merged export): the plane serves it as a
+        base model of its own (``published_models.py``), so adapter listings leave it out."""
+        return self.manifest is not None and self.manifest.kind == ARTIFACT_FULL_MODEL
 
     @property
     def has_manifest_file(self) -> bool:
@@ -196,7 +203,7 @@ def _dir_identity(path: Path) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, *manifest_part)
 
 
-def _files_stamp(path: Path) -> tuple[Any, ...]:
+def files_stamp(path: Path) -> tuple[Any, ...]:
     """Size and mtime of every file of a version: a cached verdict holds only while this is unchanged,
     so an artifact fixed in place (or republished) is validated again."""
     out: list[tuple[str, int, int]] = []
@@ -209,6 +216,67 @@ def _files_stamp(path: Path) -> tuple[Any, ...]:
                 continue
             out.append((full.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
     return (_dir_identity(path), tuple(sorted(out)))
+
+
+def scan_names(root: Path) -> list[str]:
+    """The valid artifact names under a publish root, sorted (dot-directories, ``.staging`` and
+    temp names are not artifacts)."""
+    names: list[str] = []
+    try:
+        candidates = sorted(root.iterdir())
+    except FileNotFoundError:
+        candidates = []
+    for path in candidates:
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            names.append(validate_adapter_name(path.name))
+        except AdapterError:
+            continue
+    return names
+
+
+def scan_versions(root: Path, name: str, old: Mapping[int, VersionInfo]) -> dict[int, VersionInfo]:
+    """Every version directory of ``name``; an unchanged directory keeps its entry in ``old``, so
+    only new or changed versions have their manifest read (a scan of an unchanged root costs two
+    ``stat`` calls per version). Used by the adapter registry and the published-model catalog."""
+    fresh: dict[int, VersionInfo] = {}
+    try:
+        version_dirs = [p for p in (root / name).iterdir() if _VERSION_RE.fullmatch(p.name) and p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        version_dirs = []
+    for vdir in version_dirs:
+        identity = _dir_identity(vdir)
+        if identity is None:
+            continue
+        version = int(vdir.name)
+        previous = old.get(version)
+        if previous is not None and previous.identity == identity:
+            fresh[version] = previous
+        else:
+            fresh[version] = read_version(name, version, vdir, identity)
+    return fresh
+
+
+def read_version(name: str, version: int, vdir: Path, identity: tuple[int, ...]) -> VersionInfo:
+    """What one version directory holds: its parsed manifest, or why there is none usable."""
+    try:
+        data = json.loads((vdir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = Manifest.from_dict(data)
+    except FileNotFoundError:
+        why = (
+            f"{MANIFEST_NAME} is missing: a plain PEFT adapter directory is served only once "
+            f"imported (lorafleet adapters import DIR --name {name})"
+        )
+        return VersionInfo(name, version, vdir, identity, None, why)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME} is unreadable: {e}")
+    except AdapterError as e:
+        return VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME}: {e.reason}")
+    if manifest.name != name or manifest.version != version:
+        why = f"{MANIFEST_NAME} describes {manifest.name}@{manifest.version}, not {name}@{version}"
+        return VersionInfo(name, version, vdir, identity, None, why)
+    return VersionInfo(name, version, vdir, identity, manifest, "")
 
 
 def _weights_nbytes(obj: Any, _depth: int = 0) -> int:
@@ -276,7 +344,7 @@ class AdapterRegistry:
         self._loader = loader
         self._on_event = on_event
         self._lock = threading.RLock()
-        self._index: dict[str, dict[int, _VersionInfo]] = {}
+        self._index: dict[str, dict[int, VersionInfo]] = {}
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # generation -> entry, LRU first
         self._by_ref: dict[str, int] = {}  # ref -> generation of the entry new requests may use
         self._failures: dict[str, _Failure] = {}
@@ -296,18 +364,7 @@ class AdapterRegistry:
         of an unchanged root costs two ``stat`` calls per version. Names that are not valid adapter
         names (``.staging``, dot-directories, temp names) are ignored.
         """
-        names: list[str] = []
-        try:
-            candidates = sorted(self.root.iterdir())
-        except FileNotFoundError:
-            candidates = []
-        for path in candidates:
-            if path.name.startswith(".") or not path.is_dir():
-                continue
-            try:
-                names.append(validate_adapter_name(path.name))
-            except AdapterError:
-                continue
+        names = scan_names(self.root)
         with self._lock:
             gone = [n for n in self._index if n not in names]
         for name in names + gone:
@@ -317,22 +374,7 @@ class AdapterRegistry:
         """Re-read one name's versions (disk I/O outside the lock), then swap them in."""
         with self._lock:
             old = dict(self._index.get(name, {}))
-        fresh: dict[int, _VersionInfo] = {}
-        name_dir = self.root / name
-        try:
-            version_dirs = [p for p in name_dir.iterdir() if _VERSION_RE.fullmatch(p.name) and p.is_dir()]
-        except (FileNotFoundError, NotADirectoryError):
-            version_dirs = []
-        for vdir in version_dirs:
-            identity = _dir_identity(vdir)
-            if identity is None:
-                continue
-            version = int(vdir.name)
-            previous = old.get(version)
-            if previous is not None and previous.identity == identity:
-                fresh[version] = previous
-            else:
-                fresh[version] = self._read_version(name, version, vdir, identity)
+        fresh = scan_versions(self.root, name, old)
         with self._lock:
             current = self._index.get(name, {})
             events: list[RegistryEvent] = []
@@ -346,26 +388,6 @@ class AdapterRegistry:
             else:
                 self._index.pop(name, None)
         self._emit(events)
-
-    @staticmethod
-    def _read_version(name: str, version: int, vdir: Path, identity: tuple[int, ...]) -> _VersionInfo:
-        try:
-            data = json.loads((vdir / MANIFEST_NAME).read_text(encoding="utf-8"))
-            manifest = Manifest.from_dict(data)
-        except FileNotFoundError:
-            why = (
-                f"{MANIFEST_NAME} is missing: a plain PEFT adapter directory is served only once "
-                f"imported (lorafleet adapters import DIR --name {name})"
-            )
-            return _VersionInfo(name, version, vdir, identity, None, why)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            return _VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME} is unreadable: {e}")
-        except AdapterError as e:
-            return _VersionInfo(name, version, vdir, identity, None, f"{MANIFEST_NAME}: {e.reason}")
-        if manifest.name != name or manifest.version != version:
-            why = f"{MANIFEST_NAME} describes {manifest.name}@{manifest.version}, not {name}@{version}"
-            return _VersionInfo(name, version, vdir, identity, None, why)
-        return _VersionInfo(name, version, vdir, identity, manifest, "")
 
     def _forget_ref(self, ref: str, why: str) -> list[RegistryEvent]:
         """Drop everything known about a version that vanished or changed (lock held). A pinned
@@ -522,7 +544,7 @@ class AdapterRegistry:
                 loading.wait()
                 continue  # the other loader's result is cached now, or its failure is
             try:
-                if failure is not None and failure.stamp == _files_stamp(info.path):
+                if failure is not None and failure.stamp == files_stamp(info.path):
                     raise failure.error_type(failure.reason)
                 return self._load_new(info, pin=pin)
             finally:
@@ -530,7 +552,7 @@ class AdapterRegistry:
                     self._loading.pop(info.ref, None)
                 loading.set()
 
-    def _lookup(self, name: str, version: int | None) -> _VersionInfo:
+    def _lookup(self, name: str, version: int | None) -> VersionInfo:
         """The version a reference means, rescanning that name once when the index does not know it
         yet (published since the last scan), so a fresh adapter is servable before the watcher runs."""
         for attempt in range(2):
@@ -556,7 +578,7 @@ class AdapterRegistry:
             raise AdapterNotFoundError(f"adapter {name!r} not found: no version of it is published")
         raise AdapterNotFoundError(f"adapter {name}@{version} not found (published versions: {known})")
 
-    def _load_new(self, info: _VersionInfo, *, pin: bool) -> ResolvedAdapter:
+    def _load_new(self, info: VersionInfo, *, pin: bool) -> ResolvedAdapter:
         """Validate and load one version (no lock held while doing I/O), then cache it."""
         started = time.perf_counter()
         try:
@@ -607,7 +629,7 @@ class AdapterRegistry:
         self._emit(events)
         return resolved
 
-    def _call_loader(self, info: _VersionInfo, loader_ref: str) -> Any:
+    def _call_loader(self, info: VersionInfo, loader_ref: str) -> Any:
         """Run the loader; deterministic failures are cached like validation failures, while out of
         memory and I/O errors are not, so the next request tries again."""
         try:
@@ -627,8 +649,8 @@ class AdapterRegistry:
             self._record_failure(info, err)
             raise err from e
 
-    def _record_failure(self, info: _VersionInfo, error: AdapterError) -> None:
-        stamp = _files_stamp(info.path)
+    def _record_failure(self, info: VersionInfo, error: AdapterError) -> None:
+        stamp = files_stamp(info.path)
         with self._lock:
             self._failures[info.ref] = _Failure(type(error), error.reason, stamp)
             event = self._event("load_failure", info.ref, reason=error.reason)
@@ -662,7 +684,7 @@ class AdapterRegistry:
     # ---------------------------------------------------------------------------------------
     # Validation
 
-    def _validate(self, info: _VersionInfo) -> Manifest:
+    def _validate(self, info: VersionInfo) -> Manifest:
         """Every check an adapter must pass before its weights are read; cheap ones first, the file
         hashes once per on-disk state (a reload after eviction only re-stats the files).
 
@@ -677,11 +699,15 @@ class AdapterRegistry:
         if info.manifest is None:
             raise AdapterLoadError(f"adapter {ref} cannot be used: {info.manifest_error}")
         manifest = info.manifest
+        if manifest.kind == ARTIFACT_FULL_MODEL:
+            raise AdapterIncompatibleError(
+                f"{ref} is a full model (method {manifest.method!r}), not an adapter: request it as "
+                f"the base model, model={ref!r} with no adapter"
+            )
         if manifest.kind != "lora":
-            hint = "serve it as a base model of its own" if manifest.kind == "full_model" else ""
             raise AdapterIncompatibleError(
                 f"adapter {ref} is a {manifest.kind!r} artifact (method {manifest.method!r}); this server "
-                f"serves LoRA adapters only{'; ' + hint if hint else ''}"
+                "serves LoRA adapters only"
             )
         if not fingerprints_match(manifest.base_model, self.base_fingerprint):
             raise AdapterIncompatibleError(
@@ -690,7 +716,7 @@ class AdapterRegistry:
                 "a server with that base or retrain it on this one"
             )
         check_weights_format(info.ref, info.path)
-        stamp = _files_stamp(info.path)
+        stamp = files_stamp(info.path)
         with self._lock:
             known = self._validated.get(ref)
         if known is not None and known.stamp == stamp:
@@ -716,15 +742,18 @@ class AdapterRegistry:
     # Reporting
 
     def statuses(self) -> list[AdapterStatus]:
-        """Every published version with its state, sorted by name then version (for ListModels)."""
+        """Every published adapter version with its state, sorted by name then version (for
+        ListModels); full models are base models, listed by the plane's published-model catalog."""
         with self._lock:
             out: list[AdapterStatus] = []
             for name in sorted(self._index):
                 for version in sorted(self._index[name]):
-                    out.append(self._status(self._index[name][version]))
+                    info = self._index[name][version]
+                    if not info.is_full_model:
+                        out.append(self._status(info))
             return out
 
-    def _status(self, info: _VersionInfo) -> AdapterStatus:
+    def _status(self, info: VersionInfo) -> AdapterStatus:
         manifest = info.manifest
         state: State = "available"
         reason = ""
