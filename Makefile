@@ -108,6 +108,7 @@ bench: setup
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.inference_bench
 	$(PY) -m bench.http_bench
+	$(PY) -m bench.dpo_bench
 	$(PY) -m bench.report
 
 clean:

@@ -395,6 +395,7 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
     final: dict[str, Any] = {
         "stage": config.stage,
         "train_steps": step,
+        "train_tokens": tokens,
         "train_runtime_s": round(runtime, 3),
         "train_tokens_per_s": round(tokens / runtime, 2) if runtime > 0 else None,
         **{f"initial_{k}": v for k, v in before.items()},
