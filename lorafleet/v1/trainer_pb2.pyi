@@ -118,6 +118,36 @@ class PtuningOptions(_message.Message):
     prefix_projection: bool
     def __init__(self, mode: _Optional[str] = ..., num_virtual_tokens: _Optional[int] = ..., encoder_hidden_size: _Optional[int] = ..., prefix_projection: _Optional[bool] = ...) -> None: ...
 
+class PreferenceOptions(_message.Message):
+    __slots__ = ("loss", "beta", "gamma", "label_smoothing", "desirable_weight", "undesirable_weight", "sft_adapter", "precompute_reference", "prompt_column", "chosen_column", "rejected_column", "completion_column", "label_column")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    DESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNDESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SFT_ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PRECOMPUTE_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    loss: str
+    beta: float
+    gamma: float
+    label_smoothing: float
+    desirable_weight: float
+    undesirable_weight: float
+    sft_adapter: str
+    precompute_reference: bool
+    prompt_column: str
+    chosen_column: str
+    rejected_column: str
+    completion_column: str
+    label_column: str
+    def __init__(self, loss: _Optional[str] = ..., beta: _Optional[float] = ..., gamma: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., sft_adapter: _Optional[str] = ..., precompute_reference: _Optional[bool] = ..., prompt_column: _Optional[str] = ..., chosen_column: _Optional[str] = ..., rejected_column: _Optional[str] = ..., completion_column: _Optional[str] = ..., label_column: _Optional[str] = ...) -> None: ...
+
 class Hyperparameters(_message.Message):
     __slots__ = ("epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "gradient_checkpointing", "group_by_length", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "predict_with_generate", "max_new_tokens", "max_eval_samples", "num_threads")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -189,7 +219,7 @@ class Resources(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., processes_per_node: _Optional[int] = ..., gpus_per_node: _Optional[int] = ..., cpu: _Optional[str] = ..., memory: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "dataset", "method", "lora", "freeze", "ptuning", "hyperparameters", "deepspeed", "resources", "adapter_name", "max_attempts", "labels", "overrides")
+    __slots__ = ("model", "dataset", "method", "lora", "freeze", "ptuning", "hyperparameters", "deepspeed", "resources", "adapter_name", "max_attempts", "labels", "overrides", "stage", "preference")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +247,8 @@ class JobSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFERENCE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     dataset: DatasetSpec
     method: str
@@ -230,7 +262,9 @@ class JobSpec(_message.Message):
     max_attempts: int
     labels: _containers.ScalarMap[str, str]
     overrides: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., method: _Optional[str] = ..., lora: _Optional[_Union[LoraOptions, _Mapping]] = ..., freeze: _Optional[_Union[FreezeOptions, _Mapping]] = ..., ptuning: _Optional[_Union[PtuningOptions, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., deepspeed: _Optional[_Union[DeepSpeedSpec, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., adapter_name: _Optional[str] = ..., max_attempts: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., overrides: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    stage: str
+    preference: PreferenceOptions
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[_Union[DatasetSpec, _Mapping]] = ..., method: _Optional[str] = ..., lora: _Optional[_Union[LoraOptions, _Mapping]] = ..., freeze: _Optional[_Union[FreezeOptions, _Mapping]] = ..., ptuning: _Optional[_Union[PtuningOptions, _Mapping]] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., deepspeed: _Optional[_Union[DeepSpeedSpec, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., adapter_name: _Optional[str] = ..., max_attempts: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., overrides: _Optional[_Mapping[str, str]] = ..., stage: _Optional[str] = ..., preference: _Optional[_Union[PreferenceOptions, _Mapping]] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("number", "state", "started_at", "finished_at", "exit_code", "reason", "resumed_from_step", "launcher", "launcher_ref")

@@ -23,6 +23,7 @@ from lorafleet.config import (
     set_override,
 )
 from lorafleet.errors import ConfigError, FieldProblem
+from lorafleet.method_specs import STAGE_OPTIONS
 from lorafleet.v1 import trainer_pb2 as pb
 from services.trainer.store import JobRequest, ResourceRequest
 
@@ -34,6 +35,7 @@ _SECTIONS: list[tuple[str, str]] = [
     ("freeze", "freeze"),
     ("ptuning", "ptuning"),
     ("hyperparameters", "train"),
+    ("preference", "preference"),
 ]
 # Spec fields whose config name differs: (spec message, spec field) -> config path.
 _RENAMED: dict[tuple[str, str], str] = {
@@ -54,6 +56,8 @@ SERVER_OWNED = (
 )
 """Config keys only the server sets. Override keys are checked by ``check_override_key`` first, which
 accepts exactly one spelling of each field, so comparing with this tuple cannot be sidestepped."""
+_TOP_LEVEL = ("method", "stage")
+"""Scalar spec fields that are run-config keys of the same name; empty = the recipe's default."""
 # A list field where one of these words alone means the config's string form.
 _LIST_KEYWORDS = {"target_modules": ("auto", "all-linear")}
 
@@ -65,7 +69,8 @@ def _config_to_spec_paths() -> dict[str, str]:
             paths[f"{section}.{f.name}"] = f"spec.{msg}.{f.name}"
     for (msg, name), cfg in _RENAMED.items():
         paths[cfg] = f"spec.{msg}.{name}"
-    paths["method"] = "spec.method"
+    for name in _TOP_LEVEL:
+        paths[name] = f"spec.{name}"
     paths["output.adapter_name"] = "spec.adapter_name"
     return paths
 
@@ -130,8 +135,9 @@ def request_from_spec(spec: pb.JobSpec) -> JobRequest:
         sub = getattr(spec, msg)
         if spec.HasField(msg) and sub.HasField(name):
             _set_path(tree, cfg, getattr(sub, name))
-    if spec.method:
-        tree["method"] = spec.method
+    for name in _TOP_LEVEL:
+        if getattr(spec, name):
+            tree[name] = getattr(spec, name)
     if spec.adapter_name:
         _set_path(tree, "output.adapter_name", spec.adapter_name)
     r = spec.resources
@@ -153,11 +159,12 @@ def spec_from_request(request: JobRequest) -> pb.JobSpec:
     """The spec a client sent for ``request`` (the inverse of :func:`request_from_spec`)."""
     tree = request.config
     spec = pb.JobSpec(
-        method=str(tree.get("method", "")),
         adapter_name=str(_get_path(tree, "output.adapter_name") or ""),
         overrides=request.overrides,
         labels=request.labels,
     )
+    for name in _TOP_LEVEL:
+        setattr(spec, name, str(tree.get(name, "")))
     for msg, section in _SECTIONS:
         if tree.get(section):
             _set_message(getattr(spec, msg), tree[section])
@@ -245,9 +252,12 @@ def _set_message(message: Any, values: dict[str, Any]) -> None:
 def config_to_spec(config: RunConfig) -> pb.JobSpec:
     """A spec that reproduces ``config`` on the server (server-owned fields left out)."""
     tree = config.to_dict()
-    spec = pb.JobSpec(method=config.method, adapter_name=config.output.adapter_name)
+    spec = pb.JobSpec(method=config.method, stage=config.stage, adapter_name=config.output.adapter_name)
     for msg, section in _SECTIONS:
-        _set_message(getattr(spec, msg), tree[section])
+        values = tree[section]
+        if section == "preference":  # only what the stage reads: the server refuses the others
+            values = {k: v for k, v in values.items() if k in STAGE_OPTIONS.get(config.stage, ())}
+        _set_message(getattr(spec, msg), values)
     d = config.distributed
     if d.deepspeed_stage >= 0:
         spec.deepspeed.zero_stage = d.deepspeed_stage
@@ -262,8 +272,9 @@ def config_to_spec(config: RunConfig) -> pb.JobSpec:
 
 
 def spec_summary(spec: pb.JobSpec) -> str:
-    """One line for listings: method, model, dataset."""
-    return f"{spec.method or 'lora'} {spec.model.name_or_path} <- {spec.dataset.train_file}"
+    """One line for listings: method (and stage, when not sft), model, dataset."""
+    stage = f"/{spec.stage}" if spec.stage and spec.stage != "sft" else ""
+    return f"{spec.method or 'lora'}{stage} {spec.model.name_or_path} <- {spec.dataset.train_file}"
 
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Everything checked before a job is accepted: nothing runs on a spec that would fail for a known reason.
 
 One ``ConfigError`` lists every problem by spec field, so a client fixes its spec in one round trip.
-Checks, cheapest first: the spec maps to a valid run config (types, ranges, method options together);
-the adapter name is safe; the model is an existing directory or a well-formed hub id, and remote code
+Checks, cheapest first: the spec maps to a valid run config (types, ranges, method options together,
+the stage and its preference options); the adapter name is safe; a preference stage sets only the
+options it reads, and the SFT adapter it starts from is a published LoRA adapter of the same base; the model is an existing directory or a well-formed hub id, and remote code
 only for allow-listed models; resources fit the launcher; the datasets exist and pass the core's
 row validation (first bad rows quoted); the memory estimate fits a process's memory; the artifact the
 run would publish is one the inference service serves (``lorafleet.method_specs.serving_problems``).
@@ -16,12 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet import data
+from lorafleet import adapters, data
 from lorafleet.adapters import validate_adapter_name
 from lorafleet.config import RunConfig
-from lorafleet.errors import ConfigError, DatasetError, FieldProblem, LorafleetError, ModelLoadError
+from lorafleet.errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    DatasetError,
+    FieldProblem,
+    LorafleetError,
+    ModelLoadError,
+)
 from lorafleet.memory import MemoryEstimate
-from lorafleet.method_specs import serving_problems
+from lorafleet.method_specs import ARTIFACT_LORA, PREFERENCE_STAGES, STAGE_OPTIONS, serving_problems
 from services.trainer.jobspec import request_to_config, spec_field, spec_from_request
 from services.trainer.launchers.base import Capacity
 from services.trainer.store import JobRequest
@@ -121,9 +129,75 @@ def _check_data(config: RunConfig, problems: list[FieldProblem]) -> None:
             problems.append(FieldProblem(spec_field, path, "file not found on the server"))
             continue
         try:
-            data.load_dataset(path, d)
+            if config.stage in PREFERENCE_STAGES:
+                _load_preference_rows(path, config)
+            else:
+                data.load_dataset(path, d)
         except DatasetError as e:
             problems.append(FieldProblem(spec_field, path, e.reason))
+
+
+def _load_preference_rows(path: str, config: RunConfig) -> None:
+    """Read a pairwise (dpo, rm) or KTO file as the recipe will; DatasetError on too many bad rows."""
+    from lorafleet.preference_data import load_preference_samples
+
+    samples, bad = load_preference_samples(path, config.preference, config.stage)
+    data.check_bad_rows(path, len(samples) + data.count_bad_rows(bad), bad, config.data.max_bad_fraction)
+
+
+def _check_stage_options(request: JobRequest, config: RunConfig, problems: list[FieldProblem]) -> None:
+    """Refuse preference options the stage does not read: a client that sets one expects it to act."""
+    used = STAGE_OPTIONS.get(config.stage, ())
+    typed = request.config.get("preference") or {}
+    given = [(spec_field(f"preference.{name}"), name, value) for name, value in typed.items()]
+    given += [
+        (f"spec.overrides[{key!r}]", key.removeprefix("preference."), value)
+        for key, value in request.overrides.items()
+        if key.startswith("preference.")
+    ]
+    for field, name, value in sorted(given, key=lambda g: g[0]):
+        if name in used:
+            continue
+        readers = [stage for stage, names in STAGE_OPTIONS.items() if name in names]
+        problems.append(
+            FieldProblem(
+                field, value, f"stage {config.stage} does not use it; it applies to stage(s) {readers}"
+            )
+        )
+
+
+def _check_sft_adapter(config: RunConfig, model_ok: bool, problems: list[FieldProblem]) -> None:
+    """``preference.sft_adapter`` names a published LoRA adapter of this base, in the adapters root."""
+    from lorafleet.models import base_model_fingerprint, fingerprints_match
+
+    ref = config.preference.sft_adapter
+    if not ref or "sft_adapter" not in STAGE_OPTIONS.get(config.stage, ()):
+        return
+    field = "spec.preference.sft_adapter"
+    try:
+        name, version = adapters.parse_adapter_ref(ref)
+        published = adapters.get_adapter(config.output.adapters_root, name, version)
+    except AdapterNotFoundError as e:
+        problems.append(FieldProblem(field, ref, f"not published here: {e.reason}"))
+        return
+    except LorafleetError as e:
+        problems.append(FieldProblem(field, ref, e.reason))
+        return
+    if published.manifest.kind != ARTIFACT_LORA:
+        problems.append(
+            FieldProblem(field, ref, f"is a {published.manifest.kind} artifact, not a LoRA adapter")
+        )
+        return
+    if not model_ok:
+        return
+    try:
+        expected = base_model_fingerprint(config.model.name_or_path, config.model.revision)
+    except (LorafleetError, OSError):
+        return  # the model's own check names what is wrong with it
+    if not fingerprints_match(published.manifest.base_model, expected):
+        problems.append(
+            FieldProblem(field, ref, f"was trained on another base than {config.model.name_or_path!r}")
+        )
 
 
 def _is_file(path: str) -> bool:
@@ -230,7 +304,9 @@ def validate_submission(
     if problems:
         raise ConfigError(problems, context="invalid job spec")
     _check_resources(request, config, capacity, problems)
+    _check_stage_options(request, config, problems)
     model_ok = _check_model(config, remote_code_allow or [], problems)
+    _check_sft_adapter(config, model_ok, problems)
     _check_data(config, problems)
     estimate = None
     if model_ok and check_memory and not problems and Path(config.model.name_or_path).expanduser().is_dir():
