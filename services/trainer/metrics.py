@@ -22,7 +22,19 @@ name                                                   type       labels
 ``lorafleet_trainer_job_tokens_per_second``            gauge      ``job_id``
 ``lorafleet_trainer_job_step``                         gauge      ``job_id``
 ``lorafleet_trainer_job_eta_seconds``                  gauge      ``job_id``
+``lorafleet_trainer_job_rewards_chosen``               gauge      ``job_id``
+``lorafleet_trainer_job_rewards_rejected``             gauge      ``job_id``
+``lorafleet_trainer_job_reward_margin``                gauge      ``job_id``
+``lorafleet_trainer_job_preference_accuracy``          gauge      ``job_id``
+``lorafleet_trainer_job_logps_chosen``                 gauge      ``job_id``
+``lorafleet_trainer_job_logps_rejected``               gauge      ``job_id``
 =====================================================  =========  =====================================
+
+The ``rewards_*``, ``reward_margin``, ``preference_accuracy`` and ``logps_*`` gauges follow a
+preference job's records (TRL's ``rewards/chosen`` ... ``logps/rejected``, see
+``lorafleet.preference``): the implicit rewards β·(log π - log π_ref) of the DPO variants and KTO,
+the value head's scores for a reward model (``stage: rm``), whose ``preference_accuracy`` is its
+pairwise accuracy. An SFT job never creates them; its loss is ``job_loss`` for every stage.
 
 Counters also expose prometheus_client's ``*_created`` timestamps, which lets Prometheus tell a
 counter reset (service restart) from a flat line.
@@ -51,6 +63,7 @@ __all__ = [
     "DURATION_BUCKETS_S",
     "FINAL_STATES",
     "GRPC_STATUS_CODES",
+    "PREFERENCE_KEYS",
     "PROGRESS_KEYS",
     "TrainerMetrics",
 ]
@@ -90,6 +103,35 @@ PROGRESS_KEYS: Final = {
     "tokens_per_s": "tokens_per_second",
     "step": "step",
     "eta_s": "eta_seconds",
+}
+
+#: Preference record key (lorafleet/preference.py, TRL's names) -> (per-job gauge name, help).
+PREFERENCE_KEYS: Final = {
+    "rewards/chosen": (
+        "rewards_chosen",
+        "Mean reward of the chosen answers in a preference job's latest interval.",
+    ),
+    "rewards/rejected": (
+        "rewards_rejected",
+        "Mean reward of the rejected answers in a preference job's latest interval.",
+    ),
+    "rewards/margins": (
+        "reward_margin",
+        "Mean reward margin (chosen minus rejected) in a preference job's latest interval.",
+    ),
+    "rewards/accuracies": (
+        "preference_accuracy",
+        "Fraction of pairs whose chosen answer out-scored the rejected one in the latest interval "
+        "(a reward model's pairwise accuracy).",
+    ),
+    "logps/chosen": (
+        "logps_chosen",
+        "Mean log-probability of the chosen answers under the policy in the latest interval.",
+    ),
+    "logps/rejected": (
+        "logps_rejected",
+        "Mean log-probability of the rejected answers under the policy in the latest interval.",
+    ),
 }
 
 
@@ -161,6 +203,7 @@ class TrainerMetrics:
                     PROGRESS_KEYS["eta_s"],
                     "Estimated time until a running job finishes its steps, in seconds.",
                 ),
+                *((key, short, help_text) for key, (short, help_text) in PREFERENCE_KEYS.items()),
             )
         }
         for state in FINAL_STATES:
@@ -230,7 +273,8 @@ class TrainerMetrics:
     def update_progress(self, job_id: str, record: Mapping[str, Any]) -> None:
         """Feed one training record (a ``trainer_log.jsonl`` line) into the job's gauges.
 
-        Keys used: ``step``, ``loss``, ``learning_rate``, ``tokens_per_s``, ``eta_s``. A missing or
+        Keys used: ``step``, ``loss``, ``learning_rate``, ``tokens_per_s``, ``eta_s`` and, for a
+        preference job, the keys of :data:`PREFERENCE_KEYS`. A missing or
         None key leaves that gauge as it was, because records are partial (an eval-only record has
         no ``loss``; the first record has no ``eta_s``). A key named in the record's ``nonfinite``
         list (runlog writes a diverged loss that way) sets the gauge to NaN, so a dashboard shows

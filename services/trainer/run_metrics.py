@@ -43,6 +43,28 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "eta_s": ("eta_seconds", "Estimated seconds to the end of the run."),
     "peak_memory_bytes": ("peak_memory_bytes", "Peak memory of the main process (CUDA allocated, else RSS)."),
 }
+# Preference stages (dpo, kto, rm), TRL's record names as services/trainer/metrics.py exports them;
+# registered at a run's first record that has them, so an SFT run shows no such series at all.
+_PREFERENCE_GAUGES: dict[str, tuple[str, str]] = {
+    "rewards/chosen": ("rewards_chosen", "Mean reward of the chosen answers in the latest interval."),
+    "rewards/rejected": ("rewards_rejected", "Mean reward of the rejected answers in the latest interval."),
+    "rewards/margins": (
+        "reward_margin",
+        "Mean reward margin (chosen minus rejected) in the latest interval.",
+    ),
+    "rewards/accuracies": (
+        "preference_accuracy",
+        "Fraction of pairs whose chosen answer out-scored the rejected one (a reward model's pairwise accuracy).",
+    ),
+    "logps/chosen": (
+        "logps_chosen",
+        "Mean policy log-probability of the chosen answers in the latest interval.",
+    ),
+    "logps/rejected": (
+        "logps_rejected",
+        "Mean policy log-probability of the rejected answers in the latest interval.",
+    ),
+}
 
 
 class RunMetrics:
@@ -51,6 +73,7 @@ class RunMetrics:
     Args:
         run_id: the run's id (``lorafleet_training_info`` label).
         method: lora, qlora, freeze, full or ptuning (``lorafleet_training_info`` label).
+        (A preference run's gauges appear with its first record that carries them.)
         node_rank: this process's node (``lorafleet_training_info`` label).
         main: whether this process logs records (only the main rank updates the gauges).
     """
@@ -73,6 +96,11 @@ class RunMetrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Update the gauges from one metric record of ``trainer_log.jsonl`` (missing fields keep
         their previous value)."""
+        if not self.main:
+            return
+        for field, (name, helptext) in _PREFERENCE_GAUGES.items():
+            if field in record and field not in self._gauges:
+                self._gauges[field] = Gauge(PREFIX + name, helptext, registry=self.registry)
         for field, gauge in self._gauges.items():
             value = record.get(field)
             if isinstance(value, int | float) and not isinstance(value, bool):
