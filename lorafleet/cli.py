@@ -65,14 +65,18 @@ def check_data_main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    """``lorafleet data``: write the bundled datasets and print where each one went."""
-    from lorafleet.datagen import generate_datasets
+    """``lorafleet data``: write the bundled datasets (SFT and preference) and print where each went."""
+    from lorafleet.datagen import generate_datasets, generate_preference_datasets
 
     parser = argparse.ArgumentParser(prog="lorafleet data", description="Write the bundled datasets.")
     parser.add_argument("--out", default="data", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, path in generate_datasets(args.out, seed=args.seed).items():
+    written = {
+        **generate_datasets(args.out, seed=args.seed),
+        **generate_preference_datasets(args.out, args.seed),
+    }
+    for name, path in written.items():
         print(f"{name}: {path}")
     return 0
 

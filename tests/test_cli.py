@@ -235,3 +235,4 @@ def test_data_writes_the_bundled_datasets(tmp_path: Path, capsys: pytest.Capture
     assert cli.main(["data", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "cblue_train" in printed and (tmp_path / "cblue_train.jsonl").is_file()
+    assert "preference_train" in printed and (tmp_path / "kto_train.jsonl").is_file()
