@@ -1,7 +1,8 @@
 """Static checks of a published PEFT LoRA adapter directory, before any weight is loaded: safetensors
-only (pickle is never read), a LoRA ``adapter_config.json``, a rank within the server's cap, and
-target modules that exist in the base model. The tensor table is read from the safetensors header
-alone. :mod:`services.inference.registry` runs these (after the manifest and file-hash checks) on
+only (pickle is never read), a LoRA ``adapter_config.json``, a rank within the server's cap, target
+modules that exist in the base model, and no tensor the server would not use (LoRA ``A`` / ``B``,
+DoRA magnitudes with ``use_dora``, and ``modules_to_save`` copies are served). The tensor table is
+read from the safetensors header alone. :mod:`services.inference.registry` runs these (after the manifest and file-hash checks) on
 every adapter before its first use; its errors are in ``errors.py``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +108,58 @@ def check_weights_format(ref: str, path: Path) -> None:
     raise AdapterLoadError(f"adapter {ref} has no {SAFETENSORS_WEIGHTS}")
 
 
-def check_lora(ref: str, path: Path, *, max_rank: int, module_names: frozenset[str], base_model: str) -> int:
-    """PEFT type, rank cap and target modules, from ``adapter_config.json`` and the tensor table,
-    without loading any tensor. ``module_names`` are the base's module paths, ``base_model`` names
-    it in messages.
+def _option_problems(
+    header: Mapping[str, Any], config: Mapping[str, Any], skip: Collection[str]
+) -> tuple[list[str], set[str]]:
+    """Tensors the server would not use (DoRA magnitudes without ``use_dora``; anything neither
+    LoRA, DoRA nor named by a ``modules_to_save`` entry), and the ``modules_to_save`` modules it
+    must find in the base (all but those ``skip`` names)."""
+
+    def named(entry: str, module: str) -> bool:
+        return module == entry or module.endswith("." + entry)
+
+    entries = [str(e) for e in (config.get("modules_to_save") or [])]
+    unknown: list[str] = []
+    replaced: set[str] = set()
+    for key in header:
+        if ".lora_magnitude_vector" in key:
+            if not config.get("use_dora"):
+                unknown.append(f"{key} (a DoRA magnitude, but use_dora is {config.get('use_dora')!r})")
+            continue
+        if ".lora_" in key:
+            continue
+        module = key.removeprefix(PEFT_PREFIX).rpartition(".")[0]
+        # With ensure_weight_tying PEFT also saves the modules tied to a named one (lm_head with
+        # embed_tokens); which modules are tied shows only in the weights, so the loader checks it.
+        tied = bool(config.get("ensure_weight_tying")) and bool(entries)
+        if not key.startswith(PEFT_PREFIX) or not (tied or any(named(e, module) for e in entries)):
+            unknown.append(key)
+        elif not any(named(s, module) for s in skip):
+            replaced.add(module)
+    return unknown, replaced
+
+
+def check_lora(
+    ref: str,
+    path: Path,
+    *,
+    max_rank: int,
+    module_names: frozenset[str],
+    base_model: str,
+    skip_modules_to_save: Collection[str] = (),
+) -> int:
+    """PEFT type, rank cap, target modules and tensor names, from ``adapter_config.json`` and the
+    tensor table, without loading any tensor. ``module_names`` are the base's module paths,
+    ``base_model`` names it in messages; ``skip_modules_to_save`` are ``modules_to_save`` entries
+    the loader leaves out (a reward model's ``score`` head), so the base need not have them.
 
     Returns:
         The adapter's largest rank.
+
+    Raises:
+        AdapterLoadError: unreadable config or weights, no LoRA tensors.
+        AdapterIncompatibleError: not LoRA, rank over the cap, tensors the server would not use
+            (named), modules the base does not have (named).
     """
     try:
         config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -133,13 +179,20 @@ def check_lora(ref: str, path: Path, *, max_rank: int, module_names: frozenset[s
     modules, tensor_rank = _lora_modules_and_rank(header)
     if not modules:
         raise AdapterLoadError(f"adapter {ref}: {SAFETENSORS_WEIGHTS} holds no LoRA tensors")
+    unknown, replaced = _option_problems(header, config, skip_modules_to_save)
+    if unknown:
+        shown = ", ".join(unknown[:MAX_LISTED]) + (" ..." if len(unknown) > MAX_LISTED else "")
+        raise AdapterIncompatibleError(
+            f"adapter {ref} holds {len(unknown)} tensor(s) this server does not serve (not LoRA, DoRA or "
+            f"modules_to_save {config.get('modules_to_save')!r}): {shown}"
+        )
     rank = max(_config_rank(config), tensor_rank)
     if rank > max_rank:
         raise AdapterIncompatibleError(
             f"adapter {ref} has LoRA rank {rank}, above this server's max_rank {max_rank}"
         )
     missing = _missing_targets(config.get("target_modules"), module_names)
-    missing += sorted(m for m in modules if m not in module_names)
+    missing += sorted(m for m in modules | replaced if m not in module_names)
     if missing:
         shown = ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
         raise AdapterIncompatibleError(

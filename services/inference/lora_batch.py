@@ -30,6 +30,10 @@ Three ways to apply the deltas over the same tables:
 
 ``gather`` and ``stack`` round differently from PEFT only in summation order (logits within 1e-4).
 
+DoRA adapters add a per-slot factor ``m`` (``[out]`` per layer, ones for other slots) that scales
+their rows' output, ``y = m * (base - bias + delta) + bias`` (``group`` uses PEFT's own expression);
+``modules_to_save`` replace whole modules for their rows (``lora_options.ModuleReplacements``).
+
 ``auto`` (the default) picks by measurement (``tests`` check all three against PEFT; the per-forward
 timings behind the thresholds are in bench/README.md, "LoRA modes of a decode step"):
 
@@ -54,18 +58,25 @@ anyway. Our hooks do one index computation per step (``set_rows``) and reuse it 
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+# The adapter reader lives in lora_options; re-exported here, where the engine's users import it.
+from services.inference.lora_options import (
+    MAX_ABS_WEIGHT,
+    AdapterWeights,
+    ModuleReplacements,
+    adapter_weights_from_peft_dir,
+    check_magnitudes,
+    is_bnb,
+    linear_layers,
+)
 
 GATHER_THRESHOLD = 2
 """``auto`` mode switches from per-slot groups to a batched mode above this many adapters."""
@@ -75,216 +86,7 @@ STACK_MAX_COLS_RATIO = 1.0
 of the narrowest adapted layer (C = the sum of the resident adapters' ranks ``<= ratio x
 in_features``), else ``gather``."""
 
-MAX_ABS_WEIGHT = 1e6
-"""The largest LoRA weight or scaling magnitude accepted (trained ones are below ~10). In ``stack``
-mode every row multiplies every resident adapter's columns and a mask zeroes the foreign ones, so a
-NaN, an infinity, or a weight large enough that ``x @ A`` overflows float32 would reach every row of
-the batch (0 x inf = NaN), not just the adapter's own; such adapters are refused when loaded."""
-
-_PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output_layer"})
-
 Mode = Literal["auto", "group", "gather", "stack"]
-
-
-@dataclass
-class AdapterWeights:
-    """The LoRA weights of one adapter version, as the engine consumes them.
-
-    Attributes:
-        ref: identity of this exact version (``name@version`` or a content hash). The engine keys
-            its slots by ``ref``: two objects with the same ref are assumed to hold the same weights,
-            so a reloaded adapter must get a new ref or it will be served from the old slot.
-        rank: the largest rank over the layers (the slot table must have ``max_rank >= rank``).
-        scaling: the delta multiplier (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA).
-        layers: base-model module name (``model.layers.0.self_attn.q_proj``) -> ``(A, B)`` with
-            ``A`` ``[r, in_features]`` and ``B`` ``[out_features, r]``.
-        layer_scaling: per-module scalings that differ from ``scaling`` (PEFT ``rank_pattern`` /
-            ``alpha_pattern``); modules not listed use ``scaling``.
-    """
-
-    ref: str
-    rank: int
-    scaling: float
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    layer_scaling: dict[str, float] = field(default_factory=dict)
-
-    def scaling_for(self, module_name: str) -> float:
-        """The scaling of one module."""
-        return self.layer_scaling.get(module_name, self.scaling)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all A and B tensors (what an adapter cache budgets against)."""
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.layers.values()
-        )
-
-
-def _linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a layer LoRA can wrap, or None for anything else."""
-    if isinstance(module, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D":
-        # transformers' Conv1D keeps its sizes as plain int attributes ``nx`` (in) and ``nf`` (out).
-        nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
-        if isinstance(nx, int) and isinstance(nf, int):
-            return nx, nf
-    return None
-
-
-def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
-
-
-def linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Every linear layer LoRA may adapt: qualified name -> ``(in_features, out_features)``.
-
-    The output head is excluded (its name, or being ``get_output_embeddings()``), as PEFT's
-    ``all-linear`` does.
-    """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    found: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        feats = _linear_features(module)
-        if feats is None or module is head or name.rsplit(".", 1)[-1] in _OUTPUT_HEADS:
-            continue
-        found[name] = feats
-    return found
-
-
-def adapter_weights_from_peft_dir(path: str | Path, ref: str, base_model: nn.Module) -> AdapterWeights:
-    """Read a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    Checks everything that would otherwise make the adapter serve wrong outputs silently: the PEFT
-    type, variants this engine does not implement (DoRA, LoRA bias, ``modules_to_save``, embedding
-    LoRA), that every weight names a linear layer of ``base_model`` with matching shapes, and that
-    the adapter adapts at least one layer (vLLM once served the base for an adapter matching none).
-
-    Args:
-        path: the adapter directory.
-        ref: identity to give the result (see ``AdapterWeights.ref``).
-        base_model: the base model the adapter will run on (only module names and shapes are read).
-
-    Returns:
-        The weights as float tensors on the CPU, in the dtype they were saved in.
-
-    Raises:
-        ValueError: missing or unreadable files, a pickle-only adapter, a non-LoRA or unsupported
-            LoRA variant, unknown modules, mismatched shapes.
-    """
-    from safetensors.torch import load_file
-
-    root = Path(path)
-    config_path = root / "adapter_config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{root}: no adapter_config.json; not a PEFT adapter directory")
-    try:
-        config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{config_path}: not valid JSON: {e}") from e
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise ValueError(
-            f"{root}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters are served"
-        )
-    unsupported = [
-        what
-        for what, on in (
-            ("DoRA (use_dora)", config.get("use_dora")),
-            ("LoRA bias (lora_bias)", config.get("lora_bias")),
-            ("modules_to_save", config.get("modules_to_save")),
-            ("trainable_token_indices", config.get("trainable_token_indices")),
-        )
-        if on
-    ]
-    if unsupported:
-        raise ValueError(f"{root}: unsupported LoRA variant: {', '.join(unsupported)}")
-    weights_path = root / "adapter_model.safetensors"
-    if not weights_path.is_file():
-        if (root / "adapter_model.bin").is_file():
-            raise ValueError(f"{root}: only adapter_model.bin (pickle) found; re-save with safetensors")
-        raise ValueError(f"{root}: no adapter_model.safetensors")
-    tensors = load_file(str(weights_path))
-
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _PEFT_KEY_RE.match(key)
-        if match is None:
-            raise ValueError(f"{root}: unexpected tensor {key!r} (embedding LoRA, biases or extra modules?)")
-        pairs.setdefault(match["module"], {})[match["ab"]] = tensor
-    if not pairs:
-        raise ValueError(f"{root}: the adapter holds no LoRA weights")
-
-    available = linear_layers(base_model)
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    rslora = bool(config.get("use_rslora", False))
-    rank_pattern: dict[str, int] = config.get("rank_pattern") or {}
-    alpha_pattern: dict[str, float] = config.get("alpha_pattern") or {}
-
-    def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-        # PEFT's rule: the key matches the module name or a dotted suffix of it.
-        for key, value in patterns.items():
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        return default
-
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    scalings: dict[str, float] = {}
-    for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{root}: module {module!r} has lora_{next(iter(ab))} but not its pair")
-        if module not in available:
-            raise ValueError(
-                f"{root}: module {module!r} is not a linear layer of the base model "
-                f"(adapter trained on another architecture?)"
-            )
-        a, b = ab["A"], ab["B"]
-        in_features, out_features = available[module]
-        r = int(a.shape[0])
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape != (out_features, r):
-            raise ValueError(
-                f"{root}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a "
-                f"{in_features}->{out_features} layer"
-            )
-        expected_r = int(pattern_value(rank_pattern, module, r_default))
-        if r != expected_r:
-            raise ValueError(f"{root}: {module}: rank {r} but adapter_config.json says {expected_r}")
-        alpha = float(pattern_value(alpha_pattern, module, alpha_default))
-        # The same float expressions PEFT uses, so scalings are bit-identical.
-        scalings[module] = alpha / math.sqrt(r) if rslora else alpha / r
-        layers[module] = (a, b)
-    default_scaling = alpha_default / math.sqrt(r_default) if rslora else alpha_default / r_default
-    weights = AdapterWeights(
-        ref=ref,
-        rank=max(a.shape[0] for a, _ in layers.values()),
-        scaling=default_scaling,
-        layers=layers,
-        layer_scaling={m: s for m, s in scalings.items() if s != default_scaling},
-    )
-    check_magnitudes(weights, str(root))
-    return weights
-
-
-def check_magnitudes(weights: AdapterWeights, where: str | None = None) -> None:
-    """Refuse weights or scalings that are NaN, infinite or above ``MAX_ABS_WEIGHT`` in magnitude.
-
-    Raises:
-        ValueError: naming the module (or the scaling) and the adapter.
-    """
-    where = where or f"adapter {weights.ref!r}"
-    for name, (a, b) in weights.layers.items():
-        scaling = weights.scaling_for(name)
-        if not abs(scaling) <= MAX_ABS_WEIGHT:  # NaN fails too
-            raise ValueError(f"{where}: {name}: scaling {scaling} is not finite or too large")
-        for which, t in (("lora_A", a), ("lora_B", b)):
-            if t.numel() and not bool(t.float().abs().max() <= MAX_ABS_WEIGHT):
-                raise ValueError(
-                    f"{where}: {name}: {which} holds values that are not finite or too large "
-                    f"(|w| > {MAX_ABS_WEIGHT:g})"
-                )
 
 
 class _SlotLayer:
@@ -320,12 +122,18 @@ class _SlotLayer:
         self.scaling = torch.zeros(s + 1, dtype=dt, device=device)
         self.ranks = [0] * s  # 0 = this slot's adapter does not adapt this layer
         self.scaling_f = [0.0] * s
+        # DoRA: per slot the factor m = magnitude / ||W + s*B@A|| ([out]; ones for plain LoRA slots
+        # and the zero slot), applied as y = m * (base - bias + delta) + bias (lora_options).
+        self.mag = torch.ones(s + 1, out_features, dtype=dt, device=device)
+        self.dora = [False] * s
+        bias = getattr(module, "bias", None)
+        self.bias: torch.Tensor | None = bias if isinstance(bias, torch.Tensor) else None
         # Layers with equal keys (ranks and scalings of every slot) have the same packed column
         # layout, so they share one ``stack`` mask per forward.
         self.pack_key: tuple[tuple[int, ...], tuple[float, ...]] = (tuple(self.ranks), tuple(self.scaling_f))
         # PEFT's bitsandbytes layers cast the delta to the output dtype before adding; its plain
         # Linear adds in the LoRA dtype and casts the sum (differs only for bf16/fp16 bases).
-        self.cast_before_add = _is_bnb(module)
+        self.cast_before_add = is_bnb(module)
         self.handle: RemovableHandle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
@@ -345,6 +153,21 @@ class _SlotLayer:
             return out + delta.to(out.dtype)
         return (out + delta).to(out.dtype)
 
+    def _dora(self, base: torch.Tensor, lora: torch.Tensor, slot: int) -> torch.Tensor:
+        """PEFT's DoRA output of one slot's rows: ``base + (m - 1) * (base - bias) + m * lora * s``
+        (``lora`` = ``B(A(x))`` unscaled), in PEFT's operation order, cast to the base's dtype."""
+        m = self.mag[slot]
+        plain = base if self.bias is None else base - self.bias
+        return (base + ((m - 1) * plain + m * lora * self.scaling_f[slot])).to(base.dtype)
+
+    def _scale_dora_rows(self, z: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``z`` (base + LoRA delta, ``[rows, ..., out]``) with each DoRA row's factor applied:
+        ``m * (z - bias) + bias``; rows of other slots have m = 1 and stay exactly as they are."""
+        m = self.mag.index_select(0, slots).view(z.shape[0], *([1] * (z.dim() - 2)), self.out_features)
+        if self.bias is None:
+            return (z * m).to(dtype)
+        return (z + (m - 1) * (z - self.bias)).to(dtype)
+
     def _apply_groups(self, x: torch.Tensor, out: torch.Tensor, plan: _RowPlan) -> torch.Tensor | None:
         changed = False
         for slot, rows, whole in plan.groups:
@@ -353,12 +176,13 @@ class _SlotLayer:
                 continue
             a = self.a_t[slot, :, :r].t().contiguous()  # PEFT's lora_A.weight [r, in]
             b = self.b_t[slot, :r].t().contiguous()  # PEFT's lora_B.weight [out, r]
-            if whole:  # every row uses this slot: no selection, exactly PEFT's single-adapter path
-                out = self._add(out, F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling_f[slot])
-            else:
-                xs = x.index_select(0, rows).to(a.dtype)
-                delta = F.linear(F.linear(xs, a), b) * self.scaling_f[slot]
-                out = out.index_copy(0, rows, self._add(out.index_select(0, rows), delta))
+            xs = (x if whole else x.index_select(0, rows)).to(a.dtype)
+            base = out if whole else out.index_select(0, rows)
+            if self.dora[slot]:
+                new = self._dora(base, F.linear(F.linear(xs, a), b), slot)
+            else:  # with ``whole``: no selection, exactly PEFT's single-adapter path
+                new = self._add(base, F.linear(F.linear(xs, a), b) * self.scaling_f[slot])
+            out = new if whole else out.index_copy(0, rows, new)
             changed = True
         return out if changed else None
 
@@ -377,7 +201,10 @@ class _SlotLayer:
         h = torch.bmm(xs, a_t.index_select(0, slots))  # [n, tokens, r]
         h = h * self.scaling.index_select(0, slots).view(-1, 1, 1)
         delta = torch.bmm(h, b_t.index_select(0, slots))  # [n, tokens, out]
-        return self._add(out, delta.reshape(*shape[:-1], self.out_features))
+        z = self._add(out, delta.reshape(*shape[:-1], self.out_features))
+        if any(self.dora[s] for s in plan.distinct):
+            return self._scale_dora_rows(z, slots, out.dtype)
+        return z
 
     def _apply_stack(self, x: torch.Tensor, out: torch.Tensor, plan: _RowPlan) -> torch.Tensor | None:
         if max(self.ranks[s] for s in plan.distinct) == 0:
@@ -395,8 +222,12 @@ class _SlotLayer:
             h.view(n, -1, cols).mul_(mask.unsqueeze(1))
         out2 = out.reshape(-1, self.out_features)
         if out.dtype == h.dtype:
-            return torch.addmm(out2, h, self.packed_b).view(out.shape)
-        return self._add(out2, torch.mm(h, self.packed_b)).view(out.shape)
+            z = torch.addmm(out2, h, self.packed_b).view(out.shape)
+        else:
+            z = self._add(out2, torch.mm(h, self.packed_b)).view(out.shape)
+        if any(self.dora[s] for s in plan.distinct):
+            return self._scale_dora_rows(z, plan.gather_slots, out.dtype)
+        return z
 
     def _repack(self) -> None:
         live = [k for k, r in enumerate(self.ranks) if r > 0]
@@ -410,9 +241,21 @@ class _SlotLayer:
         )
         self._packed_stale = False
 
-    def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+    def load(
+        self,
+        slot: int,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        scaling: float,
+        dora_scale: torch.Tensor | None = None,
+    ) -> None:
         self.a_t[slot].zero_()
         self.b_t[slot].zero_()
+        self.mag[slot].fill_(1.0)
+        self.dora[slot] = dora_scale is not None and a is not None
+        if self.dora[slot]:
+            assert dora_scale is not None
+            self.mag[slot].copy_(dora_scale)
         if a is None or b is None:
             self.ranks[slot], self.scaling_f[slot] = 0, 0.0
             self.scaling[slot] = 0.0
@@ -514,6 +357,8 @@ class LoraSlots:
             device = param.device if param is not None else torch.device("cpu")
             self.layers[name] = _SlotLayer(self, name, module, available[name], device)
         self._min_in = min(layer.in_features for layer in self.layers.values())
+        self.replacements = ModuleReplacements(model, num_slots)
+        """``modules_to_save`` of the resident adapters, per slot (``lora_options``)."""
         self.refs: list[str | None] = [None] * num_slots
         self._slot_rank = [0] * num_slots  # largest rank of each slot's adapter over its layers
         self._plan: _RowPlan | None = None
@@ -538,6 +383,17 @@ class LoraSlots:
                     f"adapter {weights.ref!r}: {name}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
                     f"{layer.in_features}->{layer.out_features}"
                 )
+        for name, scale in weights.dora_scale.items():
+            layer = self.layers.get(name)
+            if name not in weights.layers or layer is None or scale.shape != (layer.out_features,):
+                raise ValueError(
+                    f"adapter {weights.ref!r}: DoRA factor of {name!r} {list(scale.shape)} matches no "
+                    "LoRA layer of the adapter"
+                )
+        both = sorted(set(weights.modules_to_save) & set(weights.layers))
+        if both:
+            raise ValueError(f"adapter {weights.ref!r}: {both} are both LoRA-adapted and replaced")
+        self.replacements.validate(weights.ref, weights.modules_to_save)
 
     def load(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an adapter into ``slot`` (replacing what was there). Validates first (shapes, and
@@ -551,7 +407,10 @@ class LoraSlots:
                 if pair is None:
                     layer.load(slot, None, None, 0.0)
                 else:
-                    layer.load(slot, pair[0], pair[1], weights.scaling_for(name))
+                    layer.load(
+                        slot, pair[0], pair[1], weights.scaling_for(name), weights.dora_scale.get(name)
+                    )
+        self.replacements.load(slot, weights.modules_to_save)
         self.refs[slot] = weights.ref
         self._slot_rank[slot] = weights.rank
 
@@ -561,6 +420,7 @@ class LoraSlots:
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.load(slot, None, None, 0.0)
+        self.replacements.clear(slot)
         self.refs[slot] = None
         self._slot_rank[slot] = 0
 
@@ -568,6 +428,7 @@ class LoraSlots:
         """Set the slot of each batch row (LongTensor ``[batch]``, -1 = base) for the next forwards."""
         if slot_ids is None:
             self._plan = None
+            self.replacements.clear_rows()
             return
         ids = slot_ids.detach().to("cpu", torch.long).view(-1)
         if ids.numel() and (int(ids.max()) >= self.num_slots or int(ids.min()) < -1):
@@ -575,11 +436,13 @@ class LoraSlots:
         active = (ids >= 0).nonzero().view(-1)
         if active.numel() == 0:
             self._plan = None
+            self.replacements.clear_rows()
             return
         row_slots = ids.index_select(0, active)
         distinct = sorted(set(row_slots.tolist()))
         whole = len(distinct) == 1 and active.numel() == ids.numel()
         device = next(iter(self.layers.values())).a_t.device
+        self.replacements.set_rows(ids, device)
         mode = self._choose(len(distinct))
         multi_token_mode = "gather" if self.mode == "auto" and mode == "stack" else mode
         # Row groups cost a few operations per distinct adapter: built only if a mode will read them.
@@ -609,8 +472,22 @@ class LoraSlots:
         """Unhook every layer: the model is the plain base model again."""
         for layer in self.layers.values():
             layer.handle.remove()
+        self.replacements.remove()
         self._plan = None
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+
+
+__all__ = [
+    "GATHER_THRESHOLD",
+    "MAX_ABS_WEIGHT",
+    "STACK_MAX_COLS_RATIO",
+    "AdapterWeights",
+    "LoraSlots",
+    "Mode",
+    "adapter_weights_from_peft_dir",
+    "check_magnitudes",
+    "linear_layers",
+]
