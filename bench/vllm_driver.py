@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -98,7 +99,7 @@ def main() -> int:
     ap.add_argument("--reply-fd", type=int, required=True, help="file descriptor for the JSON answers")
     args = ap.parse_args()
     reply = os.fdopen(args.reply_fd, "w", buffering=1)
-    setup = json.loads(open(args.setup).read())
+    setup = json.loads(Path(args.setup).read_text())
 
     import vllm
     from vllm import LLM
