@@ -107,6 +107,7 @@ images-test: setup tools
 bench: setup
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.inference_bench
+	$(PY) -m bench.long_prompt_bench
 	$(PY) -m bench.http_bench
 	$(PY) -m bench.dpo_bench
 	$(PY) -m bench.report
