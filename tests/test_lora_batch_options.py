@@ -315,3 +315,66 @@ def test_check_lora_accepts_options_and_names_unknown_tensors(
     with pytest.raises(AdapterIncompatibleError, match="does not have: score"):
         check(rm)
     assert check(rm, skip_modules_to_save=("score",)) == 8
+
+
+@pytest.mark.integration
+def test_trained_dora_and_modules_to_save_are_served(
+    tiny_llama: Path, bundled_data: dict[str, Path], prompts: list[list[int]], eos_id: int, tmp_path: Path
+) -> None:
+    """Round trip: the recipe trains and publishes a DoRA adapter and one with a trained ``lm_head``;
+    the inference registry validates and loads them (as the service does) and the engine's greedy
+    tokens, in one mixed batch with base rows, equal PeftModel's on the published directories."""
+    from lorafleet.models import base_model_fingerprint
+    from services.inference.registry import AdapterRegistry
+    from services.trainer.recipe import run_training
+    from tests.training_utils import training_config
+
+    adapters_root = tmp_path / "adapters"
+    options = {"t-dora": {"use_dora": True}, "t-head": {"modules_to_save": ["lm_head"]}}
+    published: dict[str, Path] = {}
+    for name, lora in options.items():
+        config = training_config(
+            tmp_path / name,
+            tiny_llama,
+            bundled_data,
+            lora={"rank": 8, "alpha": 16, "dropout": 0.0, **lora},
+            train={"max_steps": 4},
+            output={"adapters_root": str(adapters_root), "adapter_name": name},
+        )
+        result = run_training(config)
+        assert result.published is not None
+        published[name] = result.published.path
+
+    engine = Engine(load_base(tiny_llama), num_slots=2, max_rank=16, start=False)
+    model = engine.model
+    registry = AdapterRegistry(
+        adapters_root,
+        str(tiny_llama),
+        base_model_fingerprint(str(tiny_llama), None),
+        [n for n, _ in model.named_modules()],
+        max_rank=16,
+        capacity=4,
+        loader=lambda path, ref: adapter_weights_from_peft_dir(path, ref, model),
+    )
+    try:
+        weights = {name: registry.resolve(name).weights for name in options}
+        assert set(weights["t-dora"].dora_scale) == set(weights["t-dora"].layers)
+        assert set(weights["t-head"].modules_to_save) == {"lm_head"}
+        plan = [(n, p) for p in prompts[:4] for n in [*options, None]]
+        handles = [
+            engine.submit(
+                GenerationRequest(
+                    p, adapter=None if n is None else weights[n], params=SamplingParams(MAX_NEW)
+                )
+            )
+            for n, p in plan
+        ]
+        engine.start()
+        refs = References(tiny_llama, published, "none", eos_id)
+        for (name, prompt), handle in zip(plan, handles, strict=True):
+            assert handle.result(TIMEOUT).token_ids == refs.tokens(name, prompt), f"{name} {prompt[:4]}"
+        for name in options:  # each trained adapter changes some output (parity is not vacuous)
+            assert any(refs.tokens(name, p) != refs.tokens(None, p) for p in prompts[:4]), name
+    finally:
+        registry.close()
+        engine.close()
