@@ -14,8 +14,9 @@ is a new row here plus, only when it trains something new, its preparation in ``
 | full     | as loaded, unquantized  | everything                                    | full model (full_model)  | no     |
 | ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    | no     |
 
-(*) without the options ``LORA_OPTION_SERVABLE`` marks False (DoRA, ``modules_to_save``). What is
-not served yet is refused at submit / ``lorafleet train`` (``serving_problems``), not after training.
+(*) with DoRA and ``modules_to_save`` too; a ``lora`` option that ``LORA_OPTION_SERVABLE`` marks
+False would be refused. What is not served yet is refused at submit / ``lorafleet train``
+(``serving_problems``), not after training.
 
 Stages (``stage``; ``lorafleet.preference``): every method trains ``sft``. The LoRA methods also
 train ``dpo``, ``kto`` and ``rm``, with the base (adapters disabled) or a frozen copy of the starting
@@ -201,7 +202,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 }
 """Every training method, keyed by name, in the order forms and messages list them."""
 
-LORA_OPTION_SERVABLE: dict[str, bool] = {"use_dora": False, "modules_to_save": False}
+LORA_OPTION_SERVABLE: dict[str, bool] = {"use_dora": True, "modules_to_save": True}
 """``lora`` options (``LoraOptions`` fields) that change what an adapter holds, and whether the
 inference service serves adapters that use them: DoRA magnitude vectors, ``modules_to_save``
 replacement modules. A False entry refuses the option when set (:func:`serving_problems`); flip it

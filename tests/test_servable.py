@@ -101,7 +101,16 @@ def test_the_table_matches_what_the_inference_loader_serves(tiny_llama: Path, tm
     for label, (options, servable) in cases.items():
         path = _peft_dir(tiny_llama, tmp_path / label.replace(" ", "-"), **options)
         if servable:
-            adapter_weights_from_peft_dir(path, label, base)
+            weights = adapter_weights_from_peft_dir(path, label, base)
+            # Served means carried to the engine, not read and dropped.
+            assert SERVED_AS.get(label, lambda w: True)(weights), label
         else:
             with pytest.raises(ValueError):
                 adapter_weights_from_peft_dir(path, label, base)
+
+
+# What the loaded weights hold for each served LoRA option (the engine applies these per row).
+SERVED_AS: dict[str, Any] = {
+    "lora.use_dora": lambda w: set(w.dora_scale) == set(w.layers),
+    "lora.modules_to_save": lambda w: set(w.modules_to_save) == {"lm_head"},
+}
