@@ -7,14 +7,18 @@ the spec, so the server applies the recipe's default (the same defaults as a YAM
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lorafleet.config import DTYPES, FORMATS, PTUNING_MODES, QUANTIZATIONS, SCHEDULERS
+from lorafleet.config import DTYPES, FORMATS, PTUNING_MODES, QUANTIZATIONS, SCHEDULERS, PreferenceConfig
+from lorafleet.config_checks import PREFERENCE_LOSSES
 from lorafleet.method_specs import (
     METHOD_SPECS,
     METHODS,
+    STAGE_OPTIONS,
+    STAGES,
     TRAINS_BLOCKS,
     TRAINS_LORA,
     TRAINS_PROMPT,
@@ -49,12 +53,74 @@ class FormField:
     help: str = ""
     methods: tuple[str, ...] = ()
     """Only sent for these methods; empty = always."""
+    stages: tuple[str, ...] = ()
+    """Only shown and sent for these stages; empty = always."""
 
 
 def _select(
     path: str, label: str, options: tuple[str, ...] | list[str], help: str = "", **kw: Any
 ) -> FormField:
     return FormField(path, label, "select", options=(DEFAULT, *options), help=help, **kw)
+
+
+STAGE_PATH = "stage"
+"""The stage select: outside the form's batch, so that choosing a stage redraws its options."""
+DEFAULT_STAGE = "sft"
+_PREFERENCE_LABELS = {
+    "loss": "Loss variant (dpo)",
+    "beta": "beta",
+    "gamma": "gamma (SimPO margin)",
+    "sft_adapter": "Start from SFT adapter",
+    "precompute_reference": "Precompute reference log-probs",
+}
+_PREFERENCE_HELP = {
+    "loss": "sigmoid = DPO; ipo; orpo and simpo need no reference policy.",
+    "beta": "How far the policy may move from the reference (DPO/IPO/KTO); reward scale (ORPO/SimPO).",
+    "gamma": "SimPO's target reward margin (loss simpo only).",
+    "label_smoothing": "Probability that a pair's label is flipped (conservative DPO, SimPO): [0, 0.5).",
+    "sft_adapter": "A published adapter as name@version; its frozen copy is the reference policy.",
+    "precompute_reference": "full/freeze only: score the data with the reference model once, then free it.",
+    "label_column": "KTO rows' desirability: true/false or desirable/undesirable.",
+}
+_KIND_OF_TYPE = {"str": "text", "float": "float", "int": "int", "bool": "bool"}
+
+
+def _preference_fields() -> list[FormField]:
+    """One field per ``PreferenceConfig`` option, shown for the stages that read it (``STAGE_OPTIONS``)."""
+    out = []
+    for f in dataclasses.fields(PreferenceConfig):
+        stages = tuple(stage for stage, names in STAGE_OPTIONS.items() if f.name in names)
+        label = _PREFERENCE_LABELS.get(f.name, f.name.replace("_", " ").capitalize())
+        help_text = _PREFERENCE_HELP.get(f.name, "")
+        path = f"preference.{f.name}"
+        if f.name == "loss":
+            out.append(_select(path, label, PREFERENCE_LOSSES, help_text, stages=stages))
+            continue
+        kind = _KIND_OF_TYPE[str(f.type)]
+        options = (DEFAULT, "yes", "no") if kind == "bool" else ()
+        out.append(FormField(path, label, kind, options=options, help=help_text, stages=stages))
+    return out
+
+
+STAGE_FIELD = FormField(
+    STAGE_PATH,
+    "Stage",
+    "select",
+    DEFAULT_STAGE,
+    options=STAGES,
+    help="sft = supervised; dpo = pairwise preference (DPO, IPO, ORPO, SimPO); kto = unpaired "
+    "preference; rm = reward model. The form shows the options of the chosen stage.",
+)
+
+
+def methods_for_stage(stage: str) -> tuple[str, ...]:
+    """The methods that train ``stage`` (``MethodSpec.stages``), in the table's order."""
+    return tuple(name for name, spec in METHOD_SPECS.items() if stage in spec.stages)
+
+
+def visible(f: FormField, stage: str) -> bool:
+    """Whether the form shows ``f`` when ``stage`` is chosen."""
+    return not f.stages or stage in f.stages
 
 
 SECTIONS: list[tuple[str, list[FormField]]] = [
@@ -117,6 +183,7 @@ SECTIONS: list[tuple[str, list[FormField]]] = [
             ),
         ],
     ),
+    ("Preference stage", _preference_fields()),
     (
         "Hyper-parameters",
         [
@@ -169,18 +236,22 @@ FIELDS: dict[str, FormField] = {f.path: f for _, fields in SECTIONS for f in fie
 
 
 def build_spec(values: Mapping[str, Any]) -> pb.JobSpec:
-    """The JobSpec of the form's values (keyed by field path); empty values stay unset.
+    """The JobSpec of the form's values (keyed by field path, the stage under ``STAGE_PATH``); empty
+    values stay unset, and so do the options of another method or stage.
 
     Raises:
         ValueError: a labels entry without ``=`` (the only thing the form itself must parse).
     """
     spec = pb.JobSpec()
     method = values.get("method") or ""
+    stage = values.get(STAGE_PATH) or DEFAULT_STAGE
+    if stage != DEFAULT_STAGE:
+        spec.stage = stage
     for path, f in FIELDS.items():
         value = values.get(path)
         if value is None or value == "" or value == DEFAULT or value == []:
             continue
-        if f.methods and method not in f.methods:
+        if (f.methods and method not in f.methods) or not visible(f, stage):
             continue
         *parents, name = path.split(".")
         msg: Any = spec

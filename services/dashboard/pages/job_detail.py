@@ -1,5 +1,7 @@
 """Job detail: live charts of loss / eval loss, learning rate and tokens/s against step (from WatchJob,
-refreshing while the job runs), the memory estimate, final metrics, the log tail and the attempts."""
+refreshing while the job runs); for a preference job (dpo, kto, rm) also the chosen and rejected
+rewards with their margin, the preference accuracy and the chosen and rejected log-probs; the memory
+estimate, final metrics, the log tail and the attempts."""
 
 from __future__ import annotations
 
@@ -17,7 +19,17 @@ from services.dashboard.api import ServiceError
 
 # Log lines kept per job (the page shows the tail).
 LOG_LINES = 400
-HEADLINE_METRICS = ("bleu", "rouge", "accuracy")
+HEADLINE_METRICS = ("bleu", "rouge", "accuracy", "margin")
+PERCENT_METRICS = ("bleu", "rouge")
+PREFERENCE_VALUES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+"""A preference job's per-step metrics (TRL's names), carried in ``MetricRecord.values``."""
 
 
 @dataclass
@@ -38,6 +50,9 @@ class JobEvents:
             row: dict[str, Any] = {"step": m.step, "attempt": m.attempt, "epoch": m.epoch}
             for name in ("loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm"):
                 row[name] = ui.optional(m, name)
+            for name in PREFERENCE_VALUES:
+                if name in m.values:
+                    row[name] = m.values[name]
             self.metrics.append(row)
         elif kind == "log":
             prefix = f"[attempt {ev.log.attempt}] " if ev.log.attempt > 1 else ""
@@ -81,9 +96,12 @@ def _charts(events: JobEvents) -> None:
     c1, c2, c3 = st.columns(3)
     with c1:
         st.markdown("**Loss**")
+        preference = any(name in df.columns for name in PREFERENCE_VALUES)
         ui.chart(
             _line_chart(
-                df, {"loss": "training loss", "eval_loss": "eval loss"}, "cross-entropy (nats/token)"
+                df,
+                {"loss": "training loss", "eval_loss": "eval loss"},
+                "preference loss" if preference else "cross-entropy (nats/token)",
             ),
             "chart-loss",
         )
@@ -93,8 +111,30 @@ def _charts(events: JobEvents) -> None:
     with c3:
         st.markdown("**Throughput**")
         ui.chart(_line_chart(df, {"tokens_per_s": "tokens/s"}, "throughput (tokens/s)"), "chart-tokens")
+    if any(name in df.columns for name in PREFERENCE_VALUES):
+        _preference_charts(df)
     with st.expander(f"Metric records ({len(df)})"):
         ui.table(df, "detail-records")
+
+
+def _preference_charts(df: pd.DataFrame) -> None:
+    """Rewards and margin, preference accuracy, log-probs: the records of a dpo, kto or rm job."""
+    for name in PREFERENCE_VALUES:
+        if name not in df.columns:
+            df[name] = float("nan")
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        st.markdown("**Rewards**")
+        rewards = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin"}
+        ui.chart(_line_chart(df, rewards, "reward (implicit, or the value head's score)"), "chart-rewards")
+    with c2:
+        st.markdown("**Preference accuracy**")
+        accuracy = {"rewards/accuracies": "chosen ranked above rejected"}
+        ui.chart(_line_chart(df, accuracy, "fraction of pairs"), "chart-preference-accuracy")
+    with c3:
+        st.markdown("**Log-probs**")
+        logps = {"logps/chosen": "chosen", "logps/rejected": "rejected"}
+        ui.chart(_line_chart(df, logps, "log-probability of the answer (nats)"), "chart-logps")
 
 
 def _summary(job: pb.Job) -> None:
@@ -136,7 +176,7 @@ def _final_metrics(job: pb.Job) -> None:
     if headline:  # the full width: six to a row
         cols = st.columns(6)
         for i, (k, v) in enumerate(headline.items()):
-            unit = "" if "accuracy" in k.lower() else " %"
+            unit = " %" if any(p in k.lower() for p in PERCENT_METRICS) else ""
             cols[i % len(cols)].metric(k, f"{v:.4g}{unit}")
 
 
@@ -184,7 +224,9 @@ def live(job_id: str) -> None:
     except ServiceError as e:
         ui.show_service_error(e, f"following job {job_id}")
         return
-    st.subheader(f"Job {job.id} · {job.spec.method} · {job.spec.model.name_or_path}")
+    stage = f" · stage {job.spec.stage}" if job.spec.stage and job.spec.stage != "sft" else ""
+    started = f" from {job.spec.preference.sft_adapter}" if job.spec.preference.sft_adapter else ""
+    st.subheader(f"Job {job.id} · {job.spec.method}{stage}{started} · {job.spec.model.name_or_path}")
     _summary(job)
     _charts(events)
     _final_metrics(job)

@@ -30,6 +30,7 @@ def _job_rows(jobs: list[pb.Job]) -> pd.DataFrame:
                 "eval loss": ui.optional(p, "eval_loss"),
                 "tokens/s": ui.optional(p, "tokens_per_s"),
                 "method": j.spec.method,
+                "stage": j.spec.stage or forms.DEFAULT_STAGE,
                 "adapter": j.adapter.ref or j.spec.adapter_name,
                 "attempts": len(j.attempts),
                 "created": ui.fmt_time(j.created_at),
@@ -96,7 +97,7 @@ def _widget_key(path: str) -> str:
 
 def _submit(dry_run: bool) -> None:
     """on_click of the form's buttons: runs before the rerun, so the errors show under the fields."""
-    values = {path: st.session_state.get(_widget_key(path)) for path in forms.FIELDS}
+    values = {path: st.session_state.get(_widget_key(path)) for path in [*forms.FIELDS, forms.STAGE_PATH]}
     try:
         spec = forms.build_spec(values)
         job = ui.trainer_api().submit_job(spec, dry_run=dry_run)
@@ -107,14 +108,21 @@ def _submit(dry_run: bool) -> None:
         st.session_state[SUBMIT_RESULT] = ("error", str(e))
 
 
-def _field(f: forms.FormField, errors: list[str]) -> None:
+def _field(f: forms.FormField, errors: list[str], options: tuple[str, ...] | None = None) -> None:
     key = _widget_key(f.path)
     with st.container(key="field-" + f.path.replace(".", "-")):
         help_text = f.help or None
         value: Any = f.default
         if f.kind in ("select", "bool"):
-            index = f.options.index(value) if value in f.options else 0
-            st.selectbox(f.label, f.options, index=index, key=key, help=help_text)
+            options = options or f.options
+            if key in st.session_state:
+                # Keep the choice across reruns that change the options (a method list per stage),
+                # unless the new list does not have it.
+                kept = st.session_state[key]
+                del st.session_state[key]
+                value = kept if kept in options else value
+            index = options.index(value) if value in options else 0
+            st.selectbox(f.label, options, index=index, key=key, help=help_text)
         elif f.kind == "int":
             st.number_input(f.label, value=value, step=1, key=key, help=help_text, placeholder="default")
         elif f.kind == "float":
@@ -131,13 +139,20 @@ def submit_form() -> None:
     field_errors: dict[str, list[str]] = {}
     if result and result[0] == "error" and isinstance(result[1], ServiceError):
         field_errors = result[1].field_errors
+    # Outside the form: choosing a stage reruns the page, which then shows that stage's options only.
+    _field(forms.STAGE_FIELD, field_errors.get(forms.STAGE_PATH, []))
+    stage = st.session_state.get(_widget_key(forms.STAGE_PATH)) or forms.DEFAULT_STAGE
     with st.form("submit_job", border=True):
         for title, fields in forms.SECTIONS:
-            st.markdown(f"**{title}**")
+            on_show = [f for f in fields if forms.visible(f, stage)]
+            if not on_show:
+                continue
+            st.markdown(f"**{title}**" + (f" ({stage})" if any(f.stages for f in on_show) else ""))
             cols = st.columns(4)
-            for i, f in enumerate(fields):
+            for i, f in enumerate(on_show):
+                options = forms.methods_for_stage(stage) if f.path == "method" else None
                 with cols[i % 4]:
-                    _field(f, field_errors.get(f.path, []))
+                    _field(f, field_errors.get(f.path, []), options)
         b1, b2, _ = st.columns([1, 1, 4])
         with b1:
             st.form_submit_button(
@@ -154,7 +169,7 @@ def submit_form() -> None:
     elif isinstance(result[1], ServiceError):
         err = result[1]
         if err.field_errors:
-            shown = {f for f in err.field_errors if f in forms.FIELDS}
+            shown = {f for f in err.field_errors if f in forms.FIELDS or f == forms.STAGE_PATH}
             others = [f"`{m}`" for f, ms in err.field_errors.items() if f not in shown for m in ms]
             text = f"The trainer refused the job: {sum(map(len, err.field_errors.values()))} problem(s), shown under their fields."
             if others:
