@@ -78,8 +78,12 @@ def state_name(state: int) -> str:
     return _STATE_NAMES.get(state, str(state))
 
 
+_PREFERENCE_POSTFIX = {"rewards/margins": "margin", "rewards/accuracies": "acc"}
+
+
 def watch_with_progress(client: TrainerClient, job_id: str, out: Any = sys.stderr) -> pb.Job:
-    """Follow a job with a progress bar (step, loss, tokens/s) until it ends; returns the final job."""
+    """Follow a job with a progress bar (step, loss, tokens/s; reward margin and preference accuracy
+    for a preference job) until it ends; returns the final job."""
     from tqdm import tqdm
 
     bar = tqdm(total=0, unit="step", file=out, dynamic_ncols=True)
@@ -96,6 +100,9 @@ def watch_with_progress(client: TrainerClient, job_id: str, out: Any = sys.stder
                 post = {"loss": f"{m.loss:.4f}"} if m.HasField("loss") else {}
                 if m.HasField("tokens_per_s"):
                     post["tok/s"] = f"{m.tokens_per_s:.0f}"
+                for key, short in _PREFERENCE_POSTFIX.items():  # a dpo, kto or rm job's own figures
+                    if key in m.values:
+                        post[short] = f"{m.values[key]:.3f}"
                 if m.attempt > 1:
                     post["attempt"] = str(m.attempt)
                 bar.set_postfix(post, refresh=False)
