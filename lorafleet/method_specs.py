@@ -10,13 +10,14 @@ is a new row here plus, only when it trains something new, its preparation in ``
 |          | model.quantization      |                                               |                          |        |
 | qlora    | 4-bit nf4, double quant | LoRA A/B                                      | PEFT adapter (lora)      | yes (*)|
 | lora8bit | 8-bit                   | LoRA A/B                                      | PEFT adapter (lora)      | yes (*)|
-| freeze   | as loaded, unquantized  | the last N blocks or named modules            | full model (full_model)  | no     |
-| full     | as loaded, unquantized  | everything                                    | full model (full_model)  | no     |
+| freeze   | as loaded, unquantized  | the last N blocks or named modules            | full model (full_model)  | yes (+)|
+| full     | as loaded, unquantized  | everything                                    | full model (full_model)  | yes (+)|
 | ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    | no     |
 
 (*) with DoRA and ``modules_to_save`` too; a ``lora`` option that ``LORA_OPTION_SERVABLE`` marks
 False would be refused. What is not served yet is refused at submit / ``lorafleet train``
 (``serving_problems``), not after training.
+(+) as a base model of its own, ``name@version`` (``services/inference/published_models.py``).
 
 Stages (``stage``; ``lorafleet.preference``): every method trains ``sft``. The LoRA methods also
 train ``dpo``, ``kto`` and ``rm``, with the base (adapters disabled) or a frozen copy of the starting
@@ -174,7 +175,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "freeze",
             TRAINS_BLOCKS,
             ARTIFACT_FULL_MODEL,
-            servable=False,
+            servable=True,
             stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             description="train the last blocks (or named modules) of the base, the rest frozen",
@@ -183,7 +184,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "full",
             TRAINS_ALL,
             ARTIFACT_FULL_MODEL,
-            servable=False,
+            servable=True,
             stages=_REFERENCE_MODEL_STAGES,
             trains_base_weights=True,
             full_model_rule=True,
