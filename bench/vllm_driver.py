@@ -8,8 +8,10 @@ harness sends to a log file).
 * setup (the file): ``{"model": DIR, "adapters": [[name, path], ...], "max_lora_rank": R,
   "max_model_len": L, "gpu_memory_utilization": F}``; answered ``{"ready": true, ...}`` once
   ``LLM(...)`` is built, with the engine settings that matter for the comparison;
-* ``{"run": [{"prompt": [ids], "adapter": name | null, "max_new_tokens": n}, ...], "clients": C}``:
-  answered ``{"requests": [{"tokens": [...], "submitted": t, "token_times": [t, ...]}, ...],
+* ``{"run": [{"prompt": [ids], "adapter": name | null, "max_new_tokens": n}, ...], "clients": C,
+  "reset_prefix_cache": bool}``: optionally empties vLLM's prefix cache first (the harness does
+  before every pass's warm-up, so that a pass never reuses the blocks of the same prompts in an
+  earlier pass; prefixes shared within a pass are still reused), then runs the requests; answered ``{"requests": [{"tokens": [...], "submitted": t, "token_times": [t, ...]}, ...],
   "wall_s": w, "cpu_s": c}`` (times in seconds from the pass's start);
 * ``{"quit": true}``: exit.
 
@@ -136,6 +138,8 @@ def main() -> int:
         command = json.loads(line)
         if command.get("quit"):
             break
+        if command.get("reset_prefix_cache") and not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache")
         reply.write(json.dumps(run_pass(llm, command["run"], int(command["clients"]), loras)) + "\n")
     return 0
 

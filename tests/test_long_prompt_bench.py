@@ -104,8 +104,9 @@ def test_short_workload_is_the_inference_benchmarks(model_dir: Path) -> None:
 
 
 @pytest.mark.integration
-def test_long_prompt_bench_quick_lorafleet(tmp_path: Path) -> None:
-    """A quick run of the lorafleet configuration writes well-formed results, keeping other keys."""
+def test_long_prompt_bench_quick_without_vllm(tmp_path: Path) -> None:
+    """A quick run without a vLLM venv still measures lorafleet, says why vLLM is missing, and
+    keeps the other models' results."""
     results = tmp_path / "results_long.json"
     results.write_text(json.dumps({"models": {"other": {"kept": True}}}))
     proc = subprocess.run(
@@ -114,8 +115,8 @@ def test_long_prompt_bench_quick_lorafleet(tmp_path: Path) -> None:
             "-m",
             "bench.long_prompt_bench",
             "--quick",
-            "--configs",
-            "lorafleet",
+            "--vllm-python",
+            str(tmp_path / "no-venv" / "python"),
             "--results",
             str(results),
             "--work-dir",
@@ -130,7 +131,7 @@ def test_long_prompt_bench_quick_lorafleet(tmp_path: Path) -> None:
     data = json.loads(results.read_text())
     assert data["models"]["other"] == {"kept": True}
     quick = data["models"]["quick"]
-    assert quick["vllm"] is None and "not requested" in quick["vllm_missing"]
+    assert quick["vllm"] is None and "no-venv/python not found" in quick["vllm_missing"]
     assert set(quick["workloads"]) == {"short", "mixed", "shared_prefix"}
     assert quick["workloads"]["mixed"]["prompt_tokens"]["max"] == max(MIXED_LENGTHS)
     assert quick["workloads"]["shared_prefix"]["prompt_tokens"]["min"] >= SYSTEM_PROMPT_TOKENS
