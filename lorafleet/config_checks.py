@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lorafleet.adapters import MAX_VERSION
 from lorafleet.errors import ConfigError, FieldProblem
 from lorafleet.method_specs import (
+    ARTIFACT_FULL_MODEL,
     METHOD_SPECS,
     METHODS,
     PREFERENCE_STAGES,
@@ -36,6 +37,7 @@ LAUNCHERS = ("torchrun", "deepspeed")
 FORMATS = ("auto", "alpaca", "messages", "columns")
 PTUNING_MODES = ("prefix", "p_tuning")
 PREFERENCE_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
+_REFERENCE_FREE_LOSSES = ("orpo", "simpo")  # lorafleet.preference.REFERENCE_FREE_LOSSES (no torch here)
 _ADAPTER_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}@[1-9][0-9]{0,9}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _INT32_MAX = 2**31 - 1
@@ -342,6 +344,38 @@ _OPTION_CHECKS = {
 """The checks of each method-options section (``MethodSpec.options_section``)."""
 
 
+def _validate_preference_zero3(c: RunConfig, p: list[FieldProblem]) -> None:
+    """Preference stages under ZeRO-3 with a method that needs a separate reference model.
+
+    LoRA methods take the base with the adapter disabled as the reference, partitioned with the
+    policy. ``full``/``freeze`` load a second, frozen model: ZeRO-3 would keep it whole on every
+    rank, undoing what ZeRO-3 saves, so DPO must score the data with it once and free it
+    (``preference.precompute_reference``); KTO cannot precompute (its KL rows pair prompts anew each
+    batch) and is refused. ZeRO 0-2 replicate the weights anyway and keep the reference model.
+    """
+    spec = METHOD_SPECS.get(c.method)
+    if c.distributed.deepspeed_stage != 3 or spec is None or spec.artifact_kind != ARTIFACT_FULL_MODEL:
+        return
+    if c.stage == "kto":
+        _check(
+            p,
+            False,
+            "distributed.deepspeed_stage",
+            3,
+            f"stage kto with method {spec.name} keeps a whole reference model on every rank under "
+            "ZeRO-3; use ZeRO-2, or a LoRA method (the reference is then the base itself)",
+        )
+    elif c.stage == "dpo" and c.preference.loss not in _REFERENCE_FREE_LOSSES:
+        _check(
+            p,
+            c.preference.precompute_reference,
+            "preference.precompute_reference",
+            c.preference.precompute_reference,
+            f"must be true for method {spec.name} under ZeRO-3: the reference model scores the data "
+            "once and is freed, instead of staying whole on every rank",
+        )
+
+
 def _validate_stage(c: RunConfig, p: list[FieldProblem]) -> None:
     """The stage, whether the method trains it, and the preference options it uses."""
     _check(p, c.stage in STAGES, "stage", c.stage, f"must be one of {list(STAGES)}")
@@ -359,13 +393,7 @@ def _validate_stage(c: RunConfig, p: list[FieldProblem]) -> None:
     if c.stage not in PREFERENCE_STAGES:
         return
     o = c.preference
-    _check(
-        p,
-        c.distributed.deepspeed_stage == -1,
-        "distributed.deepspeed_stage",
-        c.distributed.deepspeed_stage,
-        f"stage {c.stage} trains without DeepSpeed for now; use -1",
-    )
+    _validate_preference_zero3(c, p)
     if c.stage == "dpo":
         _check(
             p,

@@ -113,9 +113,24 @@ REFERENCE_ADAPTER = "ref"
 """Name of the frozen copy of a starting (SFT) adapter that serves as the reference policy."""
 
 
+def unwrap_model(model: Any) -> Any:
+    """The model inside a DDP or DeepSpeed wrapper (both hold it as ``.module``); else ``model``."""
+    inner = model
+    for _ in range(4):  # e.g. DDP around a DeepSpeed engine: never deeper than that
+        wrapped = getattr(inner, "module", None)
+        if not isinstance(wrapped, torch.nn.Module):
+            break
+        inner = wrapped
+    return inner
+
+
 @contextlib.contextmanager
 def reference_policy(model: Any) -> Iterator[None]:
     """Run a PEFT ``model`` as the reference policy inside the block, without gradient.
+
+    ``model`` may be wrapped (DDP, a DeepSpeed engine): the adapter is switched on the PEFT model
+    inside and the caller keeps forwarding through the wrapper, so under ZeRO-3 the reference
+    forward gathers the same partitioned base weights as the policy's.
 
     DPO's reference is the policy it starts from (Rafailov et al. 2023 take π_ref = π_SFT). A fresh
     adapter starts as the base, so the reference is the model with its adapters disabled. A run that
@@ -123,19 +138,22 @@ def reference_policy(model: Any) -> Iterator[None]:
     switches to it here (TRL's convention too). Either way the base weights are shared: the
     reference costs one extra no-grad forward and, at most, a second LoRA's weights.
     """
-    if REFERENCE_ADAPTER in (getattr(model, "peft_config", None) or {}):
-        previous = model.active_adapter
-        model.set_adapter(REFERENCE_ADAPTER)
+    peft_model = unwrap_model(model)
+    if REFERENCE_ADAPTER in (getattr(peft_model, "peft_config", None) or {}):
+        previous = peft_model.active_adapter
+        peft_model.set_adapter(REFERENCE_ADAPTER)
         try:
             with torch.no_grad():
                 yield
         finally:
             # set_adapter also marks the named adapter trainable: restore the policy's flags.
-            model.set_adapter(previous)
+            peft_model.set_adapter(previous)
         return
-    disable = getattr(model, "disable_adapter", None)
+    disable = getattr(peft_model, "disable_adapter", None)
     if disable is None:
-        raise TypeError(f"{type(model).__name__} has no adapter to disable; pass a separate reference model")
+        raise TypeError(
+            f"{type(peft_model).__name__} has no adapter to disable; pass a separate reference model"
+        )
     with torch.no_grad(), disable():
         yield
 

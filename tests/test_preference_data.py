@@ -147,7 +147,14 @@ def test_bundled_tag_task_is_balanced_and_follows_its_rule() -> None:
         ({"stage": "dpo", "preference.sft_adapter": "../x@1"}, "preference.sft_adapter"),
         ({"stage": "dpo", "preference.sft_adapter": "x@1", "method": "full"}, "preference.sft_adapter"),
         ({"stage": "dpo", "preference.precompute_reference": True}, "preference.precompute_reference"),
-        ({"stage": "dpo", "distributed.deepspeed_stage": 2}, "distributed.deepspeed_stage"),
+        (
+            {"stage": "dpo", "method": "full", "distributed.deepspeed_stage": 3},
+            "preference.precompute_reference",
+        ),
+        (
+            {"stage": "kto", "method": "freeze", "distributed.deepspeed_stage": 3},
+            "distributed.deepspeed_stage",
+        ),
     ],
 )
 def test_stage_and_preference_errors_name_the_field(changes: dict[str, object], field: str) -> None:
@@ -162,6 +169,34 @@ def test_stage_and_preference_errors_name_the_field(changes: dict[str, object], 
     with pytest.raises(ConfigError) as caught:
         validate_config(config)
     assert field in {p.field for p in caught.value.problems}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"stage": "dpo", "distributed.deepspeed_stage": 2},
+        {"stage": "kto", "distributed.deepspeed_stage": 3},
+        {"stage": "rm", "distributed.deepspeed_stage": 3},
+        {"stage": "dpo", "method": "full", "distributed.deepspeed_stage": 2},
+        {
+            "stage": "dpo",
+            "method": "full",
+            "distributed.deepspeed_stage": 3,
+            "preference.precompute_reference": True,
+        },
+        {"stage": "dpo", "method": "freeze", "distributed.deepspeed_stage": 3, "preference.loss": "simpo"},
+    ],
+)
+def test_preference_stages_take_deepspeed(changes: dict[str, object]) -> None:
+    config = RunConfig()
+    config.data.train_file = "train.jsonl"
+    for key, value in changes.items():
+        target = config
+        *sections, name = key.split(".")
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, value)
+    validate_config(config)
 
 
 def test_a_valid_dpo_config_passes() -> None:

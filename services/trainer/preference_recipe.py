@@ -3,7 +3,8 @@
 Run as (``services.trainer.recipe`` dispatches here when ``stage`` is not ``sft``):
     python -m services.trainer.recipe examples/dpo.yaml [section.key=value ...]
 
-One process, plain PyTorch (DeepSpeed is refused for these stages by the config checks). The loop
+One process per device, as SFT: plain PyTorch, DDP across processes, or DeepSpeed ZeRO 0-3 when
+``distributed.deepspeed_stage`` >= 0 (the engine owns the optimizer step). The loop
 is one explicit function. The reference policy: for the LoRA methods the base with the adapter
 disabled, or, when ``preference.sft_adapter`` names a published SFT adapter to start from, a frozen
 copy of it (adapter ``ref``; the trained adapter starts as that copy). For ``full``/``freeze`` a
@@ -20,7 +21,10 @@ adapter it started from.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import random
 import time
 from dataclasses import replace
@@ -33,7 +37,20 @@ import yaml
 from lorafleet import adapters, preference, preference_data, templates
 from lorafleet.config import RunConfig
 from lorafleet.data import check_bad_rows, count_bad_rows
+from lorafleet.distributed import (
+    Topology,
+    all_reduce_sum,
+    barrier,
+    destroy_process_group,
+    device_for,
+    die_with_launcher,
+    ensure_rendezvous_env,
+    gather_objects,
+    init_process_group,
+    topology_from_env,
+)
 from lorafleet.errors import ConfigError, FieldProblem, LorafleetError
+from lorafleet.estimate import model_dims
 from lorafleet.families import detect_family, get_family
 from lorafleet.method_specs import (
     ARTIFACT_FULL_MODEL,
@@ -50,7 +67,14 @@ from lorafleet.models import (
     load_tokenizer,
 )
 from lorafleet.runlog import RunRecorder, write_final_metrics
-from services.trainer.recipe import publish_run
+from services.trainer import run_metrics
+from services.trainer.recipe import (
+    _gathered_state_dict,
+    _to_device,
+    _weights_digest,
+    publish_run,
+    run_id_for,
+)
 
 _EVAL_BATCH = 16
 
@@ -182,10 +206,18 @@ def _prepare(
     return base, prepare_model(base, config, family)
 
 
-def _batches(count: int, size: int, seed: int, epoch: int) -> list[list[int]]:
+def _batches(count: int, size: int, seed: int, epoch: int, topo: Topology | None = None) -> list[list[int]]:
+    """This rank's micro-batches of ``epoch``: a function of (seed, epoch) only.
+
+    Rank r takes every world_size-th batch and every rank gets the same count (ZeRO and DDP step
+    together), so one process with accumulation k sees the same global batches as k ranks.
+    """
     order = list(range(count))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i : i + size] for i in range(0, count - size + 1, size)]
+    batches = [order[i : i + size] for i in range(0, count - size + 1, size)]
+    if topo is None or not topo.distributed:
+        return batches
+    return batches[topo.rank :: topo.world_size][: len(batches) // topo.world_size]
 
 
 def _collate(config: RunConfig, rows: list[Any], pad: int) -> dict[str, torch.Tensor]:
@@ -268,14 +300,22 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
     Raises:
         LorafleetError: bad data, an unknown or mismatched SFT adapter, an option the model cannot take.
     """
+    die_with_launcher()
+    if config.distributed.deepspeed_stage >= 0:
+        ensure_rendezvous_env()
+    topo = topology_from_env()
+    init_process_group(topo)
+    device = device_for(topo)
     t = config.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run_dir = Path(config.output.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
-    )
+    if topo.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        )
+    barrier()
     torch.manual_seed(t.seed)
 
     tokenizer = load_tokenizer(config.model)
@@ -298,23 +338,35 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if config.stage == "rm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad
+    if quantization_for(config) == "none":
+        model.to(device)  # quantized bases are placed by bitsandbytes at load time
     ref_model = None
     if prepared.kind == ARTIFACT_FULL_MODEL and not (
         config.stage == "dpo" and config.preference.loss in preference.REFERENCE_FREE_LOSSES
     ):
+        # A frozen replica on every rank (it has no optimizer state to partition); under ZeRO-3
+        # the config checks ask for precompute_reference, which frees it before training.
         ref_model = load_model(replace(config.model, quantization="none"), for_training=False).eval()
+        ref_model.to(device)
         for p in ref_model.parameters():
             p.requires_grad_(False)
     total_params, trainable_params = count_parameters(model)
 
-    per_epoch = len(_batches(len(train), t.per_device_batch_size, t.seed, 0))
+    per_epoch = len(_batches(len(train), t.per_device_batch_size, t.seed, 0, topo))
     if per_epoch == 0:
         raise LorafleetError(
             f"data.train_file={config.data.train_file!r}: {len(train)} rows are fewer than one batch "
-            f"(train.per_device_batch_size={t.per_device_batch_size})"
+            f"per process (train.per_device_batch_size={t.per_device_batch_size}, "
+            f"{topo.world_size} processes)"
         )
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.gradient_accumulation_steps))
-    recorder = RunRecorder(run_dir, total_steps, is_main=True, progress=progress)
+    accum = t.gradient_accumulation_steps
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / accum))
+    recorder = RunRecorder(run_dir, total_steps, is_main=topo.is_main, progress=progress)
+    # The run's own /metrics when LORAFLEET_TRAINING_METRICS_PORT is set (a Kubernetes pod): one process.
+    if topo.is_main and os.environ.get(run_metrics.PORT_ENV, "").strip():
+        exporter = run_metrics.start_from_env(run_id_for(config), config.method, 0, True)
+        if exporter is not None:
+            recorder.add_listener(exporter.observe)
     eval_pairs = held_out if config.stage != "kto" else []
     before = evaluate_preferences(config, model, eval_pairs, pad, ref_model)
     recorder.write_event(
@@ -329,6 +381,7 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
         data=stats,
         started_from=start.ref if start else None,
         initial=before,
+        world_size=topo.world_size,
     )
     precomputed = None
     if config.preference.precompute_reference and ref_model is not None and config.stage == "dpo":
@@ -350,48 +403,85 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
         )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    model.train()
-    step, epoch, micro, tokens = 0, 0, 0, 0
+    # The policy runs through the wrapper (DeepSpeed's engine hooks its backward onto the forward's
+    # outputs); the reference toggles the adapter on the PEFT model inside it.
+    engine: Any = None
+    forward_model: Any = model
+    if config.distributed.deepspeed_stage >= 0:
+        import deepspeed
+
+        from lorafleet.deepspeed_config import build_deepspeed_config
+
+        hidden = model_dims(model.config)["hidden_size"] or 1024
+        ds_config = build_deepspeed_config(config, topo.world_size, hidden)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        forward_model = engine
+        if topo.is_main:
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    elif topo.distributed:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model)
+    forward_model.train()
+    step, epoch, micro_total, tokens = 0, 0, 0, 0
     window: list[dict[str, float]] = []
     loop_start = time.perf_counter()
     while step < total_steps:
-        for indices in _batches(len(train), t.per_device_batch_size, t.seed, epoch):
+        epoch_batches = _batches(len(train), t.per_device_batch_size, t.seed, epoch, topo)
+        for done_in_epoch, indices in enumerate(epoch_batches, start=1):
             rows = [train[i] for i in indices]
-            batch = _collate(config, rows, pad)
+            batch = _to_device(_collate(config, rows, pad), device)
             ref_logps = None
             if precomputed is not None:
                 pairs = [precomputed[i] for i in indices]
                 ref_logps = torch.cat(
                     [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])]
-                )
-            loss, metrics = _step(config, model, batch, ref_model, ref_logps)
-            (loss / t.gradient_accumulation_steps).backward()
+                ).to(device)
+            micro_total += 1
+            boundary = micro_total % accum == 0
+            sync: Any = contextlib.nullcontext()
+            if engine is None and topo.distributed and not boundary:
+                sync = forward_model.no_sync()
+            with sync:
+                loss, metrics = _step(config, forward_model, batch, ref_model, ref_logps)
+                if engine is not None:
+                    engine.backward(loss)
+                    engine.step()  # an optimizer step only at the accumulation boundary
+                else:
+                    (loss / accum).backward()
             tokens += int(batch["attention_mask"].sum())
             window.append(metrics)
-            micro += 1
-            if micro % t.gradient_accumulation_steps:
+            if not boundary:
                 continue
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                if t.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % t.logging_steps == 0 or step == total_steps:
-                keys = {k for m in window for k in m}
-                record: dict[str, Any] = {"step": step, "epoch": round(epoch + micro / max(per_epoch, 1), 4)}
+                # Every rank's micro-batches of the window: the record is the global mean.
+                merged = [m for part in gather_objects(window) for m in part]
+                keys = {k for m in merged for k in m}
+                record: dict[str, Any] = {
+                    "step": step,
+                    "epoch": round(epoch + done_in_epoch / max(per_epoch, 1), 4),
+                }
                 for key in sorted(keys):
-                    values = [m[key] for m in window if key in m]
+                    values = [m[key] for m in merged if key in m]
                     record[key] = sum(values) / len(values)
                 record["learning_rate"] = scheduler.get_last_lr()[0]
                 recorder.log(record)
                 window = []
             if step >= total_steps:
                 break
-        epoch, micro = epoch + 1, 0
+        epoch += 1
 
     runtime = time.perf_counter() - loop_start
-    after = evaluate_preferences(config, model, eval_pairs, pad, ref_model)
+    tokens = int(all_reduce_sum([float(tokens)], device)[0])
+    # Every rank evaluates every held-out pair: under ZeRO-3 the forwards gather parameters together.
+    after = evaluate_preferences(config, forward_model, eval_pairs, pad, ref_model)
     final: dict[str, Any] = {
         "stage": config.stage,
         "train_steps": step,
@@ -401,13 +491,25 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
         **{f"initial_{k}": v for k, v in before.items()},
         **after,
     }
-    write_final_metrics(run_dir, final)
+    zero3 = engine is not None and config.distributed.deepspeed_stage == 3
+    digests = gather_objects(_weights_digest(model, zero3))
+    state_dict = _gathered_state_dict(engine, model, config)  # collective under ZeRO-3, else None
     published = None
-    if config.output.adapter_name:
-        published = _publish(config, prepared, tokenizer, template_name, family.name, final, stats, start)
-        final["published"] = published.ref
-    recorder.write_event("run_finished", **final)
+    if topo.is_main:
+        write_final_metrics(run_dir, final)
+        if config.output.adapter_name:
+            published = _publish(
+                config, prepared, tokenizer, template_name, family.name, final, stats, start, state_dict
+            )
+            final["published"] = published.ref
+            # The trainer service reads the artifact of a job from this event, as for SFT runs.
+            recorder.write_event(
+                "published", name=published.name, version=published.version, path=str(published.path)
+            )
+    recorder.write_event("run_finished", **final, weights_digest_per_rank=digests)
     recorder.close()
+    barrier()
+    destroy_process_group()
     return {"metrics": final, "model": model, "tokenizer": tokenizer, "published": published}
 
 
@@ -420,6 +522,7 @@ def _publish(
     metrics: dict[str, Any],
     stats: dict[str, Any],
     start: adapters.PublishedAdapter | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> adapters.PublishedAdapter:
     if preference.REFERENCE_ADAPTER in (getattr(prepared.model, "peft_config", None) or {}):
         prepared.model.delete_adapter(
@@ -436,4 +539,5 @@ def _publish(
         {**adapters.dataset_fingerprint(files), **stats},
         {"stage": config.stage, "preference": config.to_dict()["preference"]},
         extra={"stage": config.stage, "started_from": start.ref if start else None},
+        state_dict=state_dict,
     )
