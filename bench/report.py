@@ -3,6 +3,7 @@
 Run as:
     .venv/bin/python -m bench.report                       (bench/results.json, keys ``training``, ``inference``)
     .venv/bin/python -m bench.report --results FILE        (another results file, e.g. a wider model)
+    .venv/bin/python -m bench.report --dpo-results FILE    (the DPO benchmark's file, default bench/results_dpo.json)
 
 The README quotes this output verbatim, so its figures are the file's, not retyped.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
+DPO_RESULTS = Path(__file__).resolve().parent / "results_dpo.json"
 LABELS = {
     "lorafleet": "**lorafleet** (continuous batching, mixed adapters)",
     "naive_peft": "PEFT, one request at a time (`set_adapter` + `generate`)",
@@ -63,6 +65,33 @@ def training_table(result: dict[str, Any]) -> str:
     )
 
 
+DPO_LABELS = {"lorafleet": "**lorafleet** (its own loop)", "trl": "trl `DPOTrainer` + PEFT"}
+
+
+def dpo_table(result: dict[str, Any]) -> str:
+    """The DPO runs (median pass of each), their held-out accuracy, and the ratio line."""
+    lines = [
+        "| run | tokens/s: median (passes) | peak RSS MiB: median (passes) | held-out preference acc. "
+        "| held-out reward acc. |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in result["runs"].items():
+        tps = ", ".join(f"{v:.0f}" for v in run["passes_tokens_per_s"])
+        rss = ", ".join(f"{v / 2**20:.0f}" for v in run["passes_peak_rss_bytes"])
+        lines.append(
+            f"| {DPO_LABELS.get(name, name)} | {run['tokens_per_s']:.0f} ({tps}) "
+            f"| {run['peak_rss_bytes'] / 2**20:.0f} ({rss}) "
+            f"| {run['preference_accuracy'] * 100:.1f} % | {run['reward_accuracy'] * 100:.1f} % |"
+        )
+    return (
+        "\n".join(lines)
+        + f"\n\n`tokens_per_s_ratio_vs_trl` **{result['tokens_per_s_ratio_vs_trl']:.2f}** (target >= 1.3), "
+        + f"`peak_rss_ratio_vs_trl` **{result['peak_rss_ratio_vs_trl']:.2f}** (target <= 1.0), "
+        + f"held-out preference accuracy difference **{result['preference_accuracy_diff_points']:+.1f} points** "
+        + "(target within 2)."
+    )
+
+
 def inference_table(result: dict[str, Any]) -> str:
     """The per-configuration table and the ratio lines, one block per adapter count."""
     lines = [
@@ -98,6 +127,7 @@ def inference_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--dpo-results", type=Path, default=DPO_RESULTS)
     args = ap.parse_args(argv)
     data = json.loads(args.results.read_text())
     if "training" not in data and "inference" not in data:
@@ -107,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Training\n\n" + training_table(data["training"]) + "\n")
     if "inference" in data:
         print("Inference\n\n" + inference_table(data["inference"]))
+    if args.dpo_results.is_file():
+        print("\nDPO\n\n" + dpo_table(json.loads(args.dpo_results.read_text())))
     return 0
 
 

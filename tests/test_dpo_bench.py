@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bench.dpo_bench import batch_tokens
+from bench.report import dpo_table
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +76,5 @@ def test_dpo_bench_runs_both_configurations(tmp_path: Path, tiny_llama: Path) ->
     assert data["preference_accuracy_diff_points"] == pytest.approx(
         100 * (lf["preference_accuracy"] - tr["preference_accuracy"])
     )
+    table = dpo_table(data)  # what `python -m bench.report` prints for the README
+    assert f"**{data['tokens_per_s_ratio_vs_trl']:.2f}**" in table and "trl `DPOTrainer`" in table
