@@ -523,7 +523,9 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
     model_dir = _model_dir(key, args)
     work = args.work_dir / ("quick" if args.quick else key)
-    model_dir, adapters = build_assets(work, args.quick, args.adapters, model_dir)
+    model_dir, built = build_assets(work, args.quick, args.adapters, model_dir)
+    # Plain LoRA adapters (build_assets may also make variants, keyed by name, "lora" first).
+    adapters: list[Path] = list(built["lora"] if isinstance(built, dict) else built)
     peer, missing = None, args.vllm_missing
     if vllm is not None:
         try:
@@ -645,13 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         vllm, args.vllm_missing = vllm_python(args)
         if args.vllm_missing:
             print(f"vllm_cpu skipped: {args.vllm_missing}", file=sys.stderr, flush=True)
-    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    models = results.setdefault("models", {})
-    for key in args.models:
-        models[key] = run_model(key, args, vllm)
-        models[key]["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results["targets_h1024_8_adapters"] = TARGETS_H1024
-    results["method"] = {
+    method = {
         "adapters": args.adapters,
         "adapter_ranks": "8 and 16 alternating (bench.inference_bench)",
         "requests_per_pass": args.requests,
@@ -668,16 +664,24 @@ def main(argv: list[str] | None = None) -> int:
         "max_loras = adapters, dtype float32, vLLM's default CPU thread binding",
         "memory": "sampled every 0.25 s over the configuration's process tree during warm-up and measured pass",
     }
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpus": os.cpu_count(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    for key in args.models:
+        entry = run_model(key, args, vllm)
+        entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry["method"] = method
+        # Read just before writing: another run (another model) may have written meanwhile.
+        results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+        results.setdefault("models", {})[key] = entry
+        results["targets_h1024_8_adapters"] = TARGETS_H1024
+        results["machine"] = {
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
