@@ -6,6 +6,7 @@
     lorafleet generate "Once upon a time" [--adapter A]        one raw prompt (no template), streamed
     lorafleet models                                           base models and adapters with state
     lorafleet load NAME[@V] | lorafleet unload NAME[@V]        explicit adapter load / unload
+    lorafleet load --model FULL@V | lorafleet unload --model FULL   a published full model, likewise
 
 The address, token and TLS CA come from flags or LORAFLEET_INFERENCE_ADDR, LORAFLEET_INFERENCE_TOKEN
 (or a file: --token-file, LORAFLEET_INFERENCE_TOKEN_FILE),
@@ -208,7 +209,11 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
         help="PEM CA of a TLS server (env LORAFLEET_INFERENCE_TLS_CA)",
     )
     ap.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds")
-    ap.add_argument("--model", default="", help="base model name (optional when the server has one)")
+    ap.add_argument(
+        "--model",
+        default="",
+        help="base model, or published full model NAME[@V] (optional when the server has one base)",
+    )
 
 
 def describe_error(err: grpc.RpcError) -> str:
@@ -259,11 +264,11 @@ def sampling_from_args(args: argparse.Namespace) -> pb.SamplingParams:
 
 def _print_models(response: pb.ListModelsResponse, out: IO[str]) -> None:
     out.write(
-        f"{'MODEL':<16} {'STATE':<8} {'QUANT':<6} {'DTYPE':<5} {'CONTEXT':>7}  {'TEMPLATE':<10} REASON\n"
+        f"{'MODEL':<24} {'STATE':<9} {'QUANT':<6} {'DTYPE':<5} {'CONTEXT':>7}  {'TEMPLATE':<10} REASON\n"
     )
     for m in response.models:
         out.write(
-            f"{m.name:<16} {m.state:<8} {m.quantization:<6} {m.dtype:<5} {m.max_context:>7}  "
+            f"{m.name:<24} {m.state:<9} {m.quantization:<6} {m.dtype:<5} {m.max_context:>7}  "
             f"{m.template:<10} {m.reason}\n"
         )
     out.write(
@@ -335,7 +340,12 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
         add_sampling_args(ap)
         ap.add_argument("prompt", help="the raw prompt (no chat template); '-' reads it from stdin")
     elif command in ("load", "unload"):
-        ap.add_argument("adapter", help="NAME or NAME@VERSION")
+        ap.add_argument(
+            "adapter",
+            nargs="?",
+            default="",
+            help="NAME or NAME@VERSION; leave it out to load or unload the published full model --model names",
+        )
     elif command != "models":
         raise ValueError(f"unknown inference client command {command!r}")
     args = ap.parse_args(argv)

@@ -9,6 +9,8 @@ looks like::
     port: 50052
     metrics_port: 9102
     max_new_tokens_cap: 512
+    max_published_models: 1    # full models published under adapters_root, served as name@version
+    published_dtype: fp32
     models:
       - name: tiny
         path: .cache/tiny/llama
@@ -132,6 +134,17 @@ class InferenceSettings:
     quota) minus one (at least 1), leaving a
     core to the decode loop's and the gRPC handlers' Python threads, as vLLM's CPU backend reserves
     one (the measurement behind this default: bench/README.md and the README's Benchmark)."""
+    max_published_models: int = 1
+    """Full models published under ``adapters_root`` (``freeze`` / ``full`` training, merged exports)
+    resident at once, each a base model of its own (weights, engine, KV cache) named ``name@version``;
+    the least recently used idle one is unloaded to make room. 0 = do not serve published models."""
+    published_dtype: str = "fp32"
+    """Weights and compute dtype of published full models: fp32, bf16 or fp16."""
+    published_quantization: str = "none"
+    """Quantization of published full models when loaded: none, nf4 or int8."""
+    published_load_wait_s: float = 30.0
+    """How long a request for a published model that is loading waits for it; past that it gets
+    UNAVAILABLE and retries (the load goes on). An explicit LoadAdapter waits for the whole load."""
     warmup_timeout_s: float = 600.0
     """How long the one-token warm-up of each base may take before the base is marked failed."""
     shutdown_grace_s: float = 30.0
@@ -175,7 +188,20 @@ class InferenceSettings:
                         f"{where}.quantization", m.quantization, f"must be one of {list(QUANTIZATIONS)}"
                     )
                 )
+        if self.published_dtype not in DTYPES:
+            problems.append(
+                FieldProblem("published_dtype", self.published_dtype, f"must be one of {list(DTYPES)}")
+            )
+        if self.published_quantization not in QUANTIZATIONS:
+            problems.append(
+                FieldProblem(
+                    "published_quantization",
+                    self.published_quantization,
+                    f"must be one of {list(QUANTIZATIONS)}",
+                )
+            )
         for name, low in (
+            ("max_published_models", 0),
             ("max_new_tokens_cap", 1),
             ("default_max_new_tokens", 1),
             ("max_batch_size", 1),
@@ -200,7 +226,13 @@ class InferenceSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
                 problems.append(FieldProblem(name, value, "must be -1 (off), 0 (any) or a port"))
-        for name in ("adapter_memory_budget_mb", "scan_interval_s", "warmup_timeout_s", "shutdown_grace_s"):
+        for name in (
+            "adapter_memory_budget_mb",
+            "scan_interval_s",
+            "warmup_timeout_s",
+            "shutdown_grace_s",
+            "published_load_wait_s",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 problems.append(FieldProblem(name, value, "must be a number >= 0"))
