@@ -581,6 +581,7 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
                 "mean": statistics.mean(lengths),
             }
             workloads[workload] = entry
+            save(args, key, {"workloads": workloads, "partial": True})  # kept if a later one fails
     finally:
         if peer:
             peer.close()
@@ -604,6 +605,25 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
             "startup_peak_pss_mb": peer.startup_peak_pss_mb,
         },
     }
+
+
+def save(args: Any, key: str, entry: dict[str, Any]) -> None:
+    """Write model ``key``'s entry into the results file, keeping the other models' entries (read
+    just before writing: a run for another model may have written meanwhile)."""
+    entry.update(when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), method=args.method)
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results.setdefault("models", {})[key] = entry
+    results["targets_h1024_8_adapters"] = TARGETS_H1024
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,24 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_loras = adapters, dtype float32, vLLM's default CPU thread binding",
         "memory": "sampled every 0.25 s over the configuration's process tree during warm-up and measured pass",
     }
+    args.method = method
     for key in args.models:
-        entry = run_model(key, args, vllm)
-        entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        entry["method"] = method
-        # Read just before writing: another run (another model) may have written meanwhile.
-        results = json.loads(args.results.read_text()) if args.results.is_file() else {}
-        results.setdefault("models", {})[key] = entry
-        results["targets_h1024_8_adapters"] = TARGETS_H1024
-        results["machine"] = {
-            "platform": platform.platform(),
-            "cpu": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        }
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=2) + "\n")
+        save(args, key, run_model(key, args, vllm))
     return 0
 
 
