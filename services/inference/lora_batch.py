@@ -310,7 +310,9 @@ class LoraSlots:
 
     The row assignment applies to every forward until the next ``set_rows``; ``set_rows(None)`` (or
     all -1) makes the model the plain base again. Hooks cost nothing measurable when no row uses an
-    adapter. Not thread-safe: one thread loads slots and runs forwards.
+    adapter. Not thread-safe: one thread loads slots and runs forwards. An adapter's DoRA factors go
+    into the same per-layer tables; its ``modules_to_save`` (any unquantized ``nn.Linear`` /
+    ``nn.Embedding`` of the model, ``lm_head`` included) into ``replacements``.
 
     Args:
         model: the base model; its modules are hooked in place (``remove()`` unhooks).

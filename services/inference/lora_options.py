@@ -514,7 +514,8 @@ class ModuleReplacements:
     @torch.no_grad()
     def load(self, slot: int, modules: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Put ``modules`` (module -> parameter -> tensor) into ``slot``, cast to each module's own
-        dtype and device (PEFT's wrapper copies the base module, so computes in its dtype)."""
+        dtype and device (PEFT's wrapper copies the base module, so computes in its dtype). Tensors
+        already in that dtype and device are shared, not copied: nothing writes to them."""
         self.clear(slot)
         named = dict(self.model.named_modules()) if modules else {}
         for name, params in modules.items():
@@ -523,7 +524,7 @@ class ModuleReplacements:
                 replaced = self._modules[name] = _Replaced(self, name, named[name])
             own = dict(replaced.module.named_parameters(recurse=False))
             replaced.slots[slot] = {
-                n: nn.Parameter(t.to(own[n].device, own[n].dtype).clone(), requires_grad=False)
+                n: nn.Parameter(t.to(own[n].device, own[n].dtype), requires_grad=False)
                 for n, t in params.items()
             }
         self._slot_has[slot] = bool(modules)
