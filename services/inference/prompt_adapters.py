@@ -340,6 +340,13 @@ def load_adapter(
     return adapter_weights_from_peft_dir(path, ref, base_model)
 
 
+def prompt_aware_loader(
+    base_model: nn.Module, lora_loader: Callable[[Path, str], Any]
+) -> Callable[[Path, str], Any]:
+    """:func:`load_adapter` over ``base_model`` as a registry loader ``(path, ref) -> weights``."""
+    return lambda path, ref: load_adapter(path, ref, base_model, lora_loader)
+
+
 @torch.inference_mode()
 def compute_prompt_kv(model: nn.Module, adapter: PromptAdapter, cache_config: Any) -> None:
     """Run ``model`` (the plain base: no LoRA rows set) on a P-tuning / prompt-tuning adapter's
@@ -383,5 +390,6 @@ __all__ = [
     "compute_prompt_kv",
     "load_adapter",
     "load_prompt_adapter",
+    "prompt_aware_loader",
     "virtual_tokens",
 ]
