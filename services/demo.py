@@ -13,10 +13,17 @@ Run as:
 5. asks the held-out questions to the base model and to the adapter through ``Chat`` (all requests
    at once, so base and adapter rows share decode batches), prints answers side by side and both
    accuracies, and the services' addresses and metrics URLs;
-6. stops both services, or keeps them up with ``--keep-running`` (for ``make dashboard``) until
+6. submits a short DPO job (``examples/dpo.yaml``, stage ``dpo``) that starts from the SFT adapter
+   just published, on the bundled preference task (``lorafleet.datagen.preference_tables``: the
+   chosen answer tags itself with the asked letter and its check digit), and prints its held-out
+   preference accuracy before and after (the fraction of held-out pairs whose chosen answer the
+   model itself ranks above the rejected one);
+7. chats with the DPO adapter through the inference service once it has picked it up;
+8. stops both services, or keeps them up with ``--keep-running`` (for ``make dashboard``) until
    Ctrl-C.
 
-Exit status 0 when the adapter's held-out accuracy beats the base model's.
+Exit status 0 when the SFT adapter's held-out accuracy beats the base model's and DPO raised the
+held-out preference accuracy.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ DATA = ROOT / ".cache" / "data"
 TINY = ROOT / ".cache" / "tiny" / "llama"
 DEMO_STATE = ROOT / ".cache" / "demo"
 ADAPTER_NAME = "demo-cblue"
+DPO_ADAPTER_NAME = "demo-dpo"
+DPO_STEPS = 30
+"""Steps of the demo's DPO job: enough for the tiny llama to learn the bundled preference rule."""
 BASE_NAME = "tiny-llama"
 
 
@@ -114,6 +124,63 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _dpo_step(trainer_client: Any, istub: Any, sft_ref: str, adapters_root: Path, steps: int) -> bool:
+    """Steps 6 and 7: DPO from ``sft_ref`` through the trainer, then chat with the result.
+
+    Returns whether the held-out preference accuracy rose.
+    """
+    from lorafleet.config import load_config
+    from lorafleet.preference_data import load_preference_samples
+    from lorafleet.v1 import inference_pb2 as ipb
+    from lorafleet.v1 import trainer_pb2 as tpb
+    from services.trainer.client import state_name, watch_with_progress
+    from services.trainer.jobspec import config_to_spec
+
+    print(f"== 6/7 DPO from {sft_ref} on the bundled preference task (examples/dpo.yaml)")
+    overrides = [
+        "data.template=auto",  # the SFT adapter's template (the family default)
+        f"preference.sft_adapter={sft_ref}",
+        f"train.max_steps={steps}",
+        f"output.adapter_name={DPO_ADAPTER_NAME}",
+        f"output.adapters_root={adapters_root}",
+    ]
+    config = load_config(ROOT / "examples" / "dpo.yaml", overrides)
+    job = trainer_client.submit(config_to_spec(config), idempotency_key=f"demo-dpo-{time.time_ns()}")
+    print(f"   job {job.id} {state_name(job.state)} (stage {job.spec.stage}, from {sft_ref})")
+    job = watch_with_progress(trainer_client, job.id, out=sys.stdout)
+    if job.state != tpb.JOB_STATE_SUCCEEDED:
+        print(f"job {job.id} ended {state_name(job.state)}: {job.reason}\n{job.log_tail}", file=sys.stderr)
+        return False
+    m = job.final_metrics
+    before, after = m.get("initial_preference_accuracy", 0.0), m.get("preference_accuracy", 0.0)
+    print(f"   published {job.adapter.ref} (manifest: stage dpo, started from {sft_ref})")
+    print(
+        f"held-out preference accuracy: before DPO {before:.1%}   after DPO {after:.1%}   "
+        f"(mean reward margin {m.get('mean_margin', float('nan')):.3f})"
+    )
+
+    print(f"== 7/7 chatting with {job.adapter.ref} through the inference service")
+    dpo_ref = job.adapter.ref
+
+    def picked_up() -> bool:
+        listed = istub.ListModels(ipb.ListModelsRequest(), timeout=5)
+        return any(a.ref == dpo_ref and a.state in ("available", "loaded") for a in listed.adapters)
+
+    _wait(f"{dpo_ref} in ListModels", picked_up, 60)
+    pairs, _ = load_preference_samples(str(config.data.validation_file), config.preference, "dpo")
+    for sample in pairs[:3]:
+        request = ipb.ChatRequest(
+            model=BASE_NAME,
+            adapter=dpo_ref,
+            messages=[ipb.ChatMessage(role="user", content=sample.prompt)],
+            sampling=ipb.SamplingParams(max_new_tokens=16, temperature=0.0),
+        )
+        reply = istub.Chat(request, timeout=300).text.strip()
+        print(f"   user: {_short(sample.prompt, 70)}")
+        print(f"   {DPO_ADAPTER_NAME}: {_short(reply, 70)}   (chosen: {_short(sample.chosen, 30)})")
+    return after > before
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="lorafleet demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep both services up after the demo (for `make dashboard`) until Ctrl-C",
     )
+    ap.add_argument("--dpo-steps", type=int, default=DPO_STEPS, help="steps of the DPO job; 0 skips it")
     ap.add_argument("--trainer-port", type=int, default=50051, help="used when free, else any free port")
     ap.add_argument("--inference-port", type=int, default=50052, help="used when free, else any free port")
     args = ap.parse_args(argv)
@@ -139,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorafleet import data
     from lorafleet.config import load_config
-    from lorafleet.datagen import generate_datasets
+    from lorafleet.datagen import generate_datasets, generate_preference_datasets
     from lorafleet.scoring import exact_match
     from lorafleet.tiny import build_tiny_model
     from lorafleet.v1 import inference_pb2 as ipb
@@ -152,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     host = "127.0.0.1"
     out = Path(args.out).resolve() if args.out else DEMO_STATE
     adapters_root = out / "adapters"
-    print("== 1/5 assets: bundled datasets and the offline tiny base model")
+    print("== 1/7 assets: bundled datasets and the offline tiny base model")
     generate_datasets(str(DATA))
+    generate_preference_datasets(str(DATA))
     build_tiny_model(str(TINY), arch="llama", pretrain_steps=300)
     print(f"   data in {DATA}, base model in {TINY}")
 
-    print("== 2/5 starting the trainer and inference services on loopback")
+    print("== 2/7 starting the trainer and inference services on loopback")
     tport = args.trainer_port if _port_free(host, args.trainer_port) else 0
     iport = args.inference_port if _port_free(host, args.inference_port) else 0
     trainer = ServiceProcess(
@@ -228,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   trainer   gRPC {taddr}   metrics {tmetrics}")
         print(f"   inference gRPC {iaddr}   metrics {imetrics}")
 
-        print("== 3/5 submitting a LoRA job over gRPC (examples/lora.yaml)")
+        print("== 3/7 submitting a LoRA job over gRPC (examples/lora.yaml)")
         overrides = [f"output.adapter_name={ADAPTER_NAME}", f"output.adapters_root={adapters_root}"]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
@@ -251,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-        print("== 4/5 waiting for the inference service to pick the adapter up (no restart)")
+        print("== 4/7 waiting for the inference service to pick the adapter up (no restart)")
         published_at = time.monotonic()
 
         def picked_up() -> bool:
@@ -261,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait(f"{ref} in ListModels", picked_up, 60)
         print(f"   {ref} servable {time.monotonic() - published_at:.1f} s after the job ended")
 
-        print("== 5/5 held-out questions through the inference service: base model vs adapter")
+        print("== 5/7 held-out questions through the inference service: base model vs adapter")
         held_out, _ = data.load_dataset(str(config.data.validation_file), config.data)
         prompts = [s.turns[-1][0] for s in held_out]
         golds = [s.turns[-1][1] for s in held_out]
@@ -301,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(replies)} chat requests in {seconds:.1f} s ({tokens} tokens, "
             f"template {', '.join(sorted(templates))}), served by {iaddr}"
         )
+        learned = True
+        if args.dpo_steps > 0:
+            learned = _dpo_step(trainer_client, istub, ref, adapters_root, args.dpo_steps)
         print(f"trainer   gRPC {taddr}   metrics {tmetrics}")
         print(f"inference gRPC {iaddr}   metrics {imetrics}")
         print(f"logs in {out / 'logs'}; demo done in {time.perf_counter() - t0:.0f} s")
@@ -317,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 if any(s.proc.poll() is not None for s in services):
                     print("a service exited; see its log", file=sys.stderr)
                     return 1
-        return 0 if tuned_acc > base_acc else 1
+        return 0 if tuned_acc > base_acc and learned else 1
     finally:
         if trainer_client is not None:
             trainer_client.close()

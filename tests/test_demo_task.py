@@ -3,7 +3,9 @@
 Runs ``python -m services.demo`` as a user does (a real subprocess: bundled data, the offline tiny
 llama built if missing, the trainer and inference services started as processes on loopback, a
 LoRA job submitted over gRPC, the adapter published atomically and hot-loaded by the inference
-service, greedy answers on the 80 held-out criteria through ``Chat``) and reads what it prints.
+service, greedy answers on the 80 held-out criteria through ``Chat``; then a DPO job from that
+adapter on the bundled preference task, its held-out preference accuracy before and after, and a
+chat with the DPO adapter) and reads what it prints.
 State, runs and adapters go to a temp dir; both services must be gone when it returns.
 """
 
@@ -34,6 +36,7 @@ def test_demo_adapter_far_above_base(tmp_path: Path) -> None:
         text=True,
         timeout=900,
     )
+    (tmp_path / "demo_stdout.txt").write_text(proc.stdout, encoding="utf-8")  # kept for a look afterwards
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"base model ([0-9.]+)%\s+adapter ([0-9.]+)%", proc.stdout)
     assert found, proc.stdout[-2000:]
@@ -47,12 +50,29 @@ def test_demo_adapter_far_above_base(tmp_path: Path) -> None:
     manifest = json.loads(manifests[0].read_text(encoding="utf-8"))
     assert manifest["template"] == "llama2" and manifest["method"] == "lora"
     # The recipe's own held-out scoring agrees that the adapter learned the task.
-    (metrics_file,) = list((tmp_path / "trainer").rglob("final_metrics.json"))
-    assert json.loads(metrics_file.read_text(encoding="utf-8"))["accuracy"] >= 0.8
+    finals = [
+        json.loads(p.read_text(encoding="utf-8")) for p in (tmp_path / "trainer").rglob("final_metrics.json")
+    ]
+    (sft_final,) = [m for m in finals if m.get("stage", "sft") == "sft"]
+    assert sft_final["accuracy"] >= 0.8
     # It went through the services: hot-loaded adapter, both addresses and metrics URLs printed.
     assert re.search(r"demo-cblue@\d+ servable [0-9.]+ s after the job ended", proc.stdout)
     assert re.search(r"trainer\s+gRPC 127\.0\.0\.1:\d+\s+metrics http://", proc.stdout)
     assert re.search(r"inference gRPC 127\.0\.0\.1:\d+\s+metrics http://", proc.stdout)
+    # DPO from the SFT adapter: held-out preference accuracy from about chance, and up (the demo's
+    # short run; tests/test_preference_learning.py holds the >= 90 % outcome on the test model).
+    found = re.search(r"preference accuracy: before DPO ([0-9.]+)%\s+after DPO ([0-9.]+)%", proc.stdout)
+    assert found, proc.stdout[-2000:]
+    before, after = float(found.group(1)), float(found.group(2))
+    assert 30.0 <= before <= 70.0 and after > before, proc.stdout[-2000:]
+    (dpo_final,) = [m for m in finals if m.get("stage") == "dpo"]
+    assert round(100 * dpo_final["preference_accuracy"], 1) == after
+    (dpo_manifest,) = list((tmp_path / "adapters" / "demo-dpo").glob("*/lorafleet_manifest.json"))
+    dpo = json.loads(dpo_manifest.read_text(encoding="utf-8"))
+    assert dpo["stage"] == "dpo" and re.fullmatch(r"demo-cblue@\d+", dpo["started_from"]), dpo
+    # The progress bar followed the DPO job's own figures; the demo chatted with its adapter.
+    assert "acc=" in proc.stdout and "margin=" in proc.stdout
+    assert len(re.findall(r"^   demo-dpo: .*\(chosen: ", proc.stdout, re.MULTILINE)) == 3, proc.stdout[-2000:]
     # Both services were stopped (nothing of the demo keeps running).
     leftovers = [
         p.info["pid"]
