@@ -18,6 +18,7 @@ from bench.long_prompt_bench import (
     SYSTEM_PROMPT_TOKENS,
     USER_TURN_TOKENS,
     TimedRequest,
+    compare,
     inter_token_gaps,
     make_workload,
     timing_figures,
@@ -73,6 +74,17 @@ def test_timing_figures_refuse_missing_token_times() -> None:
     r.tokens.append(7)
     with pytest.raises(RuntimeError, match="3 tokens has 2 token times"):
         timing_figures([r], wall=1.0, cpu=1.0)
+
+
+def test_compare_is_lorafleet_over_vllm() -> None:
+    ours = {"tokens_per_s": 30.0, "tokens_per_cpu_s": 60.0, "ttft_p50_s": 2.0, "itl_max_s": None}
+    theirs = {"tokens_per_s": 20.0, "tokens_per_cpu_s": 80.0, "ttft_p50_s": 4.0, "itl_max_s": 1.0}
+    assert compare({"lorafleet": ours, "vllm_cpu": theirs}) == {
+        "tokens_per_s": 1.5,
+        "tokens_per_cpu_s": 0.75,
+        "ttft_p50_s": 0.5,
+    }
+    assert compare({"lorafleet": ours}) == {}
 
 
 def test_mixed_workload_cycles_its_lengths(model_dir: Path) -> None:
