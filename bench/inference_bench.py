@@ -21,7 +21,11 @@ when its previous one finished. Configurations:
   most ``--static-batch-wait-ms`` after the first request, as a dynamic batcher does), left-pads
   and runs ``generate(adapter_names=[...])``; the batch runs until its longest row ends, and
   requests arriving meanwhile wait for the next batch (no continuous batching);
-* ``lorafleet_base_only``: the same requests without adapters through the same engine (the ceiling).
+* ``lorafleet_base_only``: the same requests without adapters through the same engine (the ceiling);
+* ``lorafleet_dora``, ``lorafleet_modules_to_save``: the ``lorafleet`` run with the same requests
+  and adapters made DoRA (random magnitudes) or given a trained ``lm_head`` (``modules_to_save``),
+  the cost of each option against plain LoRA (``dora_vs_lora``, ``modules_to_save_vs_lora``), plus
+  one mixed decode step timed per variant (``option_step``), a tighter figure on a busy machine.
 
 Before each measured pass a warm-up pass sends one request per adapter (so adapters are resident in
 every configuration, as PEFT's are from loading). Times: ``ttft`` is from the client's submit to the
@@ -55,7 +59,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results.json"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = ("lorafleet", "naive_peft", "static_peft_mixed", "lorafleet_base_only")
+CONFIGS = (
+    "lorafleet",
+    "naive_peft",
+    "static_peft_mixed",
+    "lorafleet_base_only",
+    "lorafleet_dora",
+    "lorafleet_modules_to_save",
+)
+VARIANTS = {"lorafleet": "lora", "lorafleet_dora": "dora", "lorafleet_modules_to_save": "lm_head"}
+"""Engine configurations serving adapters, and the kind of adapter each serves (same ranks, targets
+and LoRA weights; DoRA adds magnitudes, ``lm_head`` a replacement head)."""
 
 
 @dataclass
@@ -74,8 +88,10 @@ class Request:
 # Assets
 
 
-def build_assets(work: Path, quick: bool, n_adapters: int, model_dir: Path | None) -> tuple[Path, list[Path]]:
-    """The base model and ``n_adapters`` PEFT adapter directories (built once, reused)."""
+def build_assets(
+    work: Path, quick: bool, n_adapters: int, model_dir: Path | None, variants: list[str] | None = None
+) -> tuple[Path, dict[str, list[Path]]]:
+    """The base model and ``n_adapters`` PEFT adapter directories per variant (built once, reused)."""
     from lorafleet.tiny import build_tiny_model
 
     if model_dir is None:
@@ -84,18 +100,33 @@ def build_assets(work: Path, quick: bool, n_adapters: int, model_dir: Path | Non
         else:
             # The training benchmark's model (same settings: found already built after it).
             model_dir = build_tiny_model(ROOT / ".cache" / "tiny" / "llama", arch="llama", pretrain_steps=300)
-    adapters = [_make_adapter(model_dir, work / "adapters" / f"a{i:02d}", i) for i in range(n_adapters)]
+    adapters = {
+        v: [
+            _make_adapter(
+                model_dir, work / ("adapters" if v == "lora" else f"adapters-{v}") / f"a{i:02d}", i, v
+            )
+            for i in range(n_adapters)
+        ]
+        for v in variants or ["lora"]
+    }
     return model_dir, adapters
 
 
-def _make_adapter(model_dir: Path, out: Path, i: int) -> Path:
+def _make_adapter(model_dir: Path, out: Path, i: int, variant: str = "lora") -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     marker = out / "adapter_model.safetensors"
     stamp = out / "bench_stamp.json"
     rank = 8 if i % 2 == 0 else 16
-    settings = {"model": str(model_dir.resolve()), "rank": rank, "seed": i, "targets": list(LLAMA_TARGETS)}
+    settings: dict[str, Any] = {
+        "model": str(model_dir.resolve()),
+        "rank": rank,
+        "seed": i,
+        "targets": list(LLAMA_TARGETS),
+    }
+    if variant != "lora":
+        settings["variant"] = variant
     if marker.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return out
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -106,12 +137,18 @@ def _make_adapter(model_dir: Path, out: Path, i: int) -> Path:
         target_modules=list(LLAMA_TARGETS),
         init_lora_weights=False,  # random non-zero B: the adapter really changes the output
         lora_dropout=0.0,
+        use_dora=variant == "dora",
+        modules_to_save=["lm_head"] if variant == "lm_head" else None,
     )
     model = get_peft_model(base, config)
     with torch.no_grad():  # PEFT's random init is large for a tiny model; keep outputs sensible
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(0.1)
+            elif "lora_magnitude_vector" in name:  # PEFT starts at the weight norm (DoRA == LoRA)
+                p.mul_(torch.empty_like(p).uniform_(0.9, 1.1))
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * p.std() * 0.1)
     model.save_pretrained(str(out), safe_serialization=True)
     stamp.write_text(json.dumps(settings))
     return out
@@ -364,6 +401,53 @@ def measure(
     return figures(reqs, wall, cpu), [r.tokens for r in reqs]
 
 
+def option_step_costs(
+    model_dir: Path, adapters: dict[str, list[Path]], rows: int, context: int, iters: int
+) -> dict[str, Any]:
+    """Milliseconds of one mixed-adapter decode step (``rows`` rows over every adapter, a KV cache
+    of ``context`` tokens) per adapter variant, the variants timed in turn step by step (a slow
+    spell of the machine hits all alike); the median step of each, and its cost against plain LoRA.
+    A tighter figure than the end-to-end runs, whose wall time on a shared machine varies more than
+    the options cost."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from services.inference.lora_batch import LoraSlots, adapter_weights_from_peft_dir
+
+    setups = {}
+    for variant, paths in adapters.items():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        slots = LoraSlots(model, None, num_slots=len(paths), max_rank=64)
+        for i, path in enumerate(paths):
+            slots.load(i, adapter_weights_from_peft_dir(path, f"{variant}{i}", model))
+        row_slots = torch.arange(rows) % len(paths)
+        vocab = model.config.vocab_size
+        ids = (torch.arange(rows * context).view(rows, context) * 7919) % vocab
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            slots.set_rows(row_slots)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        setups[variant] = (model, slots, cache, ids[:, -1:])
+    times: dict[str, list[float]] = {v: [] for v in setups}
+    with torch.inference_mode():
+        for step in range(iters + 5):  # 5 untimed warm-up steps
+            for variant, (model, slots, cache, step_ids) in setups.items():
+                began = time.perf_counter()
+                slots.set_rows(torch.arange(rows) % slots.num_slots)  # per step, as the engine does
+                model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+                if step >= 5:
+                    times[variant].append(time.perf_counter() - began)
+                cache.crop(-1)  # back to the prefilled context
+    ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    out: dict[str, Any] = {"rows": rows, "context": context, "adapters": len(next(iter(adapters.values())))}
+    out["median_step_ms"] = ms
+    for variant, key in (("dora", "dora_cost_vs_lora"), ("lm_head", "modules_to_save_cost_vs_lora")):
+        if variant in ms and "lora" in ms:
+            out[key] = ms[variant] / ms["lora"]
+    for _, slots, _, _ in setups.values():
+        slots.remove()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny 2-layer model, few requests")
@@ -395,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads for every configuration (default 0: the inference server's default, "
         "CPUs available minus one)",
     )
+    ap.add_argument(
+        "--step-iters",
+        type=int,
+        default=None,
+        help="decode steps timed per adapter variant for the options' per-step cost (default 200, quick 20; "
+        "0 skips it); runs when lorafleet_dora or lorafleet_modules_to_save is among the configs",
+    )
     args = ap.parse_args(argv)
     from services.inference.settings import resolve_torch_threads
 
@@ -404,24 +495,29 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (1 if args.quick else 3)
     threads = torch.get_num_threads()
 
-    model_dir, all_adapters = build_assets(args.work_dir, args.quick, max(args.adapters), args.model)
+    variants = sorted({VARIANTS.get(c, "lora") for c in args.configs})
+    model_dir, all_adapters = build_assets(
+        args.work_dir, args.quick, max(args.adapters), args.model, variants
+    )
     manifest_file = model_dir / "lorafleet_tiny.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     by_adapters: dict[str, Any] = {}
     for n in args.adapters:
-        adapters = all_adapters[:n]
+        adapters = {v: paths[:n] for v, paths in all_adapters.items()}
         passes: dict[str, list[dict[str, Any]]] = {name: [] for name in args.configs}
         outputs: dict[str, list[list[int]]] = {}
         # Passes interleave the configurations (A B C D A B C D ...), so a slow spell of the
         # machine hits every configuration alike; each configuration reports its median pass.
         for rep in range(args.repeats):
             for name in args.configs:
-                if name in ("lorafleet", "lorafleet_base_only"):
-                    server: Any = EngineServer(model_dir, adapters, args.max_batch)
+                if name in VARIANTS or name == "lorafleet_base_only":
+                    server: Any = EngineServer(
+                        model_dir, adapters[VARIANTS.get(name, "lora")], args.max_batch
+                    )
                 else:
                     server = PeftServer(
                         model_dir,
-                        adapters,
+                        adapters["lora"],
                         static=name == "static_peft_mixed",
                         max_batch=args.max_batch,
                         batch_wait_s=args.static_batch_wait_ms / 1e3,
@@ -462,6 +558,13 @@ def main(argv: list[str] | None = None) -> int:
                     entry[key] = tps["lorafleet"] / tps[other]
             if "lorafleet_base_only" in tps:
                 entry["mixed_vs_base"] = tps["lorafleet"] / tps["lorafleet_base_only"]
+            # The options' cost: the same requests with DoRA / lm_head adapters, against plain LoRA.
+            for key, other in (
+                ("dora_vs_lora", "lorafleet_dora"),
+                ("modules_to_save_vs_lora", "lorafleet_modules_to_save"),
+            ):
+                if other in tps:
+                    entry[key] = tps[other] / tps["lorafleet"]
             # The same ratios over CPU time (a cross-check when the machine was not quiet).
             per_cpu = {c: runs[c]["tokens_per_cpu_s"] for c in runs}
             entry["cpu_time_ratios"] = {
@@ -473,10 +576,24 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if other in per_cpu
             }
+            for key, other in (
+                ("dora_vs_lora", "lorafleet_dora"),
+                ("modules_to_save_vs_lora", "lorafleet_modules_to_save"),
+            ):
+                if other in per_cpu:
+                    entry["cpu_time_ratios"][key] = per_cpu[other] / per_cpu["lorafleet"]
         by_adapters[str(n)] = entry
 
+    step_iters = args.step_iters if args.step_iters is not None else (20 if args.quick else 200)
+    option_step = None
+    if step_iters and len(variants) > 1:
+        n_step = min(8, max(args.adapters))
+        picked = {v: paths[:n_step] for v, paths in all_adapters.items()}
+        option_step = option_step_costs(model_dir, picked, args.max_batch, 32, step_iters)
+        print(json.dumps({"option_step": option_step}, indent=2), flush=True)
     inference = {
         "by_adapters": by_adapters,
+        "option_step": option_step,
         "targets_at_8_adapters": {"ratio_vs_naive": 5.0, "ratio_vs_static_mixed": 1.5, "mixed_vs_base": 0.7},
         "model": {
             "path": str(model_dir),
@@ -492,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             "adapter_counts": args.adapters,
             "adapter_ranks": "8 and 16 alternating",
             "adapter_targets": list(LLAMA_TARGETS),
+            "adapter_variants": "lorafleet_dora: the same adapters with DoRA; lorafleet_modules_to_save: "
+            "with a trained lm_head (modules_to_save)",
             "requests": n_requests,
             "repeats": f"{args.repeats} interleaved passes per configuration; the median pass is reported",
             "prompt_tokens": "8 to 48 (fixed per request, from the bundled corpus)",
