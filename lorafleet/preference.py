@@ -476,16 +476,45 @@ def kto_step(
     return result.losses.mean(), metrics
 
 
-def reward_step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Pairwise ranking loss of a sequence-classification model on a :func:`collate_pairs` batch.
+VALUE_HEAD = "score"
+"""Module name of a reward model's value head (transformers' ``*ForSequenceClassification``)."""
 
-    The model scores each row on its last non-padding token (``num_labels=1``; transformers' heads
-    pick that token from ``pad_token_id``, which right padding makes the last attended one).
+
+def reward_scores(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Value-head score of each row at its last attended token: [rows].
+
+    Read from the head's per-position output (a forward hook on :data:`VALUE_HEAD`) at
+    :func:`last_token_index` of the attention mask, not from transformers' pooling, which finds the
+    last token by ``pad_token_id``: where pad is eos (many chat tokenizers) it would score the token
+    before the answer's end marker, and the served score (inference ``reward_heads``: final hidden
+    state at each row's last token) would differ from the trained one.
     """
-    scores = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    scores = scores.squeeze(-1).float()  # [2·batch]
+    head = unwrap_model(model).get_submodule(_value_head_path(model))
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    per_token = captured[-1].squeeze(-1).float()  # [rows, seq]
+    last = last_token_index(batch["attention_mask"]).to(per_token.device)
+    return per_token.gather(1, last[:, None]).squeeze(1)
+
+
+def _value_head_path(model: Any) -> str:
+    """Dotted path of the value head inside the (PEFT-wrapped) model: the module named
+    :data:`VALUE_HEAD` itself (PEFT wraps it in a ``modules_to_save`` copy; the wrapper routes to the
+    active copy)."""
+    for name, _ in unwrap_model(model).named_modules():
+        if name == VALUE_HEAD or name.endswith("." + VALUE_HEAD):
+            return name
+    raise TypeError(f"{type(model).__name__} has no value head {VALUE_HEAD!r}; load it with num_labels=1")
+
+
+def reward_step(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pairwise ranking loss of a sequence-classification model on a :func:`collate_pairs` batch,
+    each row scored by :func:`reward_scores`."""
+    scores = reward_scores(model, batch)  # [2·batch]
     half = scores.shape[0] // 2
     result = reward_pairwise_loss(scores[:half], scores[half:])
     metrics = pair_metrics(result, scores[:half], scores[half:])

@@ -190,7 +190,9 @@ def _prepare(
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        return base, PreparedModel(model, "lora", {"target_modules": sorted(targets), "value_head": "score"})
+        return base, PreparedModel(
+            model, "lora", {"target_modules": sorted(targets), "value_head": preference.VALUE_HEAD}
+        )
     model_cfg = replace(config.model, quantization=quantization_for(config))
     base = load_model(model_cfg, for_training=True)
     if start is not None and spec.trains == TRAINS_LORA:
@@ -263,8 +265,7 @@ def evaluate_preferences(
         batch = preference.collate_pairs(pairs[start : start + _EVAL_BATCH], pad)
         half = batch["input_ids"].shape[0] // 2
         if config.stage == "rm":
-            scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            rank = reward = scores.squeeze(-1).float()
+            rank = reward = preference.reward_scores(model, batch)
         elif config.stage == "dpo" and o.loss in preference.REFERENCE_FREE_LOSSES:
             rank = preference.forward_logps(model, batch, average=True)
             reward = o.beta * rank
@@ -538,6 +539,11 @@ def _publish(
         metrics,
         {**adapters.dataset_fingerprint(files), **stats},
         {"stage": config.stage, "preference": config.to_dict()["preference"]},
-        extra={"stage": config.stage, "started_from": start.ref if start else None},
+        extra={
+            "stage": config.stage,
+            "started_from": start.ref if start else None,
+            # The inference service serves a reward model's LoRA as usual and reads this head aside.
+            **({"value_head": preference.VALUE_HEAD} if config.stage == "rm" else {}),
+        },
         state_dict=state_dict,
     )
