@@ -146,6 +146,13 @@ COMMANDS: dict[str, Command] = {
             shared=True,
         ),
         Command(
+            "score",
+            _INFERENCE_CLIENT,
+            "--adapter RM[@V] --prompt TEXT RESPONSE [...]",
+            "score responses with a reward model, best first (best-of-n)",
+            shared=True,
+        ),
+        Command(
             "models",
             _INFERENCE_CLIENT,
             "",

@@ -243,3 +243,43 @@ class UnloadAdapterRequest(_message.Message):
     model: str
     adapter: str
     def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class ScorePair(_message.Message):
+    __slots__ = ("prompt", "messages", "response")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    response: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., response: _Optional[str] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("model", "adapter", "pairs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    adapter: str
+    pairs: _containers.RepeatedCompositeFieldContainer[ScorePair]
+    def __init__(self, model: _Optional[str] = ..., adapter: _Optional[str] = ..., pairs: _Optional[_Iterable[_Union[ScorePair, _Mapping]]] = ...) -> None: ...
+
+class ScoreUsage(_message.Message):
+    __slots__ = ("tokens", "adapter", "template", "total_time_s")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    adapter: str
+    template: str
+    total_time_s: float
+    def __init__(self, tokens: _Optional[int] = ..., adapter: _Optional[str] = ..., template: _Optional[str] = ..., total_time_s: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("scores", "usage")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    usage: ScoreUsage
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., usage: _Optional[_Union[ScoreUsage, _Mapping]] = ...) -> None: ...

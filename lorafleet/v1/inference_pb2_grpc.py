@@ -69,6 +69,11 @@ class InferenceServiceStub:
                 request_serializer=lorafleet_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=lorafleet_dot_v1_dot_inference__pb2.AdapterStatus.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/lorafleet.v1.InferenceService/Score',
+                request_serializer=lorafleet_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=lorafleet_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -119,6 +124,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Reward-model scores: one float per (prompt, response) pair, from a reward-model adapter
+        (trained with stage rm: LoRA plus a value head). Pairs of different reward adapters share
+        forwards. Best-of-n reranking: score n sampled answers to one prompt, keep the highest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +170,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=lorafleet_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=lorafleet_dot_v1_dot_inference__pb2.AdapterStatus.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=lorafleet_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=lorafleet_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +366,33 @@ class InferenceService:
             '/lorafleet.v1.InferenceService/UnloadAdapter',
             lorafleet_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
             lorafleet_dot_v1_dot_inference__pb2.AdapterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lorafleet.v1.InferenceService/Score',
+            lorafleet_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            lorafleet_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

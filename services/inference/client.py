@@ -118,6 +118,13 @@ class InferenceClient:
         finally:
             call.cancel()
 
+    def score(self, pairs: Sequence[tuple[str, str]], adapter: str, model: str = "") -> pb.ScoreResponse:
+        """Reward-model scores of ``(prompt, response)`` pairs, one per pair (higher = preferred)."""
+        request = pb.ScoreRequest(
+            model=model, adapter=adapter, pairs=[pb.ScorePair(prompt=p, response=r) for p, r in pairs]
+        )
+        return self.stub.Score(request, timeout=self.timeout)
+
     def list_models(self) -> pb.ListModelsResponse:
         """Base models and every adapter version, all pages of the listing merged."""
         return collect_model_pages(lambda request: self.stub.ListModels(request, timeout=self.timeout))
@@ -327,7 +334,7 @@ def _repl(
 
 
 def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str] | None = None) -> int:
-    """``lorafleet chat | generate | models | load | unload``; returns the exit status."""
+    """``lorafleet chat | generate | score | models | load | unload``; returns the exit status."""
     inp = sys.stdin if inp is None else inp
     out = sys.stdout if out is None else out
     ap = argparse.ArgumentParser(prog=f"lorafleet {command}")
@@ -339,6 +346,10 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
     elif command == "generate":
         add_sampling_args(ap)
         ap.add_argument("prompt", help="the raw prompt (no chat template); '-' reads it from stdin")
+    elif command == "score":
+        ap.add_argument("--adapter", required=True, help="the reward model, NAME or NAME@VERSION")
+        ap.add_argument("--prompt", required=True, help="the prompt every response answers")
+        ap.add_argument("responses", nargs="+", help="responses to score; printed best first")
     elif command in ("load", "unload"):
         ap.add_argument(
             "adapter",
@@ -358,6 +369,11 @@ def main(command: str, argv: list[str], inp: IO[str] | None = None, out: IO[str]
     try:
         if command == "models":
             _print_models(client.list_models(), out)
+            return 0
+        if command == "score":
+            response = client.score([(args.prompt, r) for r in args.responses], args.adapter, args.model)
+            for score, text in sorted(zip(response.scores, args.responses, strict=True), reverse=True):
+                out.write(f"{score:+.4f}\t{text}\n")
             return 0
         if command == "load":
             _print_status(client.load_adapter(args.adapter, args.model), out)

@@ -90,6 +90,7 @@ METHODS: Final = (
     "ListModels",
     "LoadAdapter",
     "UnloadAdapter",
+    "Score",
 )
 """The RPCs counted; pre-initialised with code OK so a rate() has a series from the first scrape."""
 
@@ -207,6 +208,15 @@ class InferenceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.scored_pairs = Counter(
+            PREFIX + "scored_pairs",
+            "(prompt, response) pairs scored by reward models (Score).",
+            ["model"],
+            registry=r,
+        )
+        self.scored_tokens = Counter(
+            PREFIX + "scored_tokens", "Tokens of the pairs scored by reward models.", ["model"], registry=r
+        )
         self.resident_adapters = Gauge(
             PREFIX + "resident_adapters", "Adapters in the resident cache.", ["model"], registry=r
         )
@@ -235,6 +245,8 @@ class InferenceMetrics:
             self.running,
             self.generated_tokens,
             self.prompt_tokens,
+            self.scored_pairs,
+            self.scored_tokens,
             self.adapter_loads,
             self.adapter_evictions,
             self.adapter_load_failures,
@@ -453,6 +465,8 @@ class _Observer(EngineObserver):
         self._e2e = m.e2e.labels(model=model)
         self._generated = m.generated_tokens.labels(model=model)
         self._prompt = m.prompt_tokens.labels(model=model)
+        self._scored_pairs = m.scored_pairs.labels(model=model)
+        self._scored_tokens = m.scored_tokens.labels(model=model)
         self._finished = {reason: m.finished.labels(model=model, reason=reason) for reason in FINISH_REASONS}
         self._metrics = metrics
         self._model = model
@@ -496,6 +510,10 @@ class _Observer(EngineObserver):
     def on_token(self, inter_token_s: float) -> None:
         self._inter.observe(inter_token_s)
         self._generated.inc()
+
+    def on_score(self, pairs: int, tokens: int, seconds: float) -> None:
+        self._scored_pairs.inc(pairs)
+        self._scored_tokens.inc(tokens)
 
     def on_finish(self, reason: str, prompt_tokens: int, generated_tokens: int, e2e_s: float) -> None:
         counter = self._finished.get(reason)
