@@ -60,6 +60,7 @@ from services.inference.requests import (
     RequestHandle,
     TokenLogprob,
 )
+from services.inference.reward_heads import ScoreJob, score_forward
 from services.inference.slot_pool import SlotPool
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class Engine:
         self._counters = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "prefills": 0}
         self._thread: threading.Thread | None = None
         self._adapters_seen: tuple[tuple[str, ...], ...] | None = None  # last on_adapters payload
+        self._score_jobs: deque[ScoreJob] = deque()  # reward-model scoring, drained between steps
         self._notify("on_capacity", max_batch_size, num_slots)
         if start:
             self.start()
@@ -295,6 +297,8 @@ class Engine:
             self._running = []
         for seq in leftovers:
             seq.handle.finish(FINISH_ERROR, EngineClosedError("the engine was closed"))
+        while self._score_jobs:
+            self._score_jobs.popleft().fail(EngineClosedError("the engine was closed"))
         self.slots.remove()
 
     def __enter__(self) -> Engine:
@@ -401,7 +405,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._running and not self._num_waiting:
+                    while not (self._closed or self._running or self._num_waiting or self._score_jobs):
                         self._publish_adapters()
                         self._cond.wait()
                     if self._closed:
@@ -411,6 +415,7 @@ class Engine:
                         self._remove_rows([s for s in self._running if s.cancelled])
                     admitted = self._admit()
                     waiting = self._num_waiting
+                self._drain_score_jobs()
                 if not admitted and not self._running:
                     # Everything waiting is blocked on slots held by nobody running: cannot happen
                     # unless all waiting requests failed; loop again to re-check.
@@ -606,6 +611,93 @@ class Engine:
                 for seq in finished:
                     self._release_slot(seq)
                 self._remove_rows(finished)
+
+    # ------------------------------------------------------------------------------------------
+    # Reward-model scoring (``reward_heads``): no generation, one forward per drain
+
+    def submit_score(self, job: ScoreJob) -> ScoreJob:
+        """Queue a scoring job; the loop thread runs it between decode steps (the LoRA hooks'
+        per-row state belongs to that thread). Wait with ``job.result()``.
+
+        Raises:
+            PromptTooLongError: an empty row, or one over ``max_context`` tokens.
+            ValueError: a token id outside the vocabulary, or an adapter that does not fit.
+            QueueFullError: ``max_queued`` jobs are waiting.
+            EngineClosedError: after ``close()``.
+        """
+        for i, row in enumerate(job.rows):
+            if not row or len(row) > self.max_context:
+                raise PromptTooLongError(
+                    f"row {i} has {len(row)} tokens; a scored row needs 1 to {self.max_context} tokens"
+                )
+            if not all(0 <= int(t) < self.vocab_size for t in row):
+                raise ValueError(f"row {i} holds a token id outside the vocabulary [0, {self.vocab_size})")
+        if job.adapter is not None:
+            self.slots.validate(job.adapter)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if len(self._score_jobs) >= max(self.max_queued, 1):
+                raise QueueFullError(f"{len(self._score_jobs)} scoring jobs are waiting")
+            self._score_jobs.append(job)
+            self._cond.notify_all()
+        return job
+
+    def _take_score_jobs(self) -> list[ScoreJob]:
+        """Jobs for this drain, each holding its adapter's slot, within ``max_prefill_tokens`` (at
+        least one); jobs whose adapter finds no free slot wait for the next drain."""
+        taken: list[ScoreJob] = []
+        waiting: deque[ScoreJob] = deque()
+        budget = self.max_prefill_tokens
+        with self._cond:
+            while self._score_jobs:
+                job = self._score_jobs.popleft()
+                if taken and job.tokens > budget:
+                    waiting.append(job)
+                    continue
+                try:
+                    slot = self._slot_pool.acquire(job.adapter) if job.adapter is not None else -1
+                except RequestFailedError as e:
+                    job.fail(e)
+                    continue
+                if slot is None:
+                    waiting.append(job)
+                    continue
+                job.slot = slot
+                taken.append(job)
+                budget -= job.tokens
+            self._score_jobs = waiting
+        return taken
+
+    def _drain_score_jobs(self) -> None:
+        """Score the queued jobs in one padded forward, rows of different adapters together; if it
+        raises, each job runs alone so a bad one fails by itself."""
+        if not self._score_jobs:
+            return
+        jobs = self._take_score_jobs()
+        began = time.perf_counter()
+        groups = [jobs]
+        while groups:
+            group = groups.pop()
+            try:
+                self.slots.set_rows(torch.tensor([job.slot for job in group for _ in job.rows]))
+                scores = score_forward(self.model, group, self.pad_id, self.device)
+                for job, job_scores in zip(group, scores, strict=True):
+                    job.finish(job_scores)
+            except Exception as e:
+                if len(group) > 1:
+                    logger.exception("scoring %d jobs failed; retrying them one by one", len(group))
+                    groups.extend([job] for job in group)
+                    continue
+                logger.exception("scoring failed")
+                group[0].fail(RequestFailedError(f"scoring failed: {type(e).__name__}"))
+        with self._cond:
+            for job in jobs:
+                if job.slot >= 0:
+                    self._slot_pool.release(job.slot)
+        done = [job for job in jobs if job.error is None]
+        rows = sum(len(job.rows) for job in done)
+        self._notify("on_score", rows, sum(job.tokens for job in done), time.perf_counter() - began)
 
     # ------------------------------------------------------------------------------------------
     # Tokens

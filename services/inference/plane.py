@@ -38,7 +38,6 @@ from services.inference.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
-from services.inference.lora_batch import adapter_weights_from_peft_dir
 from services.inference.registry import (
     AdapterRegistry,
     AdapterStatus,
@@ -53,6 +52,7 @@ from services.inference.requests import (
     RequestHandle,
     TokenLogprob,
 )
+from services.inference.reward_heads import RewardHeads, ScorePair, ScoreResult, score_pairs
 from services.inference.sampling import SamplingLimits, SamplingParams
 from services.inference.settings import InferenceSettings, ModelSettings
 
@@ -324,6 +324,7 @@ class BaseModelHost:
         self.model: Any = None
         self.engine: Engine | None = None
         self.registry: AdapterRegistry | None = None
+        self.reward_heads: RewardHeads | None = None
         self.max_context = 0
         self._observer = observer
         self._on_registry_event = on_registry_event
@@ -356,6 +357,7 @@ class BaseModelHost:
             )
             self.max_context = self.engine.max_context
             model = self.model
+            self.reward_heads = RewardHeads(model)
             self.registry = AdapterRegistry(
                 Path(m.adapters_root or s.adapters_root),
                 m.path,
@@ -363,7 +365,7 @@ class BaseModelHost:
                 [n for n, _ in model.named_modules()],
                 max_rank=s.max_rank,
                 capacity=s.adapter_capacity,
-                loader=lambda path, ref: adapter_weights_from_peft_dir(path, ref, model),
+                loader=self.reward_heads.load,  # LoRA weights; a reward model's value head aside
                 memory_budget_bytes=s.memory_budget_bytes,
                 on_event=self._on_registry_event,
             )
@@ -545,6 +547,16 @@ class InferencePlane:
             return ids, template_name, tuple(templates.stop_token_ids(template, host.tokenizer))
 
         return self._submit(host, adapter, prepared.params, render)
+
+    def score(self, model: str, adapter: str, pairs: list[ScorePair]) -> ScoreResult:
+        """Score (prompt, response) pairs with a reward-model adapter (``reward_heads``).
+
+        Raises:
+            InvalidRequestError, ModelNotFoundError, ModelNotReadyError, AdapterError subclasses
+            (AdapterIncompatibleError when the adapter is no reward model), QueueFullError.
+        """
+        s = self.settings
+        return score_pairs(self.ready_host(model), adapter, pairs, s.max_messages, s.max_prompt_chars)
 
     def _prepare(self, model: str, adapter: str, sampling: SamplingParams) -> _Prepared:
         host = self.ready_host(model)

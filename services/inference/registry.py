@@ -56,6 +56,7 @@ from services.inference.adapter_checks import (
     check_weights_format,
 )
 from services.inference.errors import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.reward_heads import skipped_modules
 
 logger = logging.getLogger(__name__)
 
@@ -733,6 +734,7 @@ class AdapterRegistry:
             max_rank=self.max_rank,
             module_names=self.module_names,
             base_model=self.base_model,
+            skip_modules_to_save=skipped_modules(manifest),  # a reward model's value head
         )
         with self._lock:
             self._validated[ref] = _Validated(rank, stamp)

@@ -104,6 +104,10 @@ class EngineObserver:
     def on_adapter_load(self, ref: str, seconds: float, ok: bool) -> None:
         """An adapter was copied into a slot (or failed to)."""
 
+    def on_score(self, pairs: int, tokens: int, seconds: float) -> None:
+        """A scoring job (reward model, ``Engine.submit_score``) finished: its rows and tokens, and
+        the forward's time."""
+
     def on_capacity(self, max_batch_size: int, num_slots: int) -> None:
         """Once, when the engine is built: its batch rows and its adapter slots."""
 

@@ -59,6 +59,7 @@ from services.inference.plane import (
     Usage,
 )
 from services.inference.request_checks import Message
+from services.inference.reward_heads import ScorePair, ScoreResult
 from services.inference.sampling import SamplingParams
 from services.inference.settings import InferenceSettings
 
@@ -158,6 +159,34 @@ LIST_PAGE_DEFAULT = 500
 LIST_PAGE_MAX = 1000
 LIST_PAGE_BYTES = 3 * 1024 * 1024
 """Byte budget of one ListModels page: under gRPC's default 4 MiB client limit whatever is published."""
+
+
+def score_pairs_from_pb(request: pb.ScoreRequest) -> list[ScorePair]:
+    """The pairs of a Score request; fields this server does not know (a newer client's) are
+    refused, each named, rather than ignored: a score computed without them could mislead."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    where = [("", request)]
+    for i, pair in enumerate(request.pairs):
+        where.append((f"pairs[{i}]", pair))
+        where += [(f"pairs[{i}].messages[{j}]", m) for j, m in enumerate(pair.messages)]
+    unknown = [
+        FieldProblem(path or "request", f"field number {f.field_number}", "unknown field: not supported")
+        for path, message in where
+        for f in UnknownFieldSet(message)
+    ]
+    if unknown:
+        raise InvalidRequestError(unknown)
+    return [
+        ScorePair(p.prompt, tuple(Message(m.role, m.content) for m in p.messages), p.response)
+        for p in request.pairs
+    ]
+
+
+def score_result_to_pb(result: ScoreResult) -> pb.ScoreResponse:
+    u = pb.ScoreUsage(tokens=result.tokens, adapter=result.adapter, template=result.template)
+    u.total_time_s = result.total_time_s
+    return pb.ScoreResponse(scores=result.scores, usage=u)
 
 
 def _page_start(page_token: str) -> int:
@@ -314,6 +343,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
     ) -> pb.AdapterStatus:
         return adapter_status_to_pb(self.plane.unload_adapter(request.model, request.adapter))
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        pairs = score_pairs_from_pb(request)
+        return score_result_to_pb(self.plane.score(request.model, request.adapter, pairs))
 
 
 # -- wiring -------------------------------------------------------------------------------------------
