@@ -12,12 +12,13 @@ is a new row here plus, only when it trains something new, its preparation in ``
 | lora8bit | 8-bit                   | LoRA A/B                                      | PEFT adapter (lora)      | yes (*)|
 | freeze   | as loaded, unquantized  | the last N blocks or named modules            | full model (full_model)  | yes (+)|
 | full     | as loaded, unquantized  | everything                                    | full model (full_model)  | yes (+)|
-| ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    | no     |
+| ptuning  | as loaded, unquantized  | prefixes (P-tuning v2) or prompt encoder      | PEFT prompt (ptuning)    | yes (#)|
 
 (*) with DoRA and ``modules_to_save`` too; a ``lora`` option that ``LORA_OPTION_SERVABLE`` marks
 False would be refused. What is not served yet is refused at submit / ``lorafleet train``
 (``serving_problems``), not after training.
 (+) as a base model of its own, ``name@version`` (``services/inference/published_models.py``).
+(#) as per-row virtual-token KV in the mixed batches (``services/inference/prompt_adapters.py``).
 
 Stages (``stage``; ``lorafleet.preference``): every method trains ``sft``. The LoRA methods also
 train ``dpo``, ``kto`` and ``rm``, with the base (adapters disabled) or a frozen copy of the starting
@@ -194,7 +195,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "ptuning",
             TRAINS_PROMPT,
             ARTIFACT_PROMPT,
-            servable=False,
+            servable=True,
             deepspeed_stages=(-1, 0, 1, 2),
             deepspeed_reason="PEFT prompt learning",
             description="prefix tuning (P-tuning v2) or a prompt encoder (P-tuning)",

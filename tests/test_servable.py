@@ -13,7 +13,7 @@ import pytest
 
 from lorafleet import method_specs
 from lorafleet.config import RunConfig
-from lorafleet.errors import ConfigError
+from lorafleet.errors import ConfigError, LorafleetError
 from lorafleet.method_specs import LORA_OPTION_SERVABLE, METHOD_SPECS, serving_problems
 from services.trainer.launchers.base import Capacity
 from services.trainer.store import JobRequest
@@ -48,7 +48,9 @@ def test_serving_problems_follow_the_table(monkeypatch: pytest.MonkeyPatch) -> N
     assert method_specs.method_spec("ptuning").servable
 
 
-def test_submit_job_refuses_what_cannot_be_served(tmp_path: Path) -> None:
+def test_submit_job_refuses_what_cannot_be_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every method is servable now: mark ptuning not servable to exercise the refusal itself.
+    monkeypatch.setitem(METHOD_SPECS, "ptuning", dataclasses.replace(METHOD_SPECS["ptuning"], servable=False))
     train = tmp_path / "train.jsonl"
     train.write_text('{"input": "q", "target": "a"}\n', encoding="utf-8")
     base = {"model": {"name_or_path": "org/model"}, "data": {"train_file": str(train)}}
@@ -69,11 +71,12 @@ def _flat(changes: dict[str, Any]) -> dict[str, Any]:
     return {"method": changes["method"]} if "method" in changes else dict(changes["lora"])
 
 
-def test_lorafleet_train_refuses_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+def test_lorafleet_train_refuses_before_training(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from services.cli import main
 
-    if METHOD_SPECS["ptuning"].servable:
-        pytest.skip("ptuning is servable: nothing to refuse")
+    monkeypatch.setitem(METHOD_SPECS, "ptuning", dataclasses.replace(METHOD_SPECS["ptuning"], servable=False))
     assert main(["train", "examples/ptuning.yaml"]) == 2
     err = capsys.readouterr().err
     assert "method='ptuning'" in err and "cannot serve" in err and "--no-serving-check" in err
@@ -92,7 +95,7 @@ def _peft_dir(base_dir: Path, out: Path, **options: Any) -> Path:
 
 
 def test_the_table_matches_what_the_inference_loader_serves(tiny_llama: Path, tmp_path: Path) -> None:
-    from services.inference.lora_batch import adapter_weights_from_peft_dir
+    from services.inference.prompt_adapters import load_adapter
 
     base = load_base(tiny_llama)
     cases = {f"lora.{o}": ({o: v}, LORA_OPTION_SERVABLE[o]) for o, v in OPTION_VALUES.items()}
@@ -101,16 +104,17 @@ def test_the_table_matches_what_the_inference_loader_serves(tiny_llama: Path, tm
     for label, (options, servable) in cases.items():
         path = _peft_dir(tiny_llama, tmp_path / label.replace(" ", "-"), **options)
         if servable:
-            weights = adapter_weights_from_peft_dir(path, label, base)
+            weights = load_adapter(path, label, base)  # the inference service's loader
             # Served means carried to the engine, not read and dropped.
             assert SERVED_AS.get(label, lambda w: True)(weights), label
         else:
-            with pytest.raises(ValueError):
-                adapter_weights_from_peft_dir(path, label, base)
+            with pytest.raises((ValueError, LorafleetError)):
+                load_adapter(path, label, base)
 
 
 # What the loaded weights hold for each served LoRA option (the engine applies these per row).
 SERVED_AS: dict[str, Any] = {
     "lora.use_dora": lambda w: set(w.dora_scale) == set(w.layers),
     "lora.modules_to_save": lambda w: set(w.modules_to_save) == {"lm_head"},
+    "method ptuning": lambda w: w.num_virtual_tokens == 2 and len(w.keys) == len(w.values) > 0,
 }

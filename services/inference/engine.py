@@ -18,6 +18,15 @@ dimension; leaving selects the remaining rows and trims columns that are padding
 row keeps its own length, from which the attention mask (padding masked) and position ids (the
 row's own token count) are built, so every row computes what it would compute alone.
 
+Prompt adapters (``prompt_adapters.PromptAdapter``: prefix tuning / P-tuning v2, P-tuning, prompt
+tuning) take no adapter slot: their rows are base rows for the LoRA hooks (slot -1) whose cache
+holds the adapter's virtual keys and values in front of the prompt (``pad | virtual | prompt``),
+as PeftModel's does. The prefill forward starts from a cache prefilled with every admitted row's
+virtual KV (right-aligned in the prefix columns, masked elsewhere) and shifts each row's position
+ids by its virtual tokens; afterwards each row's columns are compacted so its cached tokens are
+contiguous and right-aligned again. Decoding is unchanged: a row's length counts its virtual
+tokens, and so does ``max_context``.
+
 Adapter slots (``slot_pool.SlotPool``) are reference-counted by in-flight requests; when no slot
 can be had, the request waits. Tokens are picked by ``processors.pick_tokens``; a request that asked
 for logprobs gets them from its own row's raw logits (``processors.token_logprobs``), so rows of
@@ -47,8 +56,9 @@ from services.inference.errors import (
     QueueFullError,
     RequestFailedError,
 )
-from services.inference.lora_batch import LoraSlots, Mode
+from services.inference.lora_batch import AdapterWeights, LoraSlots, Mode
 from services.inference.processors import Pick, TokenSampler, pick_tokens, token_logprobs
+from services.inference.prompt_adapters import KvLayout, PromptAdapter, compute_prompt_kv, virtual_tokens
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -76,6 +86,7 @@ class _Seq:
         self.prompt = [int(t) for t in request.prompt_ids]
         self.adapter = request.adapter
         self.key = request.adapter.ref if request.adapter is not None else _BASE_KEY
+        self.virtual = virtual_tokens(request.adapter)  # prompt adapters' tokens in front of the prompt
         self.max_new_tokens = request.params.new_tokens
         self.stop_ids = stop_ids
         self.stop_check = request.stop_check
@@ -154,6 +165,11 @@ class Engine:
             raise ValueError("cannot tell the model's vocabulary size (no input embeddings, no vocab_size)")
         self.vocab_size = vocab
         self.slots = LoraSlots(model, target_modules, num_slots, max_rank, lora_dtype, lora_mode)
+        try:
+            self.kv_layout: KvLayout | None = KvLayout.of(config)
+            """The base's KV cache shape per layer; None = prompt adapters cannot be served."""
+        except ValueError:
+            self.kv_layout = None
         self._slot_pool = SlotPool(
             self.slots, lambda ref, seconds, ok: self._notify("on_adapter_load", ref, seconds, ok)
         )
@@ -214,10 +230,12 @@ class Engine:
         n = len(request.prompt_ids)
         if n == 0:
             raise PromptTooLongError("the prompt is empty; give at least one token")
-        if n >= self.max_context:
+        virtual = virtual_tokens(request.adapter)
+        if n + virtual >= self.max_context:
+            with_virtual = f" after the prompt adapter's {virtual} virtual tokens" if virtual else ""
             raise PromptTooLongError(
                 f"the prompt has {n} tokens; the model's context is {self.max_context} tokens, so a prompt "
-                f"may have at most {self.max_context - 1}"
+                f"may have at most {self.max_context - 1 - virtual}{with_virtual}"
             )
         bad = [t for t in request.prompt_ids if not 0 <= int(t) < self.vocab_size]
         if bad:
@@ -233,7 +251,7 @@ class Engine:
                 "stop strings need a stop_check (the engine sees token ids only; see detokenizer.py)"
             )
         if request.adapter is not None:
-            self.slots.validate(request.adapter)
+            self.check_adapter(request.adapter)
         stop_ids = frozenset(request.params.stop_token_ids) | (
             frozenset() if request.params.ignore_eos else self.eos_ids
         )
@@ -254,6 +272,18 @@ class Engine:
             self._num_waiting += 1
             self._cond.notify_all()
         return handle
+
+    def check_adapter(self, adapter: AdapterWeights | PromptAdapter) -> None:
+        """Raise ValueError when ``adapter`` does not fit this engine: a LoRA adapter's rank,
+        modules and shapes against the slot tables, a prompt adapter's KV against the base."""
+        if isinstance(adapter, PromptAdapter):
+            if self.kv_layout is None:
+                raise ValueError(
+                    "this base's config does not describe its KV cache; prompt adapters cannot run on it"
+                )
+            adapter.check_fits(self.kv_layout)
+        else:
+            self.slots.validate(adapter)
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
         """Submit and wait (convenience for tests and scripts)."""
@@ -345,8 +375,8 @@ class Engine:
         Raises:
             RequestFailedError: the adapter could not be copied into a slot.
         """
-        if seq.adapter is None:
-            seq.slot = -1
+        if seq.adapter is None or isinstance(seq.adapter, PromptAdapter):
+            seq.slot = -1  # the base for the LoRA hooks; a prompt adapter lives in the row's cache
             return True
         slot = self._slot_pool.acquire(seq.adapter)
         if slot is None:
@@ -442,7 +472,7 @@ class Engine:
                         self._fail(failed, e)
                         continue
                 self._counters["steps"] += 1
-                adapters = len({s.slot for s in self._running if s.slot >= 0})
+                adapters = len({s.key for s in self._running if s.key != _BASE_KEY})  # LoRA or prompt
                 self._notify(
                     "on_step", len(self._running), adapters, prefill_tokens, time.perf_counter() - began
                 )
@@ -520,11 +550,15 @@ class Engine:
         for i, seq in enumerate(admitted):
             ids[i, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
             mask[i, width - len(seq.prompt) :] = 1
-            seq.length = len(seq.prompt)
+            seq.length = seq.virtual + len(seq.prompt)
             seq.admitted_at = time.monotonic()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        self.slots.set_rows(torch.tensor([s.slot for s in admitted]))
+        # PeftModel shifts a prompt adapter's real tokens by its virtual tokens.
+        shift = torch.tensor([s.virtual for s in admitted])[:, None]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shift
         cache = DynamicCache(config=self._model_config)
+        if any(s.virtual for s in admitted):
+            mask = torch.cat([self._prefill_virtual(admitted, cache), mask], dim=1)
+        self.slots.set_rows(torch.tensor([s.slot for s in admitted]))
         want_prompt = any(s.prompt_logprobs_k is not None for s in admitted)
         out = self._forward(ids, mask, positions, cache, logits_to_keep=0 if want_prompt else 1)
         self._counters["prefills"] += 1
@@ -539,7 +573,41 @@ class Engine:
             for layer in self._layers(cache):
                 layer.keys = torch.where(keep, layer.keys, 0.0)
                 layer.values = torch.where(keep, layer.values, 0.0)
+            if mask.shape[1] > width:
+                _compact_rows(self._layers(cache), mask.to(self.device))
         return out.logits[:, -1, :], cache
+
+    def _prefill_virtual(self, admitted: list[_Seq], cache: Any) -> torch.Tensor:
+        """Fill ``cache`` with the admitted rows' virtual KV: ``V`` = the most virtual tokens of any
+        row, each row's right-aligned in those columns (zeros elsewhere). P-tuning / prompt-tuning
+        adapters get their KV computed here first, once (the plain base, on this thread).
+
+        Returns:
+            The prefix's attention mask ``[rows, V]``.
+        """
+        width = max(s.virtual for s in admitted)
+        mask = torch.zeros((len(admitted), width), dtype=torch.long)
+        adapters = [s.adapter if isinstance(s.adapter, PromptAdapter) else None for s in admitted]
+        for adapter in adapters:
+            if adapter is not None and not adapter.has_kv:
+                self.slots.set_rows(None)
+                compute_prompt_kv(self.model, adapter, self._model_config)
+        layout = self.kv_layout
+        assert layout is not None  # submit refuses prompt adapters otherwise
+        first = next(a for a in adapters if a is not None)
+        dtype = first.keys[0].dtype
+        shape = (len(admitted), layout.kv_heads, width, layout.head_dim)
+        for layer in range(layout.layers):
+            keys = torch.zeros(shape, dtype=dtype, device=self.device)
+            values = torch.zeros(shape, dtype=dtype, device=self.device)
+            for i, adapter in enumerate(adapters):
+                if adapter is not None:
+                    nv = adapter.num_virtual_tokens
+                    keys[i, :, width - nv :] = adapter.keys[layer]
+                    values[i, :, width - nv :] = adapter.values[layer]
+                    mask[i, width - nv :] = 1
+            cache.update(keys, values, layer)
+        return mask
 
     def _layers(self, cache: Any) -> list[Any]:
         layers = list(cache.layers)
@@ -760,7 +828,7 @@ class Engine:
             reason = FINISH_STOP
         elif (
             len(seq.generated) >= seq.max_new_tokens
-            or len(seq.prompt) + len(seq.generated) >= self.max_context
+            or seq.virtual + len(seq.prompt) + len(seq.generated) >= self.max_context
         ):
             reason = FINISH_LENGTH
         self._emit(seq, token, logprob, first)
@@ -807,6 +875,19 @@ class Engine:
             getattr(self.observer, hook)(*args)
         except Exception:
             logger.exception("engine observer %s failed", hook)
+
+
+def _compact_rows(layers: list[Any], mask: torch.Tensor) -> None:
+    """Move each row's cached tokens (``mask`` 1, ``[rows, T]``) to the right end of its columns, in
+    order, with the masked (zeroed) columns before them: ``pad | virtual | pad | prompt`` becomes
+    ``pad | virtual | prompt``, the layout decode steps assume."""
+    order = torch.argsort(mask, dim=1, stable=True)  # zeros first, each group in its own order
+    if bool((order == torch.arange(mask.shape[1], device=mask.device)).all()):
+        return
+    for layer in layers:
+        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -257,8 +257,12 @@ def check_prompt_adapter(
     if shape != [n_virtual, width]:
         raise AdapterIncompatibleError(
             f"prompt adapter {ref}: {PROMPT_TENSOR} has shape {shape}; {ADAPTER_CONFIG} implies "
-            f"[{n_virtual}, {width}] (num_virtual_tokens, "
-            + ("num_layers * 2 * token_dim)" if peft_type == PREFIX_TUNING else "token_dim)")
+            f"[{n_virtual}, {width}] (num_virtual_tokens {n_virtual}, "
+            + (
+                f"num_layers {config['num_layers']} * 2 * token_dim {config['token_dim']})"
+                if peft_type == PREFIX_TUNING
+                else f"token_dim {config['token_dim']})"
+            )
         )
     return n_virtual
 

@@ -46,7 +46,7 @@ from lorafleet.adapters import (
     verify_files,
 )
 from lorafleet.errors import AdapterError, AdapterNotFoundError
-from lorafleet.method_specs import ARTIFACT_FULL_MODEL
+from lorafleet.method_specs import ARTIFACT_FULL_MODEL, ARTIFACT_PROMPT
 from lorafleet.models import fingerprints_match
 from services.inference.adapter_checks import (
     MAX_LISTED,
@@ -56,6 +56,7 @@ from services.inference.adapter_checks import (
     check_weights_format,
 )
 from services.inference.errors import AdapterCapacityError, AdapterIncompatibleError, AdapterLoadError
+from services.inference.prompt_adapters import check_prompt_adapter
 from services.inference.reward_heads import skipped_modules
 
 logger = logging.getLogger(__name__)
@@ -705,10 +706,10 @@ class AdapterRegistry:
                 f"{ref} is a full model (method {manifest.method!r}), not an adapter: request it as "
                 f"the base model, model={ref!r} with no adapter"
             )
-        if manifest.kind != "lora":
+        if manifest.kind not in ("lora", ARTIFACT_PROMPT):
             raise AdapterIncompatibleError(
                 f"adapter {ref} is a {manifest.kind!r} artifact (method {manifest.method!r}); this server "
-                "serves LoRA adapters only"
+                "serves LoRA and prompt (ptuning) adapters only"
             )
         if not fingerprints_match(manifest.base_model, self.base_fingerprint):
             raise AdapterIncompatibleError(
@@ -728,6 +729,11 @@ class AdapterRegistry:
                 f"adapter {ref} does not match its manifest (truncated or corrupt upload?): "
                 + "; ".join(problems[:MAX_LISTED])
             )
+        if manifest.kind == ARTIFACT_PROMPT:  # no LoRA rank; the loader checks it against the base
+            check_prompt_adapter(info.ref, info.path)
+            with self._lock:
+                self._validated[ref] = _Validated(0, stamp)
+            return manifest
         rank = check_lora(
             info.ref,
             info.path,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.inference.lora_batch import AdapterWeights
+from services.inference.prompt_adapters import PromptAdapter
 from services.inference.sampling import SamplingParams
 
 FINISH_STOP = "stop"
@@ -25,10 +26,11 @@ FINISH_ERROR = "error"
 
 @dataclass
 class GenerationRequest:
-    """One generation: prompt token ids, the adapter (None = base model) and sampling params."""
+    """One generation: prompt token ids, the adapter (None = base model; LoRA weights or a prompt
+    adapter's virtual tokens) and sampling params."""
 
     prompt_ids: Sequence[int]
-    adapter: AdapterWeights | None = None
+    adapter: AdapterWeights | PromptAdapter | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     stop_check: Callable[[int], bool] | None = None
