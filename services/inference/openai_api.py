@@ -15,8 +15,11 @@ Endpoints (the request fields and their mapping: ``openai_schemas.py``):
 ==============================  ====================================================================
 
 ``model`` names a base model (no adapter) or an adapter (``name`` = its newest version, or
-``name@version``), as LoRAX and vLLM do; a base's name wins over an adapter of the same name. With
-several bases the adapter's base is the one that publishes that name. Unknown -> 404.
+``name@version``), as LoRAX and vLLM do; a base's name wins over an adapter of the same name. A
+full model published under the adapters root (``freeze`` / ``full`` training, a merged export) is a
+base model of its own, named ``name@version`` or ``name`` (``published_models.py``: loaded on first
+use; 503 with ``Retry-After`` while it loads). With several bases the adapter's base is the one that
+publishes that name. Unknown -> 404.
 
 Why a thin layer over the plane and not a proxy to gRPC: the Gateway API Inference Extension's
 endpoint picker routes HTTP requests to pods, so the API must be answered in the pod, and the plane
@@ -162,7 +165,7 @@ class OpenAIApi:
             InvalidRequestError: an adapter name that several bases publish.
         """
         hosts = self.plane.hosts
-        if model in hosts:
+        if model in hosts or self.plane.published.knows(model):
             return model, ""
         if len(hosts) == 1:  # the registry reports an unknown adapter (404) or a malformed ref (400)
             return next(iter(hosts)), model
@@ -196,7 +199,7 @@ class OpenAIApi:
                 body["error"]["param"] = "model"
             if status == 404:
                 body["error"]["code"] = "model_not_found"
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
         if status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(body, status_code=status, headers=headers)
@@ -261,8 +264,9 @@ class OpenAIApi:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     def models(self) -> list[dict[str, Any]]:
-        """Base models, then ``name@version`` adapters (those not failed), each with its base as
-        ``parent`` (vLLM's shape)."""
+        """Base models (configured ones, then published full models as ``name@version`` with their
+        ``state``: available, loading or ready; failed ones left out, as for adapters), then
+        ``name@version`` adapters (those not failed), each with its base as ``parent`` (vLLM's shape)."""
         infos, adapters = self.plane.list_models()
         out: list[dict[str, Any]] = [
             {
@@ -273,8 +277,18 @@ class OpenAIApi:
                 "root": i.path,
                 "parent": None,
                 "max_model_len": i.max_context,
+                **(
+                    {
+                        "state": i.state,
+                        "weights_bytes": i.weights_bytes,
+                        "kv_bytes_per_token": i.kv_bytes_per_token,
+                    }
+                    if i.published
+                    else {}
+                ),
             }
             for i in infos
+            if not (i.published and i.state == "failed")
         ]
         out += [
             {

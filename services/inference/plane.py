@@ -38,10 +38,13 @@ from services.inference.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
+from services.inference.prompt_adapters import prompt_aware_loader
+from services.inference.published_models import PublishedModels, PublishedModelStatus
 from services.inference.registry import (
     AdapterRegistry,
     AdapterStatus,
     RegistryEvent,
+    VersionInfo,
 )
 from services.inference.request_checks import Message, check_name, check_prompt, split_messages
 from services.inference.requests import (
@@ -167,6 +170,13 @@ class BaseModelInfo:
     reason: str
     template: str
     max_context: int
+    weights_bytes: int = 0
+    """Bytes of the resident weights (parameters and buffers at their stored width); 0 until loaded."""
+    kv_bytes_per_token: int = 0
+    """KV cache bytes per token of one sequence (keys and values of every layer); the cache grows
+    with the tokens of every row in the batch, up to ``max_batch_size`` x ``max_context`` of them."""
+    published: bool = False
+    """A full model found under the adapters root (``name@version``), not a configured base."""
 
 
 @dataclass
@@ -326,6 +336,9 @@ class BaseModelHost:
         self.registry: AdapterRegistry | None = None
         self.reward_heads: RewardHeads | None = None
         self.max_context = 0
+        self.weights_bytes = 0
+        self.kv_bytes_per_token = 0
+        self.published = False
         self._observer = observer
         self._on_registry_event = on_registry_event
 
@@ -356,6 +369,7 @@ class BaseModelHost:
                 eos_token_ids=[eos] if isinstance(eos, int) else [],
             )
             self.max_context = self.engine.max_context
+            self.weights_bytes, self.kv_bytes_per_token = model_memory(self.model, m.dtype)
             model = self.model
             self.reward_heads = RewardHeads(model)
             self.registry = AdapterRegistry(
@@ -365,7 +379,8 @@ class BaseModelHost:
                 [n for n, _ in model.named_modules()],
                 max_rank=s.max_rank,
                 capacity=s.adapter_capacity,
-                loader=self.reward_heads.load,  # LoRA weights; a reward model's value head aside
+                # Prompt adapters by peft_type; LoRA weights with a reward model's value head aside.
+                loader=prompt_aware_loader(model, self.reward_heads.load),
                 memory_budget_bytes=s.memory_budget_bytes,
                 on_event=self._on_registry_event,
             )
@@ -408,6 +423,9 @@ class BaseModelHost:
             reason=self.reason,
             template=self.template_name,
             max_context=self.max_context,
+            weights_bytes=self.weights_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token,
+            published=self.published,
         )
 
     def close(self) -> None:
@@ -417,11 +435,27 @@ class BaseModelHost:
             self.engine.close()
 
 
+def model_memory(model: Any, dtype: str) -> tuple[int, int]:
+    """``(weights_bytes, kv_bytes_per_token)`` of a loaded model: its parameters and buffers at their
+    stored width (a 4-bit base counts its packed bytes), and the keys plus values every layer caches
+    per token, at the compute dtype (GQA models cache ``num_key_value_heads`` heads)."""
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    width = 4 if dtype == "fp32" else 2
+    return weights, 2 * layers * kv_heads * head_dim * width
+
+
 @dataclass
 class _Prepared:
     host: BaseModelHost
     params: SamplingParams
     problems: list[FieldProblem] = field(default_factory=list)
+    release: Callable[[], None] = field(default=lambda: None)
+    """Ends the request's hold on a published model's host (idempotent)."""
 
 
 class InferencePlane:
@@ -442,20 +476,56 @@ class InferencePlane:
             self.hosts[m.name] = BaseModelHost(
                 m, settings, observer_for(m.name) if observer_for else None, callback
             )
+        self._observer_for = observer_for
+        self._on_registry_event = on_registry_event
+        self.published = PublishedModels(
+            Path(settings.adapters_root),
+            settings.max_published_models,
+            settings.published_load_wait_s,
+            self._published_host,
+        )
+
+    def _published_host(self, info: VersionInfo) -> BaseModelHost:
+        """An unloaded host for a published full model: its artifact directory is its base, loaded
+        in the server's ``published_dtype`` / ``published_quantization``, with the template it was
+        trained with, and its own adapter registry over the same root (adapters trained on it
+        match its fingerprint)."""
+        s = self.settings
+        template = info.manifest.template if info.manifest is not None and info.manifest.template else "auto"
+        m = ModelSettings(
+            name=info.ref,
+            path=str(info.path),
+            dtype=s.published_dtype,
+            quantization=s.published_quantization,
+            template=template,
+        )
+        callback = None
+        if self._on_registry_event is not None:
+            callback = _bind_event(self._on_registry_event, info.ref)
+        host = BaseModelHost(m, s, self._observer_for(info.ref) if self._observer_for else None, callback)
+        host.published = True
+        return host
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def load_all(self) -> bool:
-        """Load every base model in turn; True when all are ready."""
+        """Load every base model in turn; True when all are ready. Published full models load on
+        demand; their watcher starts here."""
+        self.start_published_watcher()
         for host in self.hosts.values():
             host.load()
         return self.ready
+
+    def start_published_watcher(self) -> None:
+        """List published full models now and keep the list current (idempotent)."""
+        self.published.start_watcher(self.settings.scan_interval_s)
 
     @property
     def ready(self) -> bool:
         return all(h.state == READY for h in self.hosts.values())
 
     def close(self) -> None:
+        self.published.close()
         for host in self.hosts.values():
             host.close()
 
@@ -480,7 +550,8 @@ class InferencePlane:
         host = self.hosts.get(model)
         if host is None:
             raise ModelNotFoundError(
-                f"model={show_value(model)}: no such base model; this server serves {sorted(self.hosts)}"
+                f"model={show_value(model)}: no such base model; this server serves {sorted(self.hosts)} "
+                "and the published full models (name@version) that ListModels lists"
             )
         return host
 
@@ -500,6 +571,21 @@ class InferencePlane:
             raise ModelNotReadyError(f"model {host.name!r} {why}")
         return host
 
+    def lease(self, model: str, wait_s: float | None = -1.0) -> tuple[BaseModelHost, Callable[[], None]]:
+        """The ready host ``model`` names, and the call that ends this request's hold on it: a
+        configured base (held by nothing), or a published full model (``name@version`` or ``name``,
+        pinned against unloading until the call; loaded first if needed, waiting up to ``wait_s``,
+        -1 = ``published_load_wait_s``, None = the whole load).
+
+        Raises:
+            The errors of :meth:`ready_host`, and of ``PublishedModels.acquire`` (a published model
+            loading, failed, or over ``max_published_models``).
+        """
+        if model and model not in self.hosts and self.published.knows(model):
+            held = self.published.acquire(model, wait_s)
+            return held.host, held.release
+        return self.ready_host(model), _nothing
+
     def generate(self, model: str, adapter: str, prompt: str, sampling: SamplingParams) -> Generation:
         """Submit a plain-prompt request (no template).
 
@@ -513,14 +599,18 @@ class InferencePlane:
         prepared = self._prepare(model, adapter, sampling)
         host = prepared.host
         problems = prepared.problems
-        check_prompt(prompt, self.settings.max_prompt_chars, problems)
-        ids: list[int] = []
-        if not problems:
-            ids = list(host.tokenizer.encode(prompt, add_special_tokens=True))
-            self._check_length(host, ids, "prompt", problems)
-        if problems:
-            raise InvalidRequestError(problems)
-        return self._submit(host, adapter, prepared.params, lambda _template: (ids, "", ()))
+        try:
+            check_prompt(prompt, self.settings.max_prompt_chars, problems)
+            ids: list[int] = []
+            if not problems:
+                ids = list(host.tokenizer.encode(prompt, add_special_tokens=True))
+                self._check_length(host, ids, "prompt", problems)
+            if problems:
+                raise InvalidRequestError(problems)
+            return self._submit(prepared, adapter, lambda _template: (ids, "", ()))
+        except BaseException:
+            prepared.release()
+            raise
 
     def chat(self, model: str, adapter: str, messages: list[Message], sampling: SamplingParams) -> Generation:
         """Submit a chat request rendered with the adapter's training template (or the base's).
@@ -535,6 +625,7 @@ class InferencePlane:
             messages, self.settings.max_messages, problems, self.settings.max_prompt_chars
         )
         if problems:
+            prepared.release()
             raise InvalidRequestError(problems)
 
         def render(template_name: str) -> tuple[list[int], str, tuple[int, ...]]:
@@ -546,7 +637,11 @@ class InferencePlane:
                 raise InvalidRequestError(length_problems)
             return ids, template_name, tuple(templates.stop_token_ids(template, host.tokenizer))
 
-        return self._submit(host, adapter, prepared.params, render)
+        try:
+            return self._submit(prepared, adapter, render)
+        except BaseException:
+            prepared.release()
+            raise
 
     def score(self, model: str, adapter: str, pairs: list[ScorePair]) -> ScoreResult:
         """Score (prompt, response) pairs with a reward-model adapter (``reward_heads``).
@@ -555,11 +650,16 @@ class InferencePlane:
             InvalidRequestError, ModelNotFoundError, ModelNotReadyError, AdapterError subclasses
             (AdapterIncompatibleError when the adapter is no reward model), QueueFullError.
         """
-        s = self.settings
-        return score_pairs(self.ready_host(model), adapter, pairs, s.max_messages, s.max_prompt_chars)
+        host, release = self.lease(model)
+        try:
+            s = self.settings
+            return score_pairs(host, adapter, pairs, s.max_messages, s.max_prompt_chars)
+        finally:
+            release()
 
     def _prepare(self, model: str, adapter: str, sampling: SamplingParams) -> _Prepared:
-        host = self.ready_host(model)
+        """Validate the sampling fields; the host is held (``release``) when this returns."""
+        host, release = self.lease(model)
         cfg = self.settings
         limits = SamplingLimits(cfg.max_new_tokens_cap, cfg.max_stop_sequences, cfg.max_stop_length)
         problems = sampling.validate(limits, prefix="sampling.")
@@ -567,16 +667,17 @@ class InferencePlane:
         if sampling.max_new_tokens is None:
             default = min(cfg.default_max_new_tokens, cfg.max_new_tokens_cap)
             sampling = replace(sampling, max_new_tokens=default)
-        return _Prepared(host, sampling, problems)
+        return _Prepared(host, sampling, problems, release)
 
     def _submit(
         self,
-        host: BaseModelHost,
+        prepared: _Prepared,
         adapter: str,
-        params: SamplingParams,
         render: Callable[[str], tuple[list[int], str, tuple[int, ...]]],
     ) -> Generation:
-        """Resolve and pin the adapter, render, submit; the pin is dropped on any failure."""
+        """Resolve and pin the adapter, render, submit; the pins (adapter and host) are dropped on
+        any failure, else when the generation closes."""
+        host, params = prepared.host, prepared.params
         assert host.registry is not None and host.engine is not None
         registry = host.registry
         resolved = registry.acquire(adapter) if adapter else None
@@ -584,9 +685,13 @@ class InferencePlane:
 
         def release() -> None:
             nonlocal released
-            if resolved is not None and not released:
+            if not released:
                 released = True
-                registry.release(resolved)
+                try:
+                    if resolved is not None:
+                        registry.release(resolved)
+                finally:
+                    prepared.release()
 
         try:
             template_name = (resolved.template if resolved is not None else "") or host.template_name
@@ -596,7 +701,7 @@ class InferencePlane:
             weights = resolved.weights if resolved is not None else None
             if weights is not None:
                 try:
-                    host.engine.slots.validate(weights)
+                    host.engine.check_adapter(weights)
                 except ValueError as e:
                     raise AdapterIncompatibleError(f"adapter {resolved.ref if resolved else ''}: {e}") from e
             handles = self._submit_samples(host.engine, host.tokenizer, ids, weights, params)
@@ -642,8 +747,11 @@ class InferencePlane:
     # -- adapters ------------------------------------------------------------------------------
 
     def list_models(self) -> tuple[list[BaseModelInfo], list[HostedAdapterStatus]]:
-        """Every base model with its state, and every published adapter version per base."""
+        """Every base model with its state (the configured ones, then every published full model
+        version: available, loading, ready or failed), and every published adapter version per
+        configured base."""
         infos = [h.info() for h in self.hosts.values()]
+        infos += [self._published_info(s) for s in self.published.statuses()]
         adapters = [
             HostedAdapterStatus(h.name, status)
             for h in self.hosts.values()
@@ -652,48 +760,104 @@ class InferencePlane:
         ]
         return infos, adapters
 
+    def _published_info(self, status: PublishedModelStatus) -> BaseModelInfo:
+        s = self.settings
+        if status.host is not None and status.state == READY:
+            return replace(status.host.info(), state=status.state, reason=status.reason)
+        return BaseModelInfo(
+            status.ref,
+            status.path,
+            s.published_dtype,
+            s.published_quantization,
+            status.state,
+            status.reason,
+            status.template,
+            0,
+            published=True,
+        )
+
+    def _is_published(self, model: str) -> bool:
+        return bool(model) and model not in self.hosts and self.published.knows(model)
+
     def load_adapter(self, model: str, adapter: str) -> HostedAdapterStatus:
-        """Validate and load an adapter (idempotent).
+        """Validate and load an adapter (idempotent); with an empty ``adapter`` and a published
+        full model as ``model``, load that model now and wait for it (the eager form of the load a
+        first request would start).
 
         Raises:
-            InvalidRequestError: empty ``adapter``; plus the registry's errors.
+            InvalidRequestError: empty ``adapter`` on a configured base; plus the registry's errors
+            (and for published models those of ``PublishedModels.acquire``).
         """
-        host = self.ready_host(model)
-        assert host.registry is not None
-        problems: list[FieldProblem] = []
-        if not adapter:
-            problems.append(FieldProblem("adapter", adapter, "name the adapter to load"))
-        if problems or not check_name("adapter", adapter, problems):
-            raise InvalidRequestError(problems)
-        resolved = host.registry.load(adapter)
-        return HostedAdapterStatus(host.name, self._status(host, resolved.ref))
+        if not adapter and self._is_published(model):
+            return self._published_status(self.published.load(model))
+        self._check_adapter_field(model, adapter, "load")
+        host, release = self.lease(model, wait_s=None)
+        try:
+            assert host.registry is not None
+            resolved = host.registry.load(adapter)
+            return HostedAdapterStatus(host.name, self._status(host, resolved.ref))
+        finally:
+            release()
 
     def unload_adapter(self, model: str, adapter: str) -> HostedAdapterStatus:
         """Unload ``name`` (every version) or ``name@version``; idempotent for published adapters.
+        With an empty ``adapter`` and a published full model as ``model``, unload that model (a
+        host serving requests goes when they end).
 
         Raises:
-            InvalidRequestError: empty ``adapter``.
+            InvalidRequestError: empty ``adapter`` on a configured base.
             AdapterError: a malformed reference.
             AdapterNotFoundError: nothing by that name was ever published.
         """
         from lorafleet.adapters import parse_adapter_ref
         from lorafleet.errors import AdapterNotFoundError
 
-        host = self.ready_host(model)
-        assert host.registry is not None
-        problems: list[FieldProblem] = []
-        if not adapter:
-            problems.append(FieldProblem("adapter", adapter, "name the adapter to unload"))
-        if problems or not check_name("adapter", adapter, problems):
-            raise InvalidRequestError(problems)
-        name, version = parse_adapter_ref(adapter)
-        host.registry.unload(adapter)
-        known = [s for s in host.registry.statuses() if s.name == name]
+        if not adapter and self._is_published(model):
+            unloaded = self.published.unload(model)
+            return self._published_status(self.published.status(unloaded[-1] if unloaded else model))
+        self._check_adapter_field(model, adapter, "unload")
+        host, release = self.lease(model, wait_s=None)
+        try:
+            assert host.registry is not None
+            name, version = parse_adapter_ref(adapter)
+            host.registry.unload(adapter)
+            known = [s for s in host.registry.statuses() if s.name == name]
+        finally:
+            release()
         if version is not None:
             known = [s for s in known if s.version == version]
         if not known:
             raise AdapterNotFoundError(f"adapter={show_value(adapter)}: no such adapter is published")
         return HostedAdapterStatus(host.name, max(known, key=lambda s: s.version))
+
+    def _check_adapter_field(self, model: str, adapter: str, verb: str) -> None:
+        """An adapter to load or unload must be named; an unknown or unready model is reported first."""
+        problems: list[FieldProblem] = []
+        if not adapter:
+            problems.append(FieldProblem("adapter", adapter, f"name the adapter to {verb}"))
+        if problems or not check_name("adapter", adapter, problems):
+            if not self._is_published(model):
+                self.ready_host(model)
+            raise InvalidRequestError(problems)
+
+    @staticmethod
+    def _published_status(status: PublishedModelStatus) -> HostedAdapterStatus:
+        """A published full model in LoadAdapter/UnloadAdapter's answer: ``model`` and ``ref`` are
+        its ``name@version``; ``state`` is ``loaded`` once resident and ready."""
+        name, _, version = status.ref.partition("@")
+        state: Any = {READY: "loaded", FAILED: "failed"}.get(status.state, "available")
+        adapter = AdapterStatus(
+            name,
+            int(version),
+            status.ref,
+            status.base_model,
+            state,
+            status.reason,
+            None,
+            status.template,
+            status.method,
+        )
+        return HostedAdapterStatus(status.ref, adapter)
 
     @staticmethod
     def _status(host: BaseModelHost, ref: str) -> AdapterStatus:
@@ -703,6 +867,10 @@ class InferencePlane:
                 return status
         name, _, version = ref.partition("@")
         return AdapterStatus(name, int(version), ref, "", "loaded", "", None, "", "")
+
+
+def _nothing() -> None:
+    """The release of a configured base: nothing holds it."""
 
 
 def _bind_event(

@@ -5,7 +5,14 @@ Run as:
         [--adapters-root .cache/adapters] [--port 50052] [--metrics-port 9102] [--config serve.yaml]
         [--max-new-tokens-cap 512] [--max-batch-size 32] [--max-queued 256] [--adapter-capacity 16]
         [--auth-token TOKEN] [--tls-cert F --tls-key F] [--shutdown-grace-s 30] [--http-port 8000]
+        [--max-published-models 1] [--published-dtype bf16] [--published-quantization none]
     (or ``lorafleet inference-server ...``)
+
+Full models published under the adapters root (``freeze`` / ``full`` training, ``lorafleet export
+--merge --publish NAME``) are served without a restart as base models named ``name@version`` (or
+``name``, the newest): loaded on first request, or by ``LoadAdapter`` with that ``model`` and no
+``adapter`` (``UnloadAdapter`` the same way), at most ``--max-published-models`` at once
+(``published_models.py``).
 
 ``--http-port`` also serves the OpenAI-compatible HTTP API (``openai_api.py``: ``/v1/models``,
 ``/v1/chat/completions``, ``/v1/completions``, ``/health``, ``/metrics``) from this process, over
@@ -424,6 +431,7 @@ class InferenceServer:
         return self.port
 
     def _load(self) -> None:
+        self.plane.start_published_watcher()
         for host in self.plane.hosts.values():
             if self._stopped:
                 return
@@ -495,6 +503,10 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("adapter_capacity", int, "adapters kept loaded per base model (LRU)"),
     ("adapter_memory_budget_mb", float, "MiB of resident adapter weights per base model (0 = no cap)"),
     ("scan_interval_s", float, "seconds between scans of the adapters root"),
+    ("max_published_models", int, "published full models (name@version) resident at once (0 = none)"),
+    ("published_dtype", str, "dtype of published full models: fp32, bf16 or fp16"),
+    ("published_quantization", str, "quantization of published full models: none, nf4 or int8"),
+    ("published_load_wait_s", float, "seconds a request waits for its published model to load"),
     ("max_prompt_chars", int, "characters of a prompt (or all chat messages) refused before tokenizing"),
     ("grpc_workers", int, "gRPC handler threads (one per in-flight request)"),
     ("torch_threads", int, "torch CPU threads (0 = CPUs available minus one, at least 1)"),
