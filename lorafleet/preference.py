@@ -37,6 +37,7 @@ whose chosen reward beats the rejected one, the held-out *preference accuracy*.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +102,56 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -picked.sum() / mask.sum().clamp(min=1)
 
 
+_LABEL_LOGITS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _label_logits(model: Any) -> bool:
+    """Whether ``model`` takes a boolean ``logits_to_keep`` mask (cached: the check reads source)."""
+    try:
+        return _LABEL_LOGITS[model]
+    except (KeyError, TypeError):
+        pass
+    from lorafleet.fastpath import supports_label_logits
+
+    found = isinstance(model, torch.nn.Module) and supports_label_logits(model)
+    with contextlib.suppress(TypeError):
+        _LABEL_LOGITS[model] = found
+    return found
+
+
+def answer_token_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over a right-padded batch: :func:`token_logps` of its answer tokens.
+
+    Only answer tokens are scored, so where the model allows it the output head runs on the
+    positions that predict one (``logits_to_keep`` as a mask, see ``lorafleet.fastpath``): the same
+    log-probs without the prompt's and padding's ``[rows, seq, vocab]`` logits, for policy and
+    reference forwards alike.
+    """
+    labels = batch["labels"]
+    if not _label_logits(model):
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        return token_logps(logits, labels)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = mask
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits  # [kept positions, vocab], row-major like labels[:, 1:][mask]
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    picked = torch.gather(logps, 1, labels[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
+    return picked.new_zeros(mask.shape).masked_scatter(mask, picked), mask
+
+
 def forward_logps(model: Any, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
     """One forward over a right-padded batch; the answer log-probs per row, [rows] (sum or mean)."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    return sequence_logps(logits, batch["labels"], average)
+    picked, mask = answer_token_logps(model, batch)
+    total = picked.sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1) if average else total
 
 
 REFERENCE_ADAPTER = "ref"
@@ -420,10 +465,7 @@ def pairwise_step(
     Returns:
         (scalar loss with gradient, metrics dict).
     """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    picked, mask = token_logps(logits, batch["labels"])
+    picked, mask = answer_token_logps(model, batch)
     sums, lengths = picked.sum(dim=1), mask.sum(dim=1)
     half = sums.shape[0] // 2
     if loss in MEAN_LOGP_LOSSES:
