@@ -247,7 +247,8 @@ def trl_worker(spec_path: Path) -> None:
 
     trainer.data_collator = counting_collator
     trainer.train()
-    trainer.model.save_pretrained(str(out / "adapter"))
+    trained: Any = trainer.model
+    trained.save_pretrained(str(out / "adapter"))
     runtime = Clock.end - Clock.start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = {
