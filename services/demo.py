@@ -18,7 +18,8 @@ Run as:
    chosen answer tags itself with the asked letter and its check digit), and prints its held-out
    preference accuracy before and after (the fraction of held-out pairs whose chosen answer the
    model itself ranks above the rejected one);
-7. chats with the DPO adapter through the inference service once it has picked it up;
+7. chats with the DPO adapter through the inference service once it has picked it up, and shows for
+   each held-out prompt which tag (chosen or rejected) the adapter prefers, scored by the service;
 8. stops both services, or keeps them up with ``--keep-running`` (for ``make dashboard``) until
    Ctrl-C.
 
@@ -129,6 +130,7 @@ def _dpo_step(trainer_client: Any, istub: Any, sft_ref: str, adapters_root: Path
 
     Returns whether the held-out preference accuracy rose.
     """
+    from lorafleet import adapters, templates
     from lorafleet.config import load_config
     from lorafleet.preference_data import load_preference_samples
     from lorafleet.v1 import inference_pb2 as ipb
@@ -167,6 +169,26 @@ def _dpo_step(trainer_client: Any, istub: Any, sft_ref: str, adapters_root: Path
         return any(a.ref == dpo_ref and a.state in ("available", "loaded") for a in listed.adapters)
 
     _wait(f"{dpo_ref} in ListModels", picked_up, 60)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY))
+    template_name = adapters.get_adapter(adapters_root, DPO_ADAPTER_NAME).manifest.template
+    template = templates.get_template(template_name, tokenizer)
+
+    def sequence_logprob(prompt: str, answer: str) -> float:
+        """The DPO adapter's log-probability of the templated prompt plus ``answer``, scored by the
+        inference service (prompt log-probs). Two answers to one prompt differ only after the
+        prompt, so the difference of two such sums is the log-ratio the preference is about."""
+        ((query, response),) = templates.render_turns(template, tokenizer, [(prompt, answer)], None)
+        request = ipb.GenerateRequest(
+            model=BASE_NAME,
+            adapter=dpo_ref,
+            prompt=query + response,
+            sampling=ipb.SamplingParams(max_new_tokens=1, temperature=0.0, prompt_logprobs=0),
+        )
+        scored = istub.Generate(request, timeout=300).prompt_logprobs
+        return sum(t.logprob for t in scored if t.HasField("logprob"))
+
     pairs, _ = load_preference_samples(str(config.data.validation_file), config.preference, "dpo")
     for sample in pairs[:3]:
         request = ipb.ChatRequest(
@@ -176,8 +198,16 @@ def _dpo_step(trainer_client: Any, istub: Any, sft_ref: str, adapters_root: Path
             sampling=ipb.SamplingParams(max_new_tokens=16, temperature=0.0),
         )
         reply = istub.Chat(request, timeout=300).text.strip()
+        chosen, rejected = sample.chosen or "", sample.rejected or ""  # set on pairwise rows
+        margin = sequence_logprob(sample.prompt, chosen) - sequence_logprob(sample.prompt, rejected)
+        chosen_tag, rejected_tag = chosen.split(":")[0], rejected.split(":")[0]
+        preferred, other = (chosen_tag, rejected_tag) if margin > 0 else (rejected_tag, chosen_tag)
         print(f"   user: {_short(sample.prompt, 70)}")
-        print(f"   {DPO_ADAPTER_NAME}: {_short(reply, 70)}   (chosen: {_short(sample.chosen, 30)})")
+        print(f"   {DPO_ADAPTER_NAME}: {_short(reply, 70)}   (chosen: {_short(chosen, 30)})")
+        print(
+            f"   prefers {preferred} over {other} by {abs(margin):.2f} nats "
+            f"(chosen {chosen_tag}, rejected {rejected_tag}: {'ok' if margin > 0 else 'x'})"
+        )
     return after > before
 
 
@@ -298,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   inference gRPC {iaddr}   metrics {imetrics}")
 
         print("== 3/7 submitting a LoRA job over gRPC (examples/lora.yaml)")
-        overrides = [f"output.adapter_name={ADAPTER_NAME}", f"output.adapters_root={adapters_root}"]
+        overrides = [
+            f"output.adapter_name={ADAPTER_NAME}",
+            f"output.adapters_root={adapters_root}",
+            # The DPO step inherits this adapter's LoRA shape, dropout included, and the preference
+            # loop trains with dropout on in both the policy and the frozen reference copy: on an
+            # adapter trained to convergence, that noise swamps the one-token preference signal.
+            "lora.dropout=0.0",
+        ]
         if args.epochs:
             overrides.append(f"train.epochs={args.epochs}")
         config = load_config(ROOT / "examples" / "lora.yaml", overrides)
