@@ -154,6 +154,20 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor], average: bool = Fa
     return total / mask.sum(dim=1).clamp(min=1) if average else total
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout layer of ``model`` (LoRA's included) to p=0; returns how many.
+
+    A preference loss compares log-probs of two answers that may differ in one token, against a
+    reference computed with the same modules: dropout noise on both sides swamps that signal (an
+    SFT adapter trained with ``lora.dropout`` 0.05 then stops DPO from learning). trl does the
+    same by default (``disable_dropout=True``).
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for layer in layers:
+        layer.p = 0.0
+    return len(layers)
+
+
 REFERENCE_ADAPTER = "ref"
 """Name of the frozen copy of a starting (SFT) adapter that serves as the reference policy."""
 

@@ -205,3 +205,20 @@ def test_a_valid_dpo_config_passes() -> None:
     config.preference.sft_adapter = "demo-sft@1"
     config.preference.loss = "simpo"
     validate_config(config)
+
+
+def test_disable_dropout_zeroes_every_dropout_layer_lora_included() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from lorafleet import preference
+    from lorafleet.fastpath import use_fast_lora_dropout
+
+    base = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.05))
+    use_fast_lora_dropout(model)
+    assert preference.disable_dropout(model) == 3
+    model.train()
+    x = torch.randn(8, 4)
+    assert torch.equal(model(x), model(x))  # no randomness left in train mode

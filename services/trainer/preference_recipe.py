@@ -423,6 +423,7 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
             (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     elif topo.distributed:
         forward_model = torch.nn.parallel.DistributedDataParallel(model)
+    preference.disable_dropout(model)  # policy and reference alike (see its docstring)
     forward_model.train()
     step, epoch, micro_total, tokens = 0, 0, 0, 0
     window: list[dict[str, float]] = []
