@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorafleet.preference_prefix import shared_prompt_problem, shared_prompt_token_logps
+
 IGNORE_INDEX = -100
 PAIRWISE_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 REFERENCE_FREE_LOSSES = frozenset({"orpo", "simpo"})
@@ -227,6 +229,18 @@ def reference_logps(
             return forward_logps(ref_model, batch, average)
     with reference_policy(model):
         return forward_logps(model, batch, average)
+
+
+def _pair_reference_logps(
+    model: Any, batch: dict[str, torch.Tensor], ref_model: Any | None, share_prompt: bool
+) -> torch.Tensor:
+    """:func:`reference_logps` of a :func:`collate_pairs` batch, the prompt shared where it fits."""
+    scorer = model if ref_model is None else ref_model
+    if not share_prompt or shared_prompt_problem(scorer, batch) is not None:
+        return reference_logps(model, batch, ref_model)
+    context = torch.no_grad() if ref_model is not None else reference_policy(model)
+    with context:
+        return shared_prompt_token_logps(scorer, batch)[0].sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- pairwise losses
@@ -469,17 +483,24 @@ def pairwise_step(
     label_smoothing: float = 0.0,
     ref_model: Any | None = None,
     ref_logps: torch.Tensor | None = None,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss and TRL-named metrics of one :func:`collate_pairs` batch under variant ``loss``.
 
-    One forward scores chosen and rejected rows together ([2·batch, seq]). The reference comes from
-    ``ref_logps`` ([2·batch], precomputed), else ``ref_model``, else ``model`` with its adapter
-    disabled; ORPO and SimPO use none.
+    One forward scores chosen and rejected rows together ([2·batch, seq]). With ``share_prompt``
+    (and where :func:`~lorafleet.preference_prefix.shared_prompt_problem` finds the model and batch
+    fit) that forward runs each pair's prompt once and both answers on its KV cache: the same
+    log-probs and gradients, fewer tokens through the model; the reference forward does the same.
+    The reference comes from ``ref_logps`` ([2·batch], precomputed), else ``ref_model``, else
+    ``model`` with its adapter disabled; ORPO and SimPO use none.
 
     Returns:
         (scalar loss with gradient, metrics dict).
     """
-    picked, mask = answer_token_logps(model, batch)
+    score = answer_token_logps
+    if share_prompt and shared_prompt_problem(model, batch) is None:
+        score = shared_prompt_token_logps
+    picked, mask = score(model, batch)
     sums, lengths = picked.sum(dim=1), mask.sum(dim=1)
     half = sums.shape[0] // 2
     if loss in MEAN_LOGP_LOSSES:
@@ -492,7 +513,7 @@ def pairwise_step(
             result = simpo_loss(chosen, rejected, beta, gamma, label_smoothing)
     else:
         if ref_logps is None:
-            ref_logps = reference_logps(model, batch, ref_model)
+            ref_logps = _pair_reference_logps(model, batch, ref_model, share_prompt)
         chosen, rejected = sums[:half], sums[half:]
         if loss == "sigmoid":
             result = dpo_loss(chosen, rejected, ref_logps[:half], ref_logps[half:], beta, label_smoothing)

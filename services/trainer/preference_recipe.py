@@ -237,8 +237,28 @@ def _step(
     if config.stage == "kto":
         return preference.kto_step(model, batch, o.beta, o.desirable_weight, o.undesirable_weight, ref_model)
     return preference.pairwise_step(
-        model, batch, o.loss, o.beta, o.gamma, o.label_smoothing, ref_model=ref_model, ref_logps=ref_logps
+        model,
+        batch,
+        o.loss,
+        o.beta,
+        o.gamma,
+        o.label_smoothing,
+        ref_model=ref_model,
+        ref_logps=ref_logps,
+        share_prompt=_shares_prompt(config),
     )
+
+
+def _shares_prompt(config: RunConfig) -> bool:
+    """Whether the pairwise forwards run each prompt once (``lorafleet.preference_prefix``).
+
+    Everywhere but DeepSpeed ZeRO-3: there the policy would take two grad-carrying forwards per
+    step through the partitioned engine (prompt, then answers), a path not checked against its
+    parameter gathering; the plain [2·batch] forward stays. Models the trick does not fit (no
+    ``logits_to_keep`` mask, a cache that is not a plain DynamicCache, gradient checkpointing) fall
+    back per batch inside ``preference.pairwise_step``.
+    """
+    return config.distributed.deepspeed_stage != 3
 
 
 @torch.no_grad()
