@@ -139,10 +139,10 @@ def test_a_failed_prefill_fails_only_the_row_that_breaks_it(
     dirty = make_engine()
     poison_token = dirty.vocab_size - 1
     assert all(poison_token not in p for p in prompts[:4])
+    assert all(poison_token not in e for e in expected)  # only the hostile prompt ever feeds it
 
     def refuse(_module: Any, args: tuple[Any, ...]) -> None:
-        ids = args[0]
-        if ids.shape[-1] > 1 and bool((ids == poison_token).any()):
+        if bool((args[0] == poison_token).any()):  # any forward holding it: packed or padded
             raise RuntimeError("this model cannot take that input")
 
     dirty.model.get_input_embeddings().register_forward_pre_hook(refuse)

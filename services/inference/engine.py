@@ -1,31 +1,30 @@
 """The generation engine: continuous batching of requests for many LoRA adapters over one base model.
 
-One background thread owns the model and runs the decode loop. Each iteration:
+One background thread owns the model and runs the loop. Each iteration:
 
 1. drops rows whose request was cancelled (their adapter slot was already released by ``cancel``);
 2. admits waiting requests, round-robin over the adapters that have requests waiting (so a burst
-   for one adapter cannot starve the others), while the batch has room and an adapter slot can be
-   found; loads adapters into free slots (least recently used slot first);
-3. prefills the admitted prompts together (left-padded) and emits their first token (keeping the
-   logits of every prompt position only when an admitted request asked for prompt logprobs);
-4. merges their KV cache into the running batch and runs ONE decode step for every row, rows of
-   different adapters and base rows in the same forward (``LoraSlots`` applies each row's delta);
-5. emits tokens, and removes finished rows from the batch.
+   for one adapter cannot starve the others), while the batch has room, the KV cache can hold the
+   prompt and an adapter slot can be found; loads adapters into free slots (least recently used
+   slot first);
+3. runs the model over the batch, rows of different adapters and base rows in the same forward
+   (``LoraSlots`` applies each row's delta), emits tokens and retires finished rows.
 
-KV cache layout: one transformers ``DynamicCache`` for the running batch, every row right-aligned
-(left padding). Joining pads the shorter side on the left with zeros and concatenates on the batch
-dimension; leaving selects the remaining rows and trims columns that are padding in every row. Each
-row keeps its own length, from which the attention mask (padding masked) and position ids (the
-row's own token count) are built, so every row computes what it would compute alone.
+How step 3 holds the KV cache is the job of a *KV layout*:
+
+* ``paged_batch.PagedBatch`` (the default): a block pool under a memory budget
+  (``kv_cache.KvBlocks``) with prefix reuse; one packed, unpadded forward per iteration that
+  decodes every running row and prefills prompt chunks of the new ones (``max_prefill_tokens`` per
+  iteration), so long prompts neither cost padding nor stall the running streams.
+* ``padded_batch.PaddedBatch``: one left-padded transformers ``DynamicCache``, for models whose
+  attention does not go through transformers' attention interface (ALiBi: BLOOM, Falcon). The
+  engine checks at start that the paged forward computes what the model's own forward computes
+  and falls back to this layout, with a log line saying why, when it cannot.
 
 Prompt adapters (``prompt_adapters.PromptAdapter``: prefix tuning / P-tuning v2, P-tuning, prompt
 tuning) take no adapter slot: their rows are base rows for the LoRA hooks (slot -1) whose cache
-holds the adapter's virtual keys and values in front of the prompt (``pad | virtual | prompt``),
-as PeftModel's does. The prefill forward starts from a cache prefilled with every admitted row's
-virtual KV (right-aligned in the prefix columns, masked elsewhere) and shifts each row's position
-ids by its virtual tokens; afterwards each row's columns are compacted so its cached tokens are
-contiguous and right-aligned again. Decoding is unchanged: a row's length counts its virtual
-tokens, and so does ``max_context``.
+holds the adapter's virtual keys and values in front of the prompt, with position ids shifted as
+PeftModel shifts them. A row's length counts its virtual tokens, and so does ``max_context``.
 
 Adapter slots (``slot_pool.SlotPool``) are reference-counted by in-flight requests; when no slot
 can be had, the request waits. Tokens are picked by ``processors.pick_tokens``; a request that asked
@@ -56,9 +55,19 @@ from services.inference.errors import (
     QueueFullError,
     RequestFailedError,
 )
+from services.inference.kv_cache import (
+    ATTENTION,
+    ForwardPlan,
+    KvBlocks,
+    PagedCacheView,
+    Segment,
+    use_paged_attention,
+)
 from services.inference.lora_batch import AdapterWeights, LoraSlots, Mode
-from services.inference.processors import Pick, TokenSampler, pick_tokens, token_logprobs
-from services.inference.prompt_adapters import KvLayout, PromptAdapter, compute_prompt_kv, virtual_tokens
+from services.inference.padded_batch import PaddedBatch
+from services.inference.paged_batch import PagedBatch
+from services.inference.processors import Pick, pick_tokens, token_logprobs
+from services.inference.prompt_adapters import KvLayout, PromptAdapter, virtual_tokens
 from services.inference.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -71,40 +80,10 @@ from services.inference.requests import (
     TokenLogprob,
 )
 from services.inference.reward_heads import ScoreJob, score_forward
+from services.inference.sequence import BASE_KEY, Seq
 from services.inference.slot_pool import SlotPool
 
 logger = logging.getLogger(__name__)
-
-_BASE_KEY = ""  # waiting-queue key of base-model requests
-
-
-class _Seq:
-    """Engine-side state of one request."""
-
-    def __init__(self, handle: RequestHandle, request: GenerationRequest, stop_ids: frozenset[int]) -> None:
-        self.handle = handle
-        self.prompt = [int(t) for t in request.prompt_ids]
-        self.adapter = request.adapter
-        self.key = request.adapter.ref if request.adapter is not None else _BASE_KEY
-        self.virtual = virtual_tokens(request.adapter)  # prompt adapters' tokens in front of the prompt
-        self.max_new_tokens = request.params.new_tokens
-        self.stop_ids = stop_ids
-        self.stop_check = request.stop_check
-        self.sampler = TokenSampler(request.params)
-        self.logprobs = request.params.logprobs
-        self.prompt_logprobs_k = request.params.prompt_logprobs
-        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # set at prefill when asked
-        self.generated: list[int] = []
-        self.slot = -1
-        self.slot_held = False
-        self.cancelled = False
-        self.length = 0  # tokens in the KV cache for this row
-        self.last_token_at = 0.0
-        self.admitted_at = 0.0
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt + self.generated
 
 
 class Engine:
@@ -119,8 +98,17 @@ class Engine:
         max_queued: requests waiting for admission before ``submit`` raises ``QueueFullError``.
         max_context: tokens a sequence (prompt + generated) may hold; None = the model's
             ``max_position_embeddings``.
-        max_prefill_tokens: prompt tokens prefilled per iteration (at least one request is always
-            admitted); bounds how long one iteration stalls the running rows.
+        max_prefill_tokens: prompt tokens prefilled per iteration; bounds how long one iteration
+            stalls the running rows. The paged layout prefills longer prompts in chunks of this
+            size; the padded one admits prompts up to this many tokens together (at least one).
+        kv_cache: ``auto`` (paged when the model allows it, else padded), ``paged`` (raise when the
+            model does not allow it) or ``padded``.
+        kv_cache_mb: the paged KV cache's budget in MiB (keys and values of every layer); None =
+            room for ``max_batch_size`` sequences of ``max_context`` tokens. Memory is touched only
+            as blocks are first used. It must hold at least one ``max_context`` sequence.
+        kv_block_size: tokens per KV block (the prefix-reuse granularity).
+        prefix_caching: reuse the cached blocks of a prompt prefix already computed for the same
+            base and adapter version.
         lora_dtype: dtype of the slot tables (float32 matches PEFT).
         lora_mode: ``auto``, ``group`` or ``gather`` (see ``lora_batch``).
         observer: metric hooks.
@@ -139,7 +127,11 @@ class Engine:
         max_batch_size: int = 32,
         max_queued: int = 1024,
         max_context: int | None = None,
-        max_prefill_tokens: int = 4096,
+        max_prefill_tokens: int = 512,
+        kv_cache: str = "auto",
+        kv_cache_mb: float | None = None,
+        kv_block_size: int = 16,
+        prefix_caching: bool = True,
         lora_dtype: torch.dtype = torch.float32,
         lora_mode: Mode = "auto",
         observer: EngineObserver | None = None,
@@ -148,6 +140,10 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or max_queued < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queued >= 0")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if kv_cache not in ("auto", "paged", "padded"):
+            raise ValueError(f"kv_cache must be auto, paged or padded, got {kv_cache!r}")
         self.model = model.eval()
         from transformers import PreTrainedConfig
 
@@ -188,20 +184,29 @@ class Engine:
         """The token id that fills padding positions (the model's pad token, else its smallest eos)."""
 
         self._cond = threading.Condition()
-        self._waiting: OrderedDict[str, deque[_Seq]] = OrderedDict()
+        self._waiting: OrderedDict[str, deque[Seq]] = OrderedDict()
         self._rr_order: list[str] = []  # adapter keys in round-robin order
         self._rr_next = 0
         self._num_waiting = 0
-        self._cancelled: list[_Seq] = []
+        self._cancelled: list[Seq] = []
         self._closed = False
         # Loop-thread state.
-        self._running: list[_Seq] = []
-        self._cache: Any = None
+        self._running: list[Seq] = []
         self._ids = itertools.count()
-        self._counters = {"steps": 0, "tokens_generated": 0, "requests_finished": 0, "prefills": 0}
+        self._counters = {
+            "steps": 0,
+            "tokens_generated": 0,
+            "requests_finished": 0,
+            "prefills": 0,
+            "preemptions": 0,
+        }
         self._thread: threading.Thread | None = None
         self._adapters_seen: tuple[tuple[str, ...], ...] | None = None  # last on_adapters payload
         self._score_jobs: deque[ScoreJob] = deque()  # reward-model scoring, drained between steps
+        self._attn_before = getattr(config, "_attn_implementation", None)
+        self._batch: PagedBatch | PaddedBatch = self._choose_layout(
+            kv_cache, kv_cache_mb, kv_block_size, prefix_caching
+        )
         self._notify("on_capacity", max_batch_size, num_slots)
         if start:
             self.start()
@@ -257,7 +262,7 @@ class Engine:
         )
         rid = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(rid, n, self.cancel)
-        seq = _Seq(handle, request, stop_ids)
+        seq = Seq(handle, request, stop_ids)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -330,6 +335,7 @@ class Engine:
         while self._score_jobs:
             self._score_jobs.popleft().fail(EngineClosedError("the engine was closed"))
         self.slots.remove()
+        self._restore_attention()
 
     def __enter__(self) -> Engine:
         return self
@@ -345,7 +351,26 @@ class Engine:
                 "waiting": self._num_waiting,
                 "running": len(self._running),
                 "slots": self._slot_pool.snapshot(),
+                "kv_cache": self._kv_snapshot(),
             }
+
+    def _kv_snapshot(self) -> dict[str, Any]:
+        used, total = self._batch.usage()
+        if not isinstance(self._batch, PagedBatch):
+            return {"layout": "padded", "rows_used": used, "rows": total}
+        blocks = self._batch.blocks
+        return {
+            "layout": "paged",
+            "blocks_used": used,
+            "blocks": total,
+            "block_size": blocks.block_size,
+            "budget_bytes": total
+            * blocks.block_size
+            * blocks.bytes_per_token(blocks.layers, blocks.kv_heads, blocks.head_dim, blocks.dtype),
+            "prefix_query_tokens": blocks.stats.queries,
+            "prefix_hit_tokens": blocks.stats.hits,
+            "prefix_evictions": blocks.stats.evictions,
+        }
 
     # ------------------------------------------------------------------------------------------
     # Slots and admission (called with _cond held)
@@ -353,8 +378,8 @@ class Engine:
     def _publish_adapters(self) -> None:
         """Call ``on_adapters`` when the adapters of the running rows, the waiting requests or the
         slots changed since the last call (loop thread, ``_cond`` held)."""
-        running = tuple(sorted({s.key for s in self._running if s.key != _BASE_KEY}))
-        waiting = tuple(sorted(k for k, pending in self._waiting.items() if pending and k != _BASE_KEY))
+        running = tuple(sorted({s.key for s in self._running if s.key != BASE_KEY}))
+        waiting = tuple(sorted(k for k, pending in self._waiting.items() if pending and k != BASE_KEY))
         resident = tuple(sorted(slot["ref"] for slot in self._slot_pool.snapshot() if slot["ref"]))
         payload = (running, waiting, resident)
         if payload != self._adapters_seen:
@@ -369,7 +394,7 @@ class Engine:
             if idx < self._rr_next:
                 self._rr_next -= 1
 
-    def _acquire_slot(self, seq: _Seq) -> bool:
+    def _acquire_slot(self, seq: Seq) -> bool:
         """Give ``seq`` a slot for its adapter; False when every slot is busy with other adapters.
 
         Raises:
@@ -384,16 +409,15 @@ class Engine:
         seq.slot, seq.slot_held = slot, True
         return True
 
-    def _release_slot(self, seq: _Seq) -> None:
+    def _release_slot(self, seq: Seq) -> None:
         if seq.slot_held:
             self._slot_pool.release(seq.slot)
             seq.slot_held = False
 
-    def _admit(self) -> list[_Seq]:
+    def _admit(self) -> list[Seq]:
         """Pick waiting requests round-robin over adapter keys while the batch has room."""
         room = self.max_batch_size - len(self._running)
-        admitted: list[_Seq] = []
-        budget = self.max_prefill_tokens
+        admitted: list[Seq] = []
         blocked: set[str] = set()
         while room > 0 and self._rr_order and len(blocked) < len(self._rr_order):
             if self._rr_next >= len(self._rr_order):
@@ -401,7 +425,7 @@ class Engine:
             key = self._rr_order[self._rr_next]
             pending = self._waiting[key]
             seq = pending[0]
-            if key in blocked or (admitted and len(seq.prompt) > budget):
+            if key in blocked or not self._batch.fits(seq, admitted):
                 blocked.add(key)
                 self._rr_next += 1
                 continue
@@ -410,9 +434,11 @@ class Engine:
             except RequestFailedError as e:
                 pending.popleft()
                 self._num_waiting -= 1
+                self._batch.unreserve(seq)
                 self._finish(seq, FINISH_ERROR, e)
                 got = None
             if got is False:
+                self._batch.unreserve(seq)
                 blocked.add(key)
                 self._rr_next += 1
                 continue
@@ -421,7 +447,6 @@ class Engine:
                 self._num_waiting -= 1
                 admitted.append(seq)
                 room -= 1
-                budget -= len(seq.prompt)
             if not pending:
                 self._drop_key_if_empty(key)  # the next key slides into _rr_next
             else:
@@ -442,7 +467,7 @@ class Engine:
                         return
                     cancelled, self._cancelled = self._cancelled, []
                     if cancelled:
-                        self._remove_rows([s for s in self._running if s.cancelled])
+                        self._batch.remove([s for s in self._running if s.cancelled])
                     admitted = self._admit()
                     waiting = self._num_waiting
                 self._drain_score_jobs()
@@ -455,24 +480,9 @@ class Engine:
                     time.sleep(0.001)
                     continue
                 began = time.perf_counter()
-                prefill_tokens = sum(len(s.prompt) for s in admitted)
-                if admitted:
-                    try:
-                        self._prefill(admitted)
-                    except Exception as e:  # fails the admitted rows only: the running cache is untouched
-                        logger.exception("prefill failed; failing %d requests", len(admitted))
-                        self._fail([s for s in admitted if s not in self._running], e)
-                if self._running:
-                    try:
-                        self._decode_step()
-                    except Exception as e:  # a model error fails the batch, not the engine
-                        logger.exception("decode step failed; failing %d requests", len(self._running))
-                        with self._cond:
-                            failed, self._running, self._cache = self._running, [], None
-                        self._fail(failed, e)
-                        continue
+                prefill_tokens = self._batch.step(admitted)
                 self._counters["steps"] += 1
-                adapters = len({s.key for s in self._running if s.key != _BASE_KEY})  # LoRA or prompt
+                adapters = len({s.key for s in self._running if s.key != BASE_KEY})  # LoRA or prompt
                 self._notify(
                     "on_step", len(self._running), adapters, prefill_tokens, time.perf_counter() - began
                 )
@@ -480,205 +490,177 @@ class Engine:
                     waiting = self._num_waiting
                     self._publish_adapters()
                 self._notify("on_queue", waiting, len(self._running))
+                self._notify_kv()
 
     def _forward(
         self,
         input_ids: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         positions: torch.Tensor,
         cache: Any,
         logits_to_keep: int = 1,
+        *,
+        paged: ForwardPlan | None = None,
+        row_slots: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> Any:
-        """One model forward; ``logits_to_keep=0`` keeps the logits of every position."""
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+        """One model forward.
+
+        Padded layout: the model's output (``logits_to_keep=0`` keeps every position's logits).
+        Paged layout (``paged`` given): ``input_ids`` / ``positions`` are ``[tokens, 1]``, one token
+        per batch row with per-token adapter slots ``row_slots``; the decoder runs on all of them
+        and the output head only on the positions in ``keep``, whose logits ``[len(keep), vocab]``
+        are returned.
+        """
+        if paged is None:
+            return self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if mask is None else mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
+        assert row_slots is not None and keep is not None
+        self.slots.set_rows(row_slots)
+        model: Any = self.model
+        out = model.base_model(
+            input_ids=input_ids,
+            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=logits_to_keep,
+            attention_mask=_NO_MASK,  # a 4-D mask skips transformers' mask building: rows are packed
+            paged=paged,
         )
-        return out
+        hidden = out.last_hidden_state.index_select(0, keep.to(self.device))  # [kept, 1, hidden]
+        self.slots.set_rows(row_slots.index_select(0, keep))  # the head's rows (modules_to_save)
+        return model.get_output_embeddings()(hidden)[:, 0, :]
 
-    def _prefill(self, admitted: list[_Seq]) -> None:
-        """Prefill new prompts as one left-padded batch, emit first tokens, merge survivors.
+    # ------------------------------------------------------------------------------------------
+    # KV layout
 
-        When the batched forward raises, each prompt is prefilled alone, so the one that breaks the
-        forward fails by itself (nothing was emitted or cached before the forward).
-        """
-        try:
-            logits, cache = self._prefill_forward(admitted)
-        except Exception:
-            if len(admitted) == 1:
-                raise
-            logger.exception("prefill of %d requests failed; retrying them one by one", len(admitted))
-            for seq in admitted:
-                try:
-                    self._prefill([seq])
-                except Exception as e:
-                    logger.exception("prefill of request %s failed", seq.handle.request_id)
-                    self._fail([seq], e)
-            return
-        picks, logprobs = self._sample(admitted, logits)
-        survivors = [
-            i
-            for i, (seq, pick, logprob) in enumerate(zip(admitted, picks, logprobs, strict=True))
-            if not self._accept(seq, pick, logprob)
-        ]
-        n = len(admitted)
-        if len(survivors) < n:
-            with self._cond:
-                for i in range(n):
-                    if i not in survivors:
-                        self._release_slot(admitted[i])
-            if not survivors:
-                return
-            sel = torch.tensor(survivors, device=self.device)
-            for layer in self._layers(cache):
-                layer.keys = layer.keys.index_select(0, sel)
-                layer.values = layer.values.index_select(0, sel)
-        self._join([admitted[i] for i in survivors], cache)
-
-    def _prefill_forward(self, admitted: list[_Seq]) -> tuple[torch.Tensor, Any]:
-        """The prefill forward of ``admitted``: last-position logits ``[rows, vocab]`` and the cache."""
-        from transformers import DynamicCache
-
-        width = max(len(s.prompt) for s in admitted)
-        n = len(admitted)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, seq in enumerate(admitted):
-            ids[i, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
-            mask[i, width - len(seq.prompt) :] = 1
-            seq.length = seq.virtual + len(seq.prompt)
-            seq.admitted_at = time.monotonic()
-        # PeftModel shifts a prompt adapter's real tokens by its virtual tokens.
-        shift = torch.tensor([s.virtual for s in admitted])[:, None]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + shift
-        cache = DynamicCache(config=self._model_config)
-        if any(s.virtual for s in admitted):
-            mask = torch.cat([self._prefill_virtual(admitted, cache), mask], dim=1)
-        self.slots.set_rows(torch.tensor([s.slot for s in admitted]))
-        want_prompt = any(s.prompt_logprobs_k is not None for s in admitted)
-        out = self._forward(ids, mask, positions, cache, logits_to_keep=0 if want_prompt else 1)
-        self._counters["prefills"] += 1
-        if want_prompt:
-            for i, seq in enumerate(admitted):
-                if seq.prompt_logprobs_k is not None:
-                    seq.prompt_logprobs = _prompt_logprobs(out.logits[i], seq.prompt, seq.prompt_logprobs_k)
-        if n > 1 and bool((mask == 0).any()):
-            # Padded positions hold keys/values of pad tokens; zero them so nothing non-finite can
-            # leak through a masked attention weight.
-            keep = mask.bool().to(self.device)[:, None, :, None]
-            for layer in self._layers(cache):
-                layer.keys = torch.where(keep, layer.keys, 0.0)
-                layer.values = torch.where(keep, layer.values, 0.0)
-            if mask.shape[1] > width:
-                _compact_rows(self._layers(cache), mask.to(self.device))
-        return out.logits[:, -1, :], cache
-
-    def _prefill_virtual(self, admitted: list[_Seq], cache: Any) -> torch.Tensor:
-        """Fill ``cache`` with the admitted rows' virtual KV: ``V`` = the most virtual tokens of any
-        row, each row's right-aligned in those columns (zeros elsewhere). P-tuning / prompt-tuning
-        adapters get their KV computed here first, once (the plain base, on this thread).
-
-        Returns:
-            The prefix's attention mask ``[rows, V]``.
-        """
-        width = max(s.virtual for s in admitted)
-        mask = torch.zeros((len(admitted), width), dtype=torch.long)
-        adapters = [s.adapter if isinstance(s.adapter, PromptAdapter) else None for s in admitted]
-        for adapter in adapters:
-            if adapter is not None and not adapter.has_kv:
-                self.slots.set_rows(None)
-                compute_prompt_kv(self.model, adapter, self._model_config)
+    def _choose_layout(
+        self, kind: str, kv_cache_mb: float | None, block_size: int, prefix_caching: bool
+    ) -> PagedBatch | PaddedBatch:
+        if kind == "padded":
+            return PaddedBatch(self)
         layout = self.kv_layout
-        assert layout is not None  # submit refuses prompt adapters otherwise
-        first = next(a for a in adapters if a is not None)
-        dtype = first.keys[0].dtype
-        shape = (len(admitted), layout.kv_heads, width, layout.head_dim)
-        for layer in range(layout.layers):
-            keys = torch.zeros(shape, dtype=dtype, device=self.device)
-            values = torch.zeros(shape, dtype=dtype, device=self.device)
-            for i, adapter in enumerate(adapters):
-                if adapter is not None:
-                    nv = adapter.num_virtual_tokens
-                    keys[i, :, width - nv :] = adapter.keys[layer]
-                    values[i, :, width - nv :] = adapter.values[layer]
-                    mask[i, width - nv :] = 1
-            cache.update(keys, values, layer)
-        return mask
+        reason = None
+        if layout is None:
+            reason = "the model config does not describe its KV cache"
+        else:
+            reason = _paged_unsupported(self._model_config)
+        blocks = None
+        if reason is None and layout is not None:
+            blocks = self._make_blocks(layout, kv_cache_mb, block_size, prefix_caching)
+            reason = self._probe_paged(blocks)
+        if reason is None and blocks is not None:
+            return PagedBatch(self, blocks)
+        if kind == "paged":
+            raise ValueError(f"kv_cache=paged is not possible for this model: {reason}")
+        logger.warning("serving with the padded KV layout (no block budget, no prefix reuse): %s", reason)
+        self._restore_attention()
+        return PaddedBatch(self)
 
-    def _layers(self, cache: Any) -> list[Any]:
-        layers = list(cache.layers)
-        for layer in layers:
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                raise NotImplementedError("sliding-window or non-dynamic KV caches are not supported")
-        return layers
+    def _make_blocks(
+        self, layout: KvLayout, kv_cache_mb: float | None, block_size: int, prefix_caching: bool
+    ) -> KvBlocks:
+        if block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, got {block_size}")
+        model: Any = self.model
+        weight = getattr(model.get_input_embeddings(), "weight", None)
+        dtype = (
+            weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        )
+        per_token = KvBlocks.bytes_per_token(layout.layers, layout.kv_heads, layout.head_dim, dtype)
+        min_blocks = -(-self.max_context // block_size)
+        if kv_cache_mb is None:
+            num_blocks = min_blocks * self.max_batch_size
+        else:
+            if not kv_cache_mb > 0:
+                raise ValueError(f"kv_cache_mb must be > 0, got {kv_cache_mb}")
+            num_blocks = int(kv_cache_mb * 2**20 // (per_token * block_size))
+            if num_blocks < min_blocks:
+                need = min_blocks * block_size * per_token / 2**20
+                raise ValueError(
+                    f"kv_cache_mb={kv_cache_mb} holds {num_blocks * block_size} tokens; one sequence of "
+                    f"max_context={self.max_context} tokens needs at least {need:.1f} MiB"
+                )
+        return KvBlocks(
+            layout.layers,
+            layout.kv_heads,
+            layout.head_dim,
+            num_blocks,
+            block_size,
+            dtype,
+            self.device,
+            prefix_caching=prefix_caching,
+        )
 
-    def _join(self, seqs: list[_Seq], cache: Any) -> None:
-        """Append rows (with their cache) to the running batch, left-padding the narrower side."""
-        with self._cond:
-            if not self._running:
-                self._running, self._cache = list(seqs), cache
-                self._trim()
-                return
-            old_layers, new_layers = self._layers(self._cache), self._layers(cache)
-            t_old, t_new = old_layers[0].keys.shape[-2], new_layers[0].keys.shape[-2]
-            width = max(t_old, t_new)
-            for old, new in zip(old_layers, new_layers, strict=True):
-                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
-                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
-            self._running.extend(seqs)
+    def _probe_paged(self, blocks: KvBlocks) -> str | None:
+        """None when a paged forward of a short prompt gives the model's own logits (every layer
+        through ``kv_cache.paged_attention``); else why not."""
+        use_paged_attention(self.model)
+        tokens = [min(i + 1, self.vocab_size - 1) for i in range(3)]
+        table: list[int] = []
+        try:
+            block = blocks.allocate()
+            assert block is not None
+            table.append(block)
+            plan = ForwardPlan(
+                blocks, blocks.slots(table, 0, len(tokens)), [Segment(0, len(tokens), 0, table)]
+            )
+            ids = torch.tensor(tokens, device=self.device)
+            with torch.inference_mode():
+                self.slots.set_rows(None)
+                expected = self.model(input_ids=ids[None], use_cache=False).logits[0, -1].float()
+                got = self._forward(
+                    ids[:, None],
+                    None,
+                    torch.arange(len(tokens), device=self.device)[:, None],
+                    PagedCacheView(plan),
+                    paged=plan,
+                    row_slots=torch.full((len(tokens),), -1),
+                    keep=torch.tensor([len(tokens) - 1]),
+                )[0].float()
+            self.slots.set_rows(None)
+        except Exception as e:  # any model the paged forward cannot drive
+            return f"the paged forward failed ({type(e).__name__}: {e})"
+        finally:
+            blocks.release(table)
+        if plan.calls != blocks.layers:
+            return f"{plan.calls} of {blocks.layers} layers used transformers' attention interface"
+        tol = 1e-3 if blocks.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got, expected, rtol=tol, atol=tol * max(1.0, float(expected.abs().max()))):
+            return "the paged forward's logits differ from the model's own forward"
+        return None
 
-    def _remove_rows(self, leaving: list[_Seq]) -> None:
-        """Drop rows from the batch and its cache (slots are released by the caller)."""
-        if not leaving:
+    def _restore_attention(self) -> None:
+        if self._attn_before is None:
             return
-        gone = {id(s) for s in leaving}
-        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
-        self._running = [self._running[i] for i in keep]
-        if not self._running:
-            self._cache = None
-            return
-        sel = torch.tensor(keep, device=self.device)
-        for layer in self._layers(self._cache):
-            layer.keys = layer.keys.index_select(0, sel)
-            layer.values = layer.values.index_select(0, sel)
-        self._trim()
+        for module in self.model.modules():
+            config = getattr(module, "config", None)
+            if getattr(config, "_attn_implementation", None) == ATTENTION:
+                config._attn_implementation = self._attn_before  # type: ignore[union-attr]
 
-    def _trim(self) -> None:
-        """Drop leading cache columns that are padding in every row."""
-        layers = self._layers(self._cache)
-        width = layers[0].keys.shape[-2]
-        needed = max(s.length for s in self._running)
-        if needed < width:
-            for layer in layers:
-                layer.keys = layer.keys[:, :, width - needed :, :]
-                layer.values = layer.values[:, :, width - needed :, :]
+    def _requeue(self, seq: Seq) -> None:
+        """Put a preempted row back at the front of its adapter's queue (``_cond`` held)."""
+        if seq.key not in self._waiting:
+            self._waiting[seq.key] = deque()
+            self._rr_order.insert(self._rr_next if self._rr_next < len(self._rr_order) else 0, seq.key)
+        self._waiting[seq.key].appendleft(seq)
+        self._num_waiting += 1
 
-    def _decode_step(self) -> None:
-        rows = self._running
-        width = self._layers(self._cache)[0].keys.shape[-2]
-        lengths = torch.tensor([s.length for s in rows])
-        ids = torch.tensor([[s.generated[-1]] for s in rows])
-        mask = (torch.arange(width + 1)[None, :] >= (width - lengths)[:, None]).long()
-        positions = lengths[:, None]
-        self.slots.set_rows(torch.tensor([s.slot for s in rows]))
-        out = self._forward(ids, mask, positions, self._cache)
-        for seq in rows:
-            seq.length += 1
-        picks, logprobs = self._sample(rows, out.logits[:, -1, :])
-        finished = [
-            seq
-            for seq, pick, logprob in zip(rows, picks, logprobs, strict=True)
-            if self._accept(seq, pick, logprob)
-        ]
-        if finished:
-            with self._cond:
-                for seq in finished:
-                    self._release_slot(seq)
-                self._remove_rows(finished)
+    def _notify_kv(self) -> None:
+        used, total = self._batch.usage()
+        stats = self._batch.blocks.stats if isinstance(self._batch, PagedBatch) else None
+        self._notify(
+            "on_kv_cache",
+            used,
+            total,
+            stats.queries if stats else 0,
+            stats.hits if stats else 0,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Reward-model scoring (``reward_heads``): no generation, one forward per drain
@@ -771,7 +753,7 @@ class Engine:
     # Tokens
 
     @staticmethod
-    def _sample(seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[Pick], list[TokenLogprob | None]]:
+    def _sample(seqs: list[Seq], logits: torch.Tensor) -> tuple[list[Pick], list[TokenLogprob | None]]:
         """The next token of each row (``[rows, vocab]`` logits), each by its request's sampler (a
         row that failed gets its error instead), and, for the rows that asked, its logprobs from
         that row's raw logits alone."""
@@ -790,7 +772,7 @@ class Engine:
                 logprobs[i] = logprob
         return picks, logprobs
 
-    def _accept(self, seq: _Seq, pick: Pick, logprob: TokenLogprob | None = None) -> bool:
+    def _accept(self, seq: Seq, pick: Pick, logprob: TokenLogprob | None = None) -> bool:
         """Record a generated token, stream it, and say whether the request is finished; a failed
         pick (or a failing ``stop_check``) finishes this request alone with its error."""
         if seq.cancelled:
@@ -839,13 +821,13 @@ class Engine:
         return True
 
     @staticmethod
-    def _emit(seq: _Seq, token: int, logprob: TokenLogprob | None, first: bool) -> None:
+    def _emit(seq: Seq, token: int, logprob: TokenLogprob | None, first: bool) -> None:
         """Stream one token, its logprob when asked, and the prompt's logprobs with the first."""
         seq.handle.emit(
             (token,), (logprob,) if logprob is not None else (), seq.prompt_logprobs if first else None
         )
 
-    def _fail(self, seqs: list[_Seq], error: Exception) -> None:
+    def _fail(self, seqs: list[Seq], error: Exception) -> None:
         """Fail ``seqs`` (not in the running batch) with ``error``, freeing their slots."""
         wrapped = (
             error
@@ -857,7 +839,7 @@ class Engine:
                 self._release_slot(seq)
                 self._finish(seq, FINISH_ERROR, wrapped)
 
-    def _finish(self, seq: _Seq, reason: str, error: BaseException | None = None) -> None:
+    def _finish(self, seq: Seq, reason: str, error: BaseException | None = None) -> None:
         if seq.handle.done:
             return
         seq.handle.finish(reason, error)
@@ -877,37 +859,19 @@ class Engine:
             logger.exception("engine observer %s failed", hook)
 
 
-def _compact_rows(layers: list[Any], mask: torch.Tensor) -> None:
-    """Move each row's cached tokens (``mask`` 1, ``[rows, T]``) to the right end of its columns, in
-    order, with the masked (zeroed) columns before them: ``pad | virtual | pad | prompt`` becomes
-    ``pad | virtual | prompt``, the layout decode steps assume."""
-    order = torch.argsort(mask, dim=1, stable=True)  # zeros first, each group in its own order
-    if bool((order == torch.arange(mask.shape[1], device=mask.device)).all()):
-        return
-    for layer in layers:
-        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, index)
-        layer.values = layer.values.gather(2, index)
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad a ``[batch, heads, seq, dim]`` tensor with zeros to ``width`` positions."""
-    missing = width - t.shape[-2]
-    if missing <= 0:
-        return t
-    pad = torch.zeros(*t.shape[:-2], missing, t.shape[-1], dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t], dim=-2)
-
-
-def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> tuple[TokenLogprob, ...]:
-    """Every prompt token's logprob from one row's prefill logits ``[width, vocab]`` (left-padded:
-    the prompt fills the last ``len(prompt)`` positions). The logits at position ``p`` predict the
-    token at ``p + 1``, so token ``j >= 1`` reads position ``width - len(prompt) + j - 1``; token 0
-    has no logprob."""
-    n = len(prompt)
-    width = logits.shape[0]
-    first = TokenLogprob(prompt[0], None, ())
-    if n == 1:
-        return (first,)
-    rest = token_logprobs(logits[width - n : width - 1], prompt[1:], [k] * (n - 1))
-    return (first, *rest)
+def _paged_unsupported(config: Any) -> str | None:
+    """Why the paged layout cannot compute this config's model exactly, or None."""
+    if config is None:
+        return "the model has no transformers config"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return "sliding-window attention layers"
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(text, name, None):
+            return f"{name} is set"
+    if getattr(text, "logit_scale", None) not in (None, 1.0):
+        return "logit_scale is set"
+    return None

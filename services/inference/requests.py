@@ -110,6 +110,11 @@ class EngineObserver:
         """A scoring job (reward model, ``Engine.submit_score``) finished: its rows and tokens, and
         the forward's time."""
 
+    def on_kv_cache(self, used: int, total: int, prefix_query_tokens: int, prefix_hit_tokens: int) -> None:
+        """After each iteration: KV blocks referenced by rows and blocks in the budget (the padded
+        layout: rows and batch rows), and the prefix cache's running totals in tokens (looked up,
+        found cached)."""
+
     def on_capacity(self, max_batch_size: int, num_slots: int) -> None:
         """Once, when the engine is built: its batch rows and its adapter slots."""
 
