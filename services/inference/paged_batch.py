@@ -212,6 +212,7 @@ class PagedBatch:
             seq.partial_logprobs = []
             engine._requeue(seq)
         engine._counters["preemptions"] += 1
+        engine._notify("on_preemption")
 
     def _write_virtual(self, seq: Seq) -> None:
         """Write a prompt adapter's virtual keys and values in front of the row's prompt."""

@@ -115,6 +115,10 @@ class EngineObserver:
         layout: rows and batch rows), and the prefix cache's running totals in tokens (looked up,
         found cached)."""
 
+    def on_preemption(self) -> None:
+        """A running row gave its KV blocks back to make room and went back to the queue, to be
+        recomputed (the paged layout, when the block budget is full)."""
+
     def on_capacity(self, max_batch_size: int, num_slots: int) -> None:
         """Once, when the engine is built: its batch rows and its adapter slots."""
 
