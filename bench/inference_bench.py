@@ -178,7 +178,7 @@ def make_requests(model_dir: Path, n: int, n_adapters: int | None, max_new: int)
 
 
 class EngineServer:
-    def __init__(self, model_dir: Path, adapters: list[Path], max_batch: int) -> None:
+    def __init__(self, model_dir: Path, adapters: list[Path], max_batch: int, **engine_kwargs: Any) -> None:
         from transformers import AutoModelForCausalLM
 
         from services.inference.engine import Engine
@@ -187,7 +187,9 @@ class EngineServer:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         # The server's defaults (services/inference/settings.py: 8 slots, max_rank 64, batch 32), with
         # a slot per adapter when there are more adapters than that.
-        self.engine = Engine(model, num_slots=max(8, len(adapters)), max_rank=64, max_batch_size=max_batch)
+        self.engine = Engine(
+            model, num_slots=max(8, len(adapters)), max_rank=64, max_batch_size=max_batch, **engine_kwargs
+        )
         self.weights = {
             f"a{i:02d}": adapter_weights_from_peft_dir(path, f"a{i:02d}@1", model)
             for i, path in enumerate(adapters)

@@ -78,7 +78,10 @@ from bench.inference_bench import (
 
 RESULTS = ROOT / "bench" / "results_long.json"
 WORKLOADS = ("short", "mixed", "shared_prefix")
-CONFIGS = ("lorafleet", "vllm_cpu")
+CONFIGS = ("lorafleet", "lorafleet_no_prefix", "vllm_cpu")
+# The prefix-reuse ablation only means something where prompts share a prefix.
+ABLATIONS = {"lorafleet_no_prefix": ("shared_prefix",)}
+DEFAULT_KV_CACHE_MB = 1024
 MIXED_LENGTHS = (16, 64, 256, 900)
 SYSTEM_PROMPT_TOKENS = 256
 USER_TURN_TOKENS = (8, 40)
@@ -291,10 +294,16 @@ class TimedEngineServer(EngineServer):
     otherwise see several tokens at once and report gaps that the engine never made.
     """
 
-    def __init__(self, model_dir: Path, adapters: list[Path], max_batch: int) -> None:
-        from services.inference.requests import RequestHandle
+    def __init__(self, model_dir: Path, adapters: list[Path], max_batch: int, **engine_kwargs: Any) -> None:
+        from services.inference.requests import EngineObserver, RequestHandle
 
-        super().__init__(model_dir, adapters, max_batch)
+        peak = self.kv_peak = [0]
+
+        class KvPeak(EngineObserver):
+            def on_kv_cache(self, used: int, total: int, queries: int, hits: int) -> None:
+                peak[0] = max(peak[0], used)
+
+        super().__init__(model_dir, adapters, max_batch, observer=KvPeak(), **engine_kwargs)
         self._emit = RequestHandle.emit
 
         def timed_emit(handle: Any, token_ids: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
@@ -334,10 +343,15 @@ def run_lorafleet(
     warm: list[TimedRequest],
     args: Any,
     exclude: frozenset[int] = frozenset(),
+    prefix_caching: bool = True,
 ) -> dict[str, Any]:
-    """One lorafleet pass; ``exclude``: child processes that are not lorafleet's (the vLLM peer)."""
+    """One lorafleet pass; ``exclude``: child processes that are not lorafleet's (the vLLM peer).
+    ``prefix_caching`` False is the ablation ``lorafleet_no_prefix``."""
     baseline_rss, _ = tree_memory_mb(os.getpid(), exclude)
-    server = TimedEngineServer(model_dir, adapters, args.max_batch)
+    server = TimedEngineServer(
+        model_dir, adapters, args.max_batch, kv_cache_mb=args.kv_cache_mb, prefix_caching=prefix_caching
+    )
+    kv = server.engine.stats()["kv_cache"]
     try:
         with MemorySampler(os.getpid(), exclude) as memory:
             run_clients(server.serve, warm, args.clients)  # type: ignore[arg-type]
@@ -350,6 +364,16 @@ def run_lorafleet(
     figures.update(
         peak_rss_mb=memory.peak_rss_mb, peak_pss_mb=memory.peak_pss_mb, baseline_rss_mb=baseline_rss
     )
+    stats = server.engine.stats()
+    if kv.get("layout") == "paged":
+        block_bytes = kv["budget_bytes"] / kv["blocks"]
+        figures.update(
+            kv_budget_mb=kv["budget_bytes"] / 2**20,
+            kv_peak_used_mb=server.kv_peak[0] * block_bytes / 2**20,
+            prefix_hit_tokens=stats["kv_cache"]["prefix_hit_tokens"],
+            prefix_query_tokens=stats["kv_cache"]["prefix_query_tokens"],
+            preemptions=stats["preemptions"],
+        )
     return figures
 
 
@@ -548,7 +572,11 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
     workloads: dict[str, Any] = {}
     try:
         for workload in args.workloads:
-            passes: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs if c != "vllm_cpu" or peer}
+            passes: dict[str, list[dict[str, Any]]] = {
+                c: []
+                for c in args.configs
+                if (c != "vllm_cpu" or peer) and workload in ABLATIONS.get(c, (workload,))
+            }
             outputs: dict[str, list[list[int]]] = {}
             for rep in range(args.repeats):
                 for config in passes:
@@ -557,11 +585,13 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
                     )
                     warm = make_workload(model_dir, "short", args.adapters, args.adapters, 4)
                     load = os.getloadavg()[0]
-                    if config == "lorafleet":
+                    if config.startswith("lorafleet"):
                         if peer:
                             peer.pause()
                         away = frozenset({peer.proc.pid}) if peer else frozenset()
-                        r = run_lorafleet(model_dir, adapters, reqs, warm, args, away)
+                        r = run_lorafleet(
+                            model_dir, adapters, reqs, warm, args, away, config != "lorafleet_no_prefix"
+                        )
                     else:
                         assert peer is not None
                         r = peer.run(reqs, warm, args.clients)
@@ -579,7 +609,16 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
                     )
             runs = {c: _median(p) for c, p in passes.items()}
             entry: dict[str, Any] = {"runs": runs, "lorafleet_over_vllm": compare(runs)}
-            if len(outputs) == 2:
+            if {"lorafleet", "lorafleet_no_prefix"} <= set(runs):
+                on, off = runs["lorafleet"], runs["lorafleet_no_prefix"]
+                entry["prefix_reuse_speedup"] = {
+                    "ttft_p50": off["ttft_p50_s"] / on["ttft_p50_s"],
+                    "ttft_p99": off["ttft_p99_s"] / on["ttft_p99_s"],
+                    "tokens_per_s": on["tokens_per_s"] / off["tokens_per_s"],
+                }
+            if "lorafleet_no_prefix" in outputs and outputs["lorafleet_no_prefix"] != outputs["lorafleet"]:
+                raise RuntimeError(f"{key}/{workload}: prefix reuse changed the greedy tokens")
+            if "vllm_cpu" in outputs and "lorafleet" in outputs:
                 same = sum(a == b for a, b in zip(outputs["lorafleet"], outputs["vllm_cpu"], strict=True))
                 entry["outputs_identical"] = {"identical": same, "total": len(outputs["lorafleet"])}
             lengths = [
@@ -654,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--vllm-python", type=Path, default=None, help="default: .cache/vllm-venv, made on first use"
     )
+    ap.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=DEFAULT_KV_CACHE_MB,
+        help=f"lorafleet's KV cache budget in MiB (default {DEFAULT_KV_CACHE_MB})",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "long")
     args = ap.parse_args(argv)
@@ -690,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
         "shared_prefix": f"{SYSTEM_PROMPT_TOKENS}-token system prompt per adapter + {USER_TURN_TOKENS[0]}"
         f" to {USER_TURN_TOKENS[1]}-token user turn",
         "lorafleet_torch_threads": torch.get_num_threads(),
+        "lorafleet_engine": f"paged KV cache, {args.kv_cache_mb:g} MiB budget, 16-token blocks, "
+        "max_prefill_tokens 512 per iteration (engine defaults otherwise)",
+        "lorafleet_no_prefix": "the same engine with prefix_caching=False (shared_prefix workload only)",
         "vllm": f"gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}, max_lora_rank {VLLM_MAX_LORA_RANK}, "
         "max_loras = adapters, dtype float32, vLLM's default CPU thread binding",
         "memory": "sampled every 0.25 s over the configuration's process tree during warm-up and measured pass",
