@@ -78,9 +78,16 @@ from bench.inference_bench import (
 
 RESULTS = ROOT / "bench" / "results_long.json"
 WORKLOADS = ("short", "mixed", "shared_prefix")
-CONFIGS = ("lorafleet", "lorafleet_no_prefix", "vllm_cpu")
-# The prefix-reuse ablation only means something where prompts share a prefix.
-ABLATIONS = {"lorafleet_no_prefix": ("shared_prefix",)}
+CONFIGS = ("lorafleet", "lorafleet_no_prefix", "lorafleet_padded", "vllm_cpu")
+# Baselines in the same run: the prefix-reuse ablation where prompts share a prefix, and the
+# engine's previous layout (left-padded, no blocks; ``kv_cache="padded"`` with its old 4096-token
+# admission) on the short prompts, the "no worse than today" target.
+ABLATIONS = {"lorafleet_no_prefix": ("shared_prefix",), "lorafleet_padded": ("short",)}
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "lorafleet": {},
+    "lorafleet_no_prefix": {"prefix_caching": False},
+    "lorafleet_padded": {"kv_cache": "padded", "max_prefill_tokens": 4096},
+}
 DEFAULT_KV_CACHE_MB = 1024
 MIXED_LENGTHS = (16, 64, 256, 900)
 SYSTEM_PROMPT_TOKENS = 256
@@ -343,14 +350,13 @@ def run_lorafleet(
     warm: list[TimedRequest],
     args: Any,
     exclude: frozenset[int] = frozenset(),
-    prefix_caching: bool = True,
+    config: str = "lorafleet",
 ) -> dict[str, Any]:
-    """One lorafleet pass; ``exclude``: child processes that are not lorafleet's (the vLLM peer).
-    ``prefix_caching`` False is the ablation ``lorafleet_no_prefix``."""
+    """One lorafleet pass of ``config`` (``ENGINE_OPTIONS``); ``exclude``: child processes that are
+    not lorafleet's (the vLLM peer)."""
     baseline_rss, _ = tree_memory_mb(os.getpid(), exclude)
-    server = TimedEngineServer(
-        model_dir, adapters, args.max_batch, kv_cache_mb=args.kv_cache_mb, prefix_caching=prefix_caching
-    )
+    options = {"kv_cache_mb": args.kv_cache_mb, **ENGINE_OPTIONS[config]}
+    server = TimedEngineServer(model_dir, adapters, args.max_batch, **options)
     kv = server.engine.stats()["kv_cache"]
     try:
         with MemorySampler(os.getpid(), exclude) as memory:
@@ -589,9 +595,7 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
                         if peer:
                             peer.pause()
                         away = frozenset({peer.proc.pid}) if peer else frozenset()
-                        r = run_lorafleet(
-                            model_dir, adapters, reqs, warm, args, away, config != "lorafleet_no_prefix"
-                        )
+                        r = run_lorafleet(model_dir, adapters, reqs, warm, args, away, config)
                     else:
                         assert peer is not None
                         r = peer.run(reqs, warm, args.clients)
@@ -616,8 +620,16 @@ def run_model(key: str, args: Any, vllm: Path | None) -> dict[str, Any]:
                     "ttft_p99": off["ttft_p99_s"] / on["ttft_p99_s"],
                     "tokens_per_s": on["tokens_per_s"] / off["tokens_per_s"],
                 }
-            if "lorafleet_no_prefix" in outputs and outputs["lorafleet_no_prefix"] != outputs["lorafleet"]:
-                raise RuntimeError(f"{key}/{workload}: prefix reuse changed the greedy tokens")
+            for other in ("lorafleet_no_prefix", "lorafleet_padded"):
+                if other in outputs and "lorafleet" in outputs and outputs[other] != outputs["lorafleet"]:
+                    raise RuntimeError(f"{key}/{workload}: {other} gave other greedy tokens than lorafleet")
+            if {"lorafleet", "lorafleet_padded"} <= set(runs):
+                new, old = runs["lorafleet"], runs["lorafleet_padded"]
+                entry["paged_over_padded"] = {
+                    "tokens_per_s": new["tokens_per_s"] / old["tokens_per_s"],
+                    "ttft_p50": new["ttft_p50_s"] / old["ttft_p50_s"],
+                    "itl_p99": (new["itl_p99_s"] or 0) / (old["itl_p99_s"] or 1),
+                }
             if "vllm_cpu" in outputs and "lorafleet" in outputs:
                 same = sum(a == b for a, b in zip(outputs["lorafleet"], outputs["vllm_cpu"], strict=True))
                 entry["outputs_identical"] = {"identical": same, "total": len(outputs["lorafleet"])}
@@ -738,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         "lorafleet_engine": f"paged KV cache, {args.kv_cache_mb:g} MiB budget, 16-token blocks, "
         "max_prefill_tokens 512 per iteration (engine defaults otherwise)",
         "lorafleet_no_prefix": "the same engine with prefix_caching=False (shared_prefix workload only)",
+        "lorafleet_padded": "the engine's previous layout, kv_cache=padded, max_prefill_tokens 4096 "
+        "(short workload only)",
         "vllm": f"gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}, max_lora_rank {VLLM_MAX_LORA_RANK}, "
         "max_loras = adapters, dtype float32, vLLM's default CPU thread binding",
         "memory": "sampled every 0.25 s over the configuration's process tree during warm-up and measured pass",
