@@ -1,5 +1,6 @@
 """Issue #4 test 5: the inference service's /metrics, scraped by a real Prometheus and linted by
-``promtool check metrics``, after real traffic (streams, unary calls, errors, adapter loads)."""
+``promtool check metrics``, after real traffic (streams, unary calls, errors, adapter loads); and
+issue #22's KV cache series: block usage, prefix-cache hits, preemptions."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ GATEWAY_GAUGES = frozenset(
         "vllm:lora_requests_info",
     }
 )
+VLLM_COUNTERS = frozenset({"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"})
+"""vLLM's prefix-cache counters, by the same names (over the pod, no labels)."""
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,8 @@ def test_exposition_counts_the_traffic_and_passes_promtool(server: Any) -> None:
         for line in output.splitlines()
         if line.strip()
         and not (
-            line.split(" ")[0] in GATEWAY_GAUGES and line.endswith("metric names should not contain ':'")
+            line.split(" ")[0] in GATEWAY_GAUGES | VLLM_COUNTERS
+            and line.endswith("metric names should not contain ':'")
         )
     ]
     assert code in (0, 3) and not problems, output
@@ -232,7 +236,12 @@ def test_gateway_gauges_track_requests_as_they_queue_run_and_finish(
         gate.let_through(2)  # m0's prefill and first decode: the iteration reports, the next one waits
         gauge_is(prom, "vllm:num_requests_running", 1)
         gauge_is(prom, "vllm:num_requests_waiting", 2)
-        gauge_is(prom, "vllm:kv_cache_usage_perc", 1.0)  # the one batch row is in use
+        # m1 and m2 wait for the batch row, not for blocks: m0's blocks are a sliver of the budget.
+        kv = engine.stats()["kv_cache"]
+        assert kv["layout"] == "paged" and 0 < kv["blocks_used"] < kv["blocks"]
+        gauge_is(prom, "vllm:kv_cache_usage_perc", kv["blocks_used"] / kv["blocks"])
+        gauge_is(prom, 'lorafleet_inference_kv_cache_blocks{model="tiny",state="used"}', kv["blocks_used"])
+        gauge_is(prom, 'lorafleet_inference_kv_cache_blocks{model="tiny",state="total"}', kv["blocks"])
         busy, busy_at = lora_info(prom, lambda labels, _: labels["waiting_lora_adapters"] == "m1,m2")
         assert busy == {
             "__name__": "vllm:lora_requests_info",
@@ -261,3 +270,94 @@ def test_gateway_gauges_track_requests_as_they_queue_run_and_finish(
         resident = prom.wait_for("lorafleet_inference_slot_adapter_info", lambda r: len(r) == 2, timeout=30)
         assert {r["metric"]["adapter"] for r in resident} == {"m1@1", "m2@1"}  # two slots, LRU kept the last
         channel.close()
+
+
+# -- the KV cache: prefix reuse and preemptions ------------------------------------------------------
+
+SYSTEM = (
+    "You are a careful clinical assistant. Answer briefly, cite the guideline you rely on, and say "
+    "when a question needs a doctor. Never guess a dose. "
+)
+
+
+def test_a_shared_prefix_on_one_adapter_hits_the_prefix_cache(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two requests for m0 sharing a prompt prefix of 32+ tokens: the second reuses its blocks, so
+    the hit counters (ours per model, vLLM's over the pod) count tokens; the same prompt for m1 finds
+    nothing (prefixes never cross adapters)."""
+    src = tmp_path_factory.mktemp("px-src")
+    root = tmp_path_factory.mktemp("px-adapters")
+    for i in range(2):
+        publish_adapter(
+            root, f"m{i}", save_lora_adapter(tiny_llama, src / f"m{i}", rank=4, seed=i), tiny_llama
+        )
+    with serving(settings_for(tiny_llama, root, metrics_port=0, kv_block_size=8)) as srv:
+        host = srv.plane.hosts["tiny"]
+        shared = len(host.tokenizer.encode(SYSTEM))
+        assert shared >= 32
+        channel, stub = stub_for(srv.port)
+        p = "lorafleet_inference_prefix_cache_"
+        tiny = (("model", "tiny"),)
+        before = scrape(srv)
+        stub.Generate(
+            pb.GenerateRequest(adapter="m0", prompt=SYSTEM + "What is a fever?", sampling=greedy(4))
+        )
+        first = scrape(srv)
+        stub.Generate(pb.GenerateRequest(adapter="m0", prompt=SYSTEM + "And a cough?", sampling=greedy(4)))
+        second = scrape(srv)
+        hits = second[(p + "hits_total", tiny)] - first[(p + "hits_total", tiny)]
+        assert hits >= shared - shared % 8 - 8  # whole blocks of the shared prefix, maybe one fewer
+        assert hits > 0
+        assert first[(p + "queries_total", tiny)] > before[(p + "queries_total", tiny)]
+        assert second[(p + "queries_total", tiny)] >= second[(p + "hits_total", tiny)]
+        assert second[("vllm:prefix_cache_hits_total", ())] == second[(p + "hits_total", tiny)]
+        assert second[("vllm:prefix_cache_queries_total", ())] == second[(p + "queries_total", tiny)]
+        assert host.engine is not None
+        assert second[(p + "hits_total", tiny)] == host.engine.stats()["kv_cache"]["prefix_hit_tokens"]
+        stub.Generate(pb.GenerateRequest(adapter="m1", prompt=SYSTEM + "And a cough?", sampling=greedy(4)))
+        third = scrape(srv)
+        assert third[(p + "hits_total", tiny)] == second[(p + "hits_total", tiny)]  # another adapter
+        assert third[(p + "queries_total", tiny)] > second[(p + "queries_total", tiny)]
+        kv = host.engine.stats()["kv_cache"]
+        assert third[("lorafleet_inference_kv_cache_blocks", (("model", "tiny"), ("state", "used")))] == 0
+        assert (
+            third[("lorafleet_inference_kv_cache_blocks", (("model", "tiny"), ("state", "total")))]
+            == kv["blocks"]
+        )
+        assert third[("vllm:kv_cache_usage_perc", ())] == 0.0
+        channel.close()
+
+
+def test_a_tight_kv_budget_counts_preemptions_and_completes_everything(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A budget of one max_context sequence and six long requests: they outgrow it, rows are
+    preempted (the counter says how many, as the engine does) and every request still completes."""
+    from transformers import AutoConfig
+
+    from services.inference.requests import GenerationRequest
+    from services.inference.sampling import SamplingParams
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # fp32
+    budget_mb = 1.01 * config.max_position_embeddings * per_token / 2**20
+    root = tmp_path_factory.mktemp("pre-adapters")
+    with serving(settings_for(tiny_llama, root, metrics_port=0, kv_cache_mb=budget_mb)) as srv:
+        engine = srv.plane.hosts["tiny"].engine
+        assert engine is not None
+        kv = engine.stats()["kv_cache"]
+        assert (
+            kv["budget_bytes"] <= budget_mb * 2**20 and kv["blocks"] * kv["block_size"] >= engine.max_context
+        )
+        params = SamplingParams(max_new_tokens=250, ignore_eos=True)
+        prompts = [[(7 * i + j) % 1000 + 3 for j in range(200)] for i in range(6)]
+        handles = [engine.submit(GenerationRequest(p, params=params)) for p in prompts]
+        assert all(len(h.result(300).token_ids) == 250 for h in handles)
+        got = scrape(srv)
+        preempted = engine.stats()["preemptions"]
+        assert preempted > 0
+        assert got[("lorafleet_inference_preemptions_total", (("model", "tiny"),))] == preempted
+        used = got[("lorafleet_inference_kv_cache_blocks", (("model", "tiny"), ("state", "used")))]
+        assert used == 0 and got[("vllm:kv_cache_usage_perc", ())] == 0.0

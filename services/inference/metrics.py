@@ -27,11 +27,24 @@ name                                                         type       labels
 ``lorafleet_inference_resident_adapters``                    gauge      ``model``
 ``lorafleet_inference_model_ready``                          gauge      ``model``
 ``lorafleet_inference_slot_adapter_info``                    gauge      ``model``, ``adapter``
+``lorafleet_inference_kv_cache_blocks``                      gauge      ``model``, ``state``
+``lorafleet_inference_prefix_cache_queries_total``           counter    ``model``
+``lorafleet_inference_prefix_cache_hits_total``              counter    ``model``
+``lorafleet_inference_preemptions_total``                    counter    ``model``
 ``vllm:num_requests_waiting``                                gauge
 ``vllm:num_requests_running``                                gauge
 ``vllm:kv_cache_usage_perc``                                 gauge
+``vllm:prefix_cache_queries_total``                          counter
+``vllm:prefix_cache_hits_total``                             counter
 ``vllm:lora_requests_info``                                  gauge      see below
 ===========================================================  =========  =========================
+
+The KV cache series come from each engine's ``on_kv_cache`` report after every iteration:
+``kv_cache_blocks{state="used"}`` is the blocks referenced by running rows and ``{state="total"}``
+the blocks in the ``kv_cache_mb`` budget (an engine on the padded layout reports its rows in use and
+its batch rows instead, having no blocks); the prefix-cache counters are prompt tokens looked up in
+the prefix cache and tokens found there (hits / queries is the hit rate); ``preemptions_total``
+counts running requests that gave their blocks back for lack of room, to be recomputed later.
 
 Labels come from closed sets: ``method`` (the RPC names), ``code`` (gRPC status code names),
 ``model`` (the configured base models), ``reason`` (the engine's finish reasons). No request ids.
@@ -46,10 +59,14 @@ labels of their own:
 
 - ``vllm:num_requests_waiting``: requests queued for a batch row;
 - ``vllm:num_requests_running``: rows in the running decode batches;
-- ``vllm:kv_cache_usage_perc``: running rows / batch rows, a fraction in [0, 1] like vLLM's. This
-  engine keeps one KV cache per base whose rows are the limit (``max_batch_size``: a request that
-  finds none free waits), with no block pool or token budget to fill, so the share of rows in use
-  is the honest saturation figure;
+- ``vllm:kv_cache_usage_perc``: the share of the KV cache in use, a fraction in [0, 1] like vLLM's:
+  the KV blocks referenced by running rows over the blocks of the budgets (``kv_cache_mb``), summed
+  over the base models. Requests wait when their prompt's blocks are not free, so this is the
+  saturation figure the endpoint picker should see. An engine on the padded layout (models that
+  cannot page) has no blocks: it counts its rows in use and its batch rows (``max_batch_size``), its
+  only cache limit, in the same sums;
+- ``vllm:prefix_cache_queries_total`` / ``vllm:prefix_cache_hits_total``: the prefix-cache counters
+  above, in tokens, summed over the base models;
 - ``vllm:lora_requests_info{max_lora, running_lora_adapters, waiting_lora_adapters}``: one series
   whose value is the Unix time of the last change of its labels; ``max_lora`` is the adapter slots
   (adapters that can share one batch), the others list the adapter NAMES (without ``@version``:
@@ -72,7 +89,7 @@ from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common.interceptor import GRPC_STATUS_CODES
 from services.inference.registry import RegistryEvent
@@ -220,6 +237,31 @@ class InferenceMetrics:
         self.resident_adapters = Gauge(
             PREFIX + "resident_adapters", "Adapters in the resident cache.", ["model"], registry=r
         )
+        self.kv_cache_blocks = Gauge(
+            PREFIX + "kv_cache_blocks",
+            "KV cache blocks referenced by running rows (state=used) and in the budget (state=total); "
+            "an engine on the padded layout reports rows in use and batch rows.",
+            ["model", "state"],
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            PREFIX + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            PREFIX + "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (their KV blocks reused, not recomputed).",
+            ["model"],
+            registry=r,
+        )
+        self.preemptions = Counter(
+            PREFIX + "preemptions",
+            "Running requests that gave their KV blocks back when the budget was full, to be recomputed.",
+            ["model"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             PREFIX + "model_ready",
             "1 once a base model is loaded and warmed up, else 0.",
@@ -252,8 +294,13 @@ class InferenceMetrics:
             self.adapter_load_failures,
             self.resident_adapters,
             self.model_ready,
+            self.prefix_queries,
+            self.prefix_hits,
+            self.preemptions,
         ):
             metric.labels(model=model)
+        for state in ("used", "total"):
+            self.kv_cache_blocks.labels(model=model, state=state)
         for reason in FINISH_REASONS:
             self.finished.labels(model=model, reason=reason)
 
@@ -347,6 +394,14 @@ class EngineState:
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
     resident_adapters: tuple[str, ...] = ()
+    kv_used: int = 0
+    """KV blocks referenced by running rows (padded layout: rows in use)."""
+    kv_total: int = 0
+    """KV blocks in the budget (padded layout: batch rows); 0 until the engine's first report."""
+    prefix_queries: int = 0
+    """Prompt tokens looked up in the prefix cache, over every engine this model has had."""
+    prefix_hits: int = 0
+    """Prompt tokens found there, likewise."""
 
 
 def adapter_names(refs: Iterator[str] | tuple[str, ...]) -> str:
@@ -370,8 +425,9 @@ class _ModelServerCollector:
             engines = {name: EngineState(**vars(state)) for name, state in m.engines.items()}
             updated_at = m.lora_updated_at
         states = list(engines.values())
-        rows = sum(e.max_batch_size for e in states)
         running = sum(e.running for e in states)
+        used = sum(e.kv_used for e in states)
+        total = sum(e.kv_total for e in states)
         yield GaugeMetricFamily(
             "vllm:num_requests_waiting",
             "Requests waiting for a batch row, over every base model.",
@@ -384,9 +440,20 @@ class _ModelServerCollector:
         )
         yield GaugeMetricFamily(
             "vllm:kv_cache_usage_perc",
-            "KV-cache usage as a fraction in [0, 1]: running rows / batch rows (max_batch_size) over "
-            "every base model; the rows of the KV cache are this engine's only cache limit.",
-            value=running / rows if rows else 0.0,
+            "KV-cache usage as a fraction in [0, 1]: KV blocks referenced by running rows / blocks in "
+            "the budgets (kv_cache_mb), over every base model (an engine on the padded layout counts "
+            "rows in use / batch rows).",
+            value=min(1.0, used / total) if total else 0.0,
+        )
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache, over every base model.",
+            value=sum(e.prefix_queries for e in states),
+        )
+        yield CounterMetricFamily(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache, over every base model.",
+            value=sum(e.prefix_hits for e in states),
         )
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
@@ -468,6 +535,12 @@ class _Observer(EngineObserver):
         self._scored_pairs = m.scored_pairs.labels(model=model)
         self._scored_tokens = m.scored_tokens.labels(model=model)
         self._finished = {reason: m.finished.labels(model=model, reason=reason) for reason in FINISH_REASONS}
+        self._kv_used = m.kv_cache_blocks.labels(model=model, state="used")
+        self._kv_total = m.kv_cache_blocks.labels(model=model, state="total")
+        self._prefix_queries = m.prefix_queries.labels(model=model)
+        self._prefix_hits = m.prefix_hits.labels(model=model)
+        self._preemptions = m.preemptions.labels(model=model)
+        self._seen_queries = self._seen_hits = 0  # this engine's running totals at its last report
         self._metrics = metrics
         self._model = model
         with metrics.engines_lock:
@@ -501,6 +574,29 @@ class _Observer(EngineObserver):
         self._running.set(running)
         with self._metrics.engines_lock:
             self._state.waiting, self._state.running = waiting, running
+
+    def on_kv_cache(self, used: int, total: int, prefix_query_tokens: int, prefix_hit_tokens: int) -> None:
+        # The engine reports running totals; the counters take the increase since its last report
+        # (all of it after a restart from zero: a published model loaded again has a new engine).
+        queries = prefix_query_tokens - self._seen_queries
+        hits = prefix_hit_tokens - self._seen_hits
+        if queries < 0 or hits < 0:
+            queries, hits = prefix_query_tokens, prefix_hit_tokens
+        self._seen_queries, self._seen_hits = prefix_query_tokens, prefix_hit_tokens
+        self._kv_used.set(used)
+        self._kv_total.set(total)
+        if queries:
+            self._prefix_queries.inc(queries)
+        if hits:
+            self._prefix_hits.inc(hits)
+        with self._metrics.engines_lock:
+            state = self._state
+            state.kv_used, state.kv_total = used, total
+            state.prefix_queries += queries
+            state.prefix_hits += hits
+
+    def on_preemption(self) -> None:
+        self._preemptions.inc()
 
     def on_first_token(self, ttft_s: float, queue_s: float) -> None:
         self._ttft.observe(ttft_s)
