@@ -15,11 +15,14 @@ mode. Each run is its own subprocess, so its peak RSS (``ru_maxrss`` from ``wait
 the configurations alternate (lorafleet first on even passes, trl first on odd ones) so that a slow
 spell of a shared machine hits both, and each reports its median pass.
 
-Tokens. Both sides count, per training micro-batch, the non-padding tokens of the policy forward:
-``attention_mask.sum()`` of the ``[chosen rows; rejected rows]`` batch, i.e. Σ (2·|prompt| +
-|chosen| + |rejected|) over the pairs trained on (the prompt is processed once per answer).
-lorafleet's loop counts this itself; the trl worker counts it in a wrapper around trl's collator
-(:func:`batch_tokens`, the one definition). Time is the training loop only: lorafleet's from its
+Tokens. Both sides count, per training micro-batch, the same logical tokens: the non-padding tokens
+of the ``[chosen rows; rejected rows]`` batch, ``attention_mask.sum()``, i.e. Σ (2·|prompt| +
+|chosen| + |rejected|) over the pairs trained on. trl's forward processes exactly these (each prompt
+once per answer); lorafleet's computes each prompt once and both answers on its KV cache
+(``lorafleet.preference_prefix``), so it runs fewer tokens through the model for the same count:
+the figure is pairs' worth of work per second, not model tokens per second. lorafleet's loop counts
+this itself; the trl worker counts it in a wrapper around trl's collator (:func:`batch_tokens`, the
+one definition). Time is the training loop only: lorafleet's from its
 first step to its last, trl's from ``on_train_begin`` to ``on_train_end`` (optimizer already built).
 
 Accuracy. After each run, :func:`heldout_metrics` scores the held-out pairs with the trained adapter
@@ -55,7 +58,7 @@ CONFIGS = ("lorafleet", "trl")
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:
-    """Tokens a DPO micro-batch processes: the non-padding tokens of its chosen and rejected rows."""
+    """Logical tokens of a DPO micro-batch: the non-padding tokens of its chosen and rejected rows."""
     return int(batch["attention_mask"].sum())
 
 
@@ -417,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_pairs": len(train),
             "heldout_pairs": len(held_out),
             "repeats": f"{args.repeats} passes per configuration, alternating order; the median pass",
-            "tokens": "non-padding tokens of the policy forward: sum of 2*|prompt| + |chosen| + |rejected|",
+            "tokens": (
+                "logical tokens of the pairs: sum of 2*|prompt| + |chosen| + |rejected| "
+                "(lorafleet computes each prompt once; trl once per answer)"
+            ),
             "versions": _versions(),
         },
         "machine": {

@@ -21,6 +21,8 @@ the partitioned engine are not a path it has checked).
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any
 
 import torch
@@ -58,20 +60,38 @@ def _plain_dynamic_cache(model: Any) -> Any | None:
     return cache
 
 
-def shared_prompt_problem(model: Any, batch: dict[str, torch.Tensor]) -> str | None:
-    """Why the shared-prompt forward cannot score ``batch`` exactly on ``model``; None if it can."""
+_MODEL_PROBLEMS: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+
+
+def _model_problem(model: Any) -> str | None:
+    """What in ``model`` itself rules the shared prompt out (cached: the check reads source)."""
+    try:
+        return _MODEL_PROBLEMS[model]
+    except (KeyError, TypeError):
+        pass
     from lorafleet.fastpath import supports_label_logits
 
+    problem = None
     if not isinstance(model, torch.nn.Module) or not supports_label_logits(model):
-        return "the model takes no boolean logits_to_keep mask"
+        problem = "the model takes no boolean logits_to_keep mask"
+    elif _plain_dynamic_cache(model) is None:
+        problem = "the model's cache is not a plain DynamicCache"
+    with contextlib.suppress(TypeError):
+        _MODEL_PROBLEMS[model] = problem
+    return problem
+
+
+def shared_prompt_problem(model: Any, batch: dict[str, torch.Tensor]) -> str | None:
+    """Why the shared-prompt forward cannot score ``batch`` exactly on ``model``; None if it can."""
+    problem = _model_problem(model)
+    if problem is not None:
+        return problem
     inner = _inner_model(model)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)
     if checkpointing is None:  # transformers before the rename
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
     if checkpointing:
         return "gradient checkpointing turns the KV cache off"
-    if _plain_dynamic_cache(model) is None:
-        return "the model's cache is not a plain DynamicCache"
     labels, ids = batch["labels"], batch["input_ids"]
     rows = labels.shape[0]
     if rows == 0 or rows % 2:
@@ -138,7 +158,7 @@ def shared_prompt_token_logps(
 
     parts = _split(batch)
     prompt_mask = parts["prompt_mask"]  # [B, P]
-    cache = _plain_dynamic_cache(model)
+    cache = _plain_dynamic_cache(model)  # a fresh one per forward
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     prompt_out = model(
         input_ids=parts["prompt_ids"],

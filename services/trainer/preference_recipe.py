@@ -471,6 +471,7 @@ def run_preference(config: RunConfig, progress: bool | None = None) -> dict[str,
                     engine.step()  # an optimizer step only at the accumulation boundary
                 else:
                     (loss / accum).backward()
+            # Logical tokens (each prompt once per answer), whether or not the forward shares the prompt.
             tokens += int(batch["attention_mask"].sum())
             window.append(metrics)
             if not boundary:
