@@ -27,10 +27,12 @@ from inference_service_utils import (
     publish_adapter,
     serving,
     settings_for,
+    stub_for,
 )
 from inference_utils import save_lora_adapter
 from service_process import ROOT
 
+from lorafleet.errors import ConfigError
 from lorafleet.v1 import inference_pb2 as pb
 from services.inference import client as client_module
 
@@ -499,6 +501,103 @@ def test_server_flags_override_yaml_which_overrides_defaults(
     assert [(m.name, m.quantization) for m in settings.models] == [("d", "none"), ("e", "nf4")]
 
 
+def test_kv_cache_flags_environment_and_yaml_reach_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.inference.server import build_parser, settings_from_args
+
+    for name in list(os.environ):
+        if name.startswith("LORAFLEET_INFERENCE_"):
+            monkeypatch.delenv(name)
+    defaults = settings_from_args(build_parser().parse_args(["--model", "a=/m/a"]))
+    assert (defaults.kv_cache, defaults.kv_cache_mb, defaults.kv_block_size) == ("auto", 0.0, 16)
+    assert (defaults.prefix_caching, defaults.max_prefill_tokens) == (True, 512)
+    assert defaults.engine_kv_cache_mb is None  # 0: the engine sizes it for max_batch_size sequences
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "kv_cache: paged\nkv_cache_mb: 256\nkv_block_size: 32\nprefix_caching: false\n"
+        "max_prefill_tokens: 128\nmodels:\n  - {name: a, path: /m/a}\n"
+    )
+    from_yaml = settings_from_args(build_parser().parse_args(["--config", str(config)]))
+    assert (from_yaml.kv_cache, from_yaml.kv_cache_mb, from_yaml.kv_block_size) == ("paged", 256, 32)
+    assert (from_yaml.prefix_caching, from_yaml.max_prefill_tokens, from_yaml.engine_kv_cache_mb) == (
+        False,
+        128,
+        256.0,
+    )
+    flags = ["--config", str(config), "--kv-cache-mb", "512.5", "--kv-block-size", "8", "--prefix-caching"]
+    flags += ["--max-prefill-tokens", "64", "--kv-cache", "auto"]
+    from_flags = settings_from_args(build_parser().parse_args(flags))
+    assert (from_flags.kv_cache, from_flags.kv_cache_mb, from_flags.kv_block_size) == ("auto", 512.5, 8)
+    assert (from_flags.prefix_caching, from_flags.max_prefill_tokens) == (True, 64)
+    monkeypatch.setenv("LORAFLEET_INFERENCE_KV_CACHE_MB", "1024")
+    monkeypatch.setenv("LORAFLEET_INFERENCE_PREFIX_CACHING", "off")
+    from_env = settings_from_args(build_parser().parse_args(["--model", "a=/m/a"]))
+    assert (from_env.kv_cache_mb, from_env.prefix_caching) == (1024.0, False)
+    flag_wins = settings_from_args(build_parser().parse_args(["--model", "a=/m/a", "--prefix-caching"]))
+    assert flag_wins.prefix_caching is True
+    monkeypatch.setenv("LORAFLEET_INFERENCE_PREFIX_CACHING", "maybe")
+    with pytest.raises(ConfigError, match=r"LORAFLEET_INFERENCE_PREFIX_CACHING='maybe': use true or false"):
+        settings_from_args(build_parser().parse_args(["--model", "a=/m/a"]))
+    monkeypatch.delenv("LORAFLEET_INFERENCE_PREFIX_CACHING")
+    monkeypatch.delenv("LORAFLEET_INFERENCE_KV_CACHE_MB")
+    config.write_text("prefix_caching: 'no'\nkv_cache_mb: lots\nmodels:\n  - {name: a, path: /m/a}\n")
+    with pytest.raises(ConfigError) as bad:
+        settings_from_args(build_parser().parse_args(["--config", str(config)]))
+    assert "prefix_caching='no': must be true or false" in str(bad.value)
+    assert "kv_cache_mb='lots': must be a number >= 0" in str(bad.value)
+
+
+@integration
+def test_the_kv_cache_settings_reach_the_engine(tiny_llama: Path, tmp_path: Path) -> None:
+    """Block size, budget, prefill chunk and prefix caching as set, on the engine itself: with prefix
+    caching off, a prompt sent twice finds nothing cached."""
+    settings = settings_for(
+        tiny_llama, tmp_path, kv_cache="paged", kv_cache_mb=3.0, kv_block_size=8, prefix_caching=False
+    )
+    settings.max_prefill_tokens = 7
+    with serving(settings) as srv:
+        host = srv.plane.hosts["tiny"]
+        engine = host.engine
+        assert engine is not None and engine.max_prefill_tokens == 7
+        kv = engine.stats()["kv_cache"]
+        assert (kv["layout"], kv["block_size"]) == ("paged", 8)
+        assert kv["blocks"] == 3 * 2**20 // (host.kv_bytes_per_token * 8)
+        assert kv["budget_bytes"] <= 3 * 2**20
+        channel, stub = stub_for(srv.port)
+        for _ in range(2):
+            stub.Generate(pb.GenerateRequest(prompt=PROMPT * 4, sampling=greedy(2)), timeout=60)
+        channel.close()
+        kv = engine.stats()["kv_cache"]
+        assert kv["prefix_query_tokens"] > 0 and kv["prefix_hit_tokens"] == 0
+    with serving(settings_for(tiny_llama, tmp_path, kv_cache="padded")) as srv:
+        engine = srv.plane.hosts["tiny"].engine
+        assert engine is not None and engine.stats()["kv_cache"]["layout"] == "padded"
+
+
+@integration
+def test_a_kv_budget_below_one_sequence_fails_the_start_up(tiny_llama: Path, adapters: Path) -> None:
+    """The engine's own message, naming the flag and the value, and exit 2: no traceback, no server
+    left running NOT_SERVING on settings that can never work."""
+    out = subprocess.run(
+        [sys.executable, *CLI_SERVER, *server_args(tiny_llama, adapters, "--kv-cache-mb", "0.01")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert re.search(
+        r"^error: base models failed to load: tiny: kv_cache_mb=0\.01 holds \d+ tokens; one sequence of "
+        r"max_context=1024 tokens needs at least [\d.]+ MiB$",
+        out.stdout,
+        re.M,
+    ), out.stdout
+    assert "ready" not in out.stdout.splitlines()
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+
+
 def test_torch_threads_default_leaves_a_cpu_and_honours_a_cgroup_quota(tmp_path: Path) -> None:
     from services.inference.settings import resolve_torch_threads
 
@@ -529,6 +628,17 @@ def test_torch_threads_default_leaves_a_cpu_and_honours_a_cgroup_quota(tmp_path:
         ),
         (["--model", "t=/m", "--shutdown-grace-s", "-1"], ("shutdown_grace_s=-1.0",)),
         (["--model", "t=/m", "--torch-threads", "-2"], ("torch_threads=-2", ">= 0")),
+        (["--model", "t=/m", "--kv-cache", "blocks"], ("kv_cache='blocks'", "'auto', 'paged', 'padded'")),
+        (["--model", "t=/m", "--kv-cache-mb", "-1"], ("kv_cache_mb=-1.0", ">= 0")),
+        (["--model", "t=/m", "--kv-cache-mb", "inf"], ("kv_cache_mb=inf", "finite")),
+        (
+            ["--model", "t=/m", "--kv-cache", "padded", "--kv-cache-mb", "64"],
+            ("kv_cache_mb=64.0", "padded layout has no block budget"),
+        ),
+        (
+            ["--model", "t=/m", "--kv-block-size", "0", "--max-prefill-tokens", "0"],
+            ("kv_block_size=0", "max_prefill_tokens=0"),
+        ),
         (
             ["--model", "bad name=/m", "--metrics-port", "70000"],
             ("models[0].name='bad name'", "metrics_port=70000"),
@@ -541,6 +651,11 @@ def test_torch_threads_default_leaves_a_cpu_and_honours_a_cgroup_quota(tmp_path:
         "cert-without-key",
         "negative-grace",
         "negative-threads",
+        "kv-cache-layout",
+        "negative-kv-budget",
+        "infinite-kv-budget",
+        "padded-with-budget",
+        "kv-block-and-prefill",
         "two-problems",
     ],
 )

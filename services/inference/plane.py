@@ -174,7 +174,8 @@ class BaseModelInfo:
     """Bytes of the resident weights (parameters and buffers at their stored width); 0 until loaded."""
     kv_bytes_per_token: int = 0
     """KV cache bytes per token of one sequence (keys and values of every layer); the cache grows
-    with the tokens of every row in the batch, up to ``max_batch_size`` x ``max_context`` of them."""
+    with the tokens of every row in the batch, up to the ``kv_cache_mb`` budget (by default
+    ``max_batch_size`` x ``max_context`` tokens)."""
     published: bool = False
     """A full model found under the adapters root (``name@version``), not a configured base."""
 
@@ -339,6 +340,10 @@ class BaseModelHost:
         self.weights_bytes = 0
         self.kv_bytes_per_token = 0
         self.published = False
+        self.config_error = False
+        """The load failed because the engine refused this model with the server's engine settings
+        (``kv_cache_mb`` below one ``max_context`` sequence, ``kv_cache: paged`` for a model that
+        cannot page, ...): ``reason`` is the engine's message, and no retry will help."""
         self._observer = observer
         self._on_registry_event = on_registry_event
 
@@ -359,15 +364,25 @@ class BaseModelHost:
             self.template_name = self._resolve_template()
             self.template = templates.get_template(self.template_name, self.tokenizer)
             eos = getattr(self.tokenizer, "eos_token_id", None)
-            self.engine = Engine(
-                self.model,
-                num_slots=s.num_slots,
-                max_rank=s.max_rank,
-                max_batch_size=s.max_batch_size,
-                max_queued=s.max_queued,
-                observer=self._observer,
-                eos_token_ids=[eos] if isinstance(eos, int) else [],
-            )
+            try:
+                self.engine = Engine(
+                    self.model,
+                    num_slots=s.num_slots,
+                    max_rank=s.max_rank,
+                    max_batch_size=s.max_batch_size,
+                    max_queued=s.max_queued,
+                    max_prefill_tokens=s.max_prefill_tokens,
+                    kv_cache=s.kv_cache,
+                    kv_cache_mb=s.engine_kv_cache_mb,
+                    kv_block_size=s.kv_block_size,
+                    prefix_caching=s.prefix_caching,
+                    observer=self._observer,
+                    eos_token_ids=[eos] if isinstance(eos, int) else [],
+                )
+            except ValueError as e:  # the engine names the setting and the value: no traceback
+                self.state, self.reason, self.config_error = FAILED, str(e), True
+                logger.error("base model %s (%s) cannot start its engine: %s", self.name, m.path, e)
+                return
             self.max_context = self.engine.max_context
             self.weights_bytes, self.kv_bytes_per_token = model_memory(self.model, m.dtype)
             model = self.model

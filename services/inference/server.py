@@ -6,6 +6,8 @@ Run as:
         [--max-new-tokens-cap 512] [--max-batch-size 32] [--max-queued 256] [--adapter-capacity 16]
         [--auth-token TOKEN] [--tls-cert F --tls-key F] [--shutdown-grace-s 30] [--http-port 8000]
         [--max-published-models 1] [--published-dtype bf16] [--published-quantization none]
+        [--kv-cache auto|paged|padded] [--kv-cache-mb 2048] [--kv-block-size 16]
+        [--max-prefill-tokens 512] [--no-prefix-caching]
     (or ``lorafleet inference-server ...``)
 
 Full models published under the adapters root (``freeze`` / ``full`` training, ``lorafleet export
@@ -22,7 +24,15 @@ Every flag also reads an environment variable (LORAFLEET_INFERENCE_<FLAG>, e.g.
 LORAFLEET_INFERENCE_PORT; models as a comma-separated LORAFLEET_INFERENCE_MODEL). A YAML file
 (``--config``, see ``settings.py``) gives the same settings; flags override it. Prints
 ``listening on HOST:PORT`` at once and ``ready`` once every base model has loaded and generated a
-token; grpc.health.v1 says NOT_SERVING until then, and requests get UNAVAILABLE.
+token; grpc.health.v1 says NOT_SERVING until then, and requests get UNAVAILABLE. A base that fails
+to load is printed as ``error: base models failed to load: NAME: REASON``; the process stays up,
+NOT_SERVING, except when the engine refused the settings themselves (``--kv-cache-mb`` below one
+``max_context`` sequence, ``--kv-cache paged`` for a model that cannot page): then it exits 2.
+
+Each base model's engine keeps its KV cache in blocks of ``--kv-block-size`` tokens under a budget of
+``--kv-cache-mb`` MiB (``--kv-cache paged``; ``auto`` falls back to the padded layout for models that
+cannot page), reuses the cached blocks of shared prompt prefixes (``--no-prefix-caching`` turns it
+off) and prefills ``--max-prefill-tokens`` prompt tokens per iteration (see ``engine.py``).
 
 A client that cancels or disconnects, or whose deadline passes, frees its batch row and adapter pin
 at once (``context.add_callback``).
@@ -498,6 +508,10 @@ _FLAGS: list[tuple[str, type, str]] = [
     ("default_max_new_tokens", int, "max_new_tokens when a request sets none"),
     ("max_batch_size", int, "rows decoded together per base model"),
     ("max_queued", int, "requests waiting per base model before RESOURCE_EXHAUSTED"),
+    ("kv_cache", str, "KV cache layout: auto (paged when the model allows it), paged or padded"),
+    ("kv_cache_mb", float, "KV cache budget per base model in MiB (0 = max_batch_size x max_context)"),
+    ("kv_block_size", int, "tokens per KV cache block (the prefix-reuse unit)"),
+    ("max_prefill_tokens", int, "prompt tokens prefilled per engine iteration (long prompts in chunks)"),
     ("num_slots", int, "adapters in the batched-LoRA tables at once"),
     ("max_rank", int, "largest LoRA rank accepted"),
     ("adapter_capacity", int, "adapters kept loaded per base model (LRU)"),
@@ -539,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=kind(raw) if raw is not None else None,
             help=helptext,
         )
+    ap.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse cached KV blocks of shared prompt prefixes (default on; env true/false)",
+    )
     add_secret_refusal(ap, "--auth-token", "use --auth-token-file or LORAFLEET_INFERENCE_AUTH_TOKEN")
     return ap
 
@@ -562,6 +582,11 @@ def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    raw = _env("prefix_caching")
+    if args.prefix_caching is not None:
+        settings.prefix_caching = args.prefix_caching
+    elif raw is not None:
+        settings.prefix_caching = settings_module.parse_bool("LORAFLEET_INFERENCE_PREFIX_CACHING", raw)
     return settings.validate()
 
 
@@ -597,11 +622,25 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
 
+    exit_code = 0
+
     def report_ready() -> None:
+        nonlocal exit_code
         if server.wait_ready():
             print("ready", flush=True)
+            return
+        failed = [h for h in server.plane.hosts.values() if h.state == "failed"]
+        reasons = "; ".join(f"{h.name}: {h.reason}" for h in failed)
+        if any(h.config_error for h in failed):
+            # The engine refused the settings (a KV budget below one sequence, say): no retry helps.
+            print(f"error: base models failed to load: {reasons}", flush=True)
+            exit_code = 2
+            done.set()
         else:
-            print("error: base models failed to load; see the log (health stays NOT_SERVING)", flush=True)
+            print(
+                f"error: base models failed to load: {reasons}; see the log (health stays NOT_SERVING)",
+                flush=True,
+            )
 
     threading.Thread(target=report_ready, daemon=True).start()
     while not done.wait(1.0):  # a bare wait() would not wake for the signal handler on every platform
@@ -609,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     grace = settings.shutdown_grace_s
     server.stop(on_draining=lambda: print(f"draining: in-flight requests get up to {grace:g} s", flush=True))
     print("stopped", flush=True)
-    return 0
+    return exit_code
 
 
 __all__ = [

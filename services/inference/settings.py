@@ -9,6 +9,8 @@ looks like::
     port: 50052
     metrics_port: 9102
     max_new_tokens_cap: 512
+    kv_cache_mb: 2048          # KV cache budget per base model; 0 = max_batch_size x max_context tokens
+    max_prefill_tokens: 512    # prompt tokens prefilled per iteration (long prompts go in chunks)
     max_published_models: 1    # full models published under adapters_root, served as name@version
     published_dtype: fp32
     models:
@@ -41,6 +43,7 @@ from services.common.auth import AUTH_SCOPES, read_token
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("fp32", "bf16", "fp16")
+KV_CACHE_LAYOUTS = ("auto", "paged", "padded")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -105,6 +108,27 @@ class InferenceSettings:
     """Rows decoded together per base model."""
     max_queued: int = 256
     """Requests waiting for a batch row per base model; more are refused with RESOURCE_EXHAUSTED."""
+    kv_cache: str = "auto"
+    """KV cache layout of each engine (``engine.py``): ``paged`` (blocks under ``kv_cache_mb``, prefix
+    reuse, chunked unpadded prefill), ``padded`` (one left-padded cache whose only limit is
+    ``max_batch_size``), or ``auto``: paged when the model allows it (its attention goes through
+    transformers' attention interface), else padded, with a log line saying why. With ``paged`` a
+    model that does not allow it fails to load."""
+    kv_cache_mb: float = 0.0
+    """Budget of the paged KV cache per base model (each published full model too), in MiB: keys and
+    values of every layer. 0 = room for ``max_batch_size`` sequences of the model's full context.
+    Memory is touched only as blocks are first used; when the budget is full, requests wait for
+    blocks (and, as a last resort, a running one is preempted and recomputed later). It must hold one
+    sequence of the model's full context, else the base fails to load saying how much it needs."""
+    kv_block_size: int = 16
+    """Tokens per block of the paged KV cache: the unit of allocation and of prefix reuse."""
+    prefix_caching: bool = True
+    """Reuse the cached blocks of a prompt prefix (system prompt, chat history) already computed for
+    the same base and adapter version (paged layout)."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens prefilled per engine iteration, next to the running rows' decode steps: longer
+    prompts are prefilled in chunks of this size (paged layout), so they do not stall the running
+    streams for longer than one chunk."""
     num_slots: int = 8
     """Adapters resident in the engine's batched-LoRA tables at once, per base model."""
     max_rank: int = 64
@@ -188,6 +212,22 @@ class InferenceSettings:
                         f"{where}.quantization", m.quantization, f"must be one of {list(QUANTIZATIONS)}"
                     )
                 )
+        if self.kv_cache not in KV_CACHE_LAYOUTS:
+            problems.append(
+                FieldProblem("kv_cache", self.kv_cache, f"must be one of {list(KV_CACHE_LAYOUTS)}")
+            )
+        elif self.kv_cache == "padded" and _is_number(self.kv_cache_mb) and self.kv_cache_mb > 0:
+            problems.append(
+                FieldProblem(
+                    "kv_cache_mb",
+                    self.kv_cache_mb,
+                    "the padded layout has no block budget; use kv_cache auto or paged",
+                )
+            )
+        if _is_number(self.kv_cache_mb) and not math.isfinite(self.kv_cache_mb):
+            problems.append(FieldProblem("kv_cache_mb", self.kv_cache_mb, "must be a finite number of MiB"))
+        if not isinstance(self.prefix_caching, bool):
+            problems.append(FieldProblem("prefix_caching", self.prefix_caching, "must be true or false"))
         if self.published_dtype not in DTYPES:
             problems.append(
                 FieldProblem("published_dtype", self.published_dtype, f"must be one of {list(DTYPES)}")
@@ -206,6 +246,8 @@ class InferenceSettings:
             ("default_max_new_tokens", 1),
             ("max_batch_size", 1),
             ("max_queued", 0),
+            ("kv_block_size", 1),
+            ("max_prefill_tokens", 1),
             ("num_slots", 1),
             ("max_rank", 1),
             ("adapter_capacity", 1),
@@ -227,6 +269,7 @@ class InferenceSettings:
             if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
                 problems.append(FieldProblem(name, value, "must be -1 (off), 0 (any) or a port"))
         for name in (
+            "kv_cache_mb",
             "adapter_memory_budget_mb",
             "scan_interval_s",
             "warmup_timeout_s",
@@ -234,7 +277,7 @@ class InferenceSettings:
             "published_load_wait_s",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if not _is_number(value) or value < 0:
                 problems.append(FieldProblem(name, value, "must be a number >= 0"))
         if isinstance(self.scan_interval_s, int | float) and self.scan_interval_s == 0:
             problems.append(FieldProblem("scan_interval_s", 0, "must be > 0"))
@@ -254,12 +297,36 @@ class InferenceSettings:
         return resolve_torch_threads(self.torch_threads)
 
     @property
+    def engine_kv_cache_mb(self) -> float | None:
+        """``kv_cache_mb`` as the engine takes it: None for 0 (the engine's default budget)."""
+        return float(self.kv_cache_mb) if self.kv_cache_mb else None
+
+    @property
     def memory_budget_bytes(self) -> int | None:
         """``adapter_memory_budget_mb`` in bytes, None when unset."""
         return int(self.adapter_memory_budget_mb * 1024 * 1024) if self.adapter_memory_budget_mb else None
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (YAML's ``yes`` is a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case) from an environment variable.
+
+    Raises:
+        ConfigError: anything else, naming ``name`` and the value.
+    """
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError([FieldProblem(name, text, "use true or false")])
 
 
 def resolve_torch_threads(setting: int, cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
