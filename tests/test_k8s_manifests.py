@@ -421,6 +421,24 @@ def test_servers_run_the_cli_with_settings_they_read(
         assert grpc_port["name"] == "grpc" and grpc_port["port"] == int(port), addr
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_kv_cache_budget_fits_the_inference_container(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """``--kv-cache-mb`` is set, and on CPU pods (where the cache is host memory) it leaves at least
+    half of the container's memory limit to the weights, adapters and activations."""
+    docs = rendered[overlay]
+    budget_mib = float(_config(docs, "lorafleet-inference-config")["LORAFLEET_INFERENCE_KV_CACHE_MB"])
+    assert budget_mib > 0
+    resources = _container(docs, "lorafleet-inference")["resources"]
+    if "nvidia.com/gpu" in resources["limits"]:
+        return  # the cache lives in GPU memory: the overlay's comment sizes it for the GPU
+    limit = resources["limits"]["memory"]
+    units = {"Mi": 1, "Gi": 1024}
+    limit_mib = float(limit[:-2]) * units[limit[-2:]]
+    assert budget_mib <= limit_mib / 2, (overlay, budget_mib, limit)
+
+
 # -- RBAC: exactly the calls the launcher makes --------------------------------------------------------
 
 _VERBS = {
