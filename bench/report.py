@@ -4,6 +4,7 @@ Run as:
     .venv/bin/python -m bench.report                       (bench/results.json, keys ``training``, ``inference``)
     .venv/bin/python -m bench.report --results FILE        (another results file, e.g. a wider model)
     .venv/bin/python -m bench.report --dpo-results FILE    (the DPO benchmark's file, default bench/results_dpo.json)
+    .venv/bin/python -m bench.report --long-results FILE   (the long-prompt benchmark's, default bench/results_long.json)
 
 The README quotes this output verbatim, so its figures are the file's, not retyped.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 DPO_RESULTS = Path(__file__).resolve().parent / "results_dpo.json"
+LONG_RESULTS = Path(__file__).resolve().parent / "results_long.json"
 LABELS = {
     "lorafleet": "**lorafleet** (continuous batching, mixed adapters)",
     "naive_peft": "PEFT, one request at a time (`set_adapter` + `generate`)",
@@ -124,10 +126,57 @@ def inference_table(result: dict[str, Any]) -> str:
     return out
 
 
+def _s(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def long_table(model: str, result: dict[str, Any]) -> str:
+    """One model of the long-prompt benchmark: every configuration per workload (median pass),
+    then the ratios each target reads."""
+    lines = [
+        "| workload | configuration | tokens/s (passes) | TTFT p50 / p99 s | ITL p50 / p99 s | worst stall s "
+        "| peak PSS / RSS MiB | KV peak / budget MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for workload, entry in result["workloads"].items():
+        for name, run in entry["runs"].items():
+            passes = ", ".join(f"{v:.1f}" for v in run.get("passes_tokens_per_s", []))
+            kv = f"{run['kv_peak_used_mb']:.0f} / {run['kv_budget_mb']:.0f}" if "kv_budget_mb" in run else "-"
+            lines.append(
+                f"| {workload} | {name} | **{run['tokens_per_s']:.1f}** ({passes}) "
+                f"| {_s(run['ttft_p50_s'])} / {_s(run['ttft_p99_s'])} "
+                f"| {_s(run['itl_p50_s'], 3)} / {_s(run['itl_p99_s'], 3)} | {_s(run['itl_max_s'])} "
+                f"| {run['peak_pss_mb']:.0f} / {run['peak_rss_mb']:.0f} | {kv} |"
+            )
+        parts = []
+        vs = entry.get("lorafleet_over_vllm") or {}
+        if vs:
+            parts.append(
+                "over vllm_cpu: "
+                + ", ".join(
+                    f"{k} {v:.2f}x" for k, v in vs.items() if k in ("tokens_per_s", "ttft_p99_s", "itl_p99_s")
+                )
+            )
+        same = entry.get("outputs_identical")
+        if same:
+            parts.append(f"identical outputs {same['identical']}/{same['total']}")
+        reuse = entry.get("prefix_reuse_speedup")
+        if reuse:
+            parts.append(f"prefix reuse: TTFT p50 {reuse['ttft_p50']:.2f}x better than off")
+        padded = entry.get("paged_over_padded")
+        if padded:
+            parts.append(f"paged over the padded layout: tokens/s {padded['tokens_per_s']:.2f}x")
+        if parts:
+            ratios.append(f"- {model} / {workload}: " + "; ".join(parts))
+    return "\n".join(lines) + ("\n\n" + "\n".join(ratios) if ratios else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--dpo-results", type=Path, default=DPO_RESULTS)
+    ap.add_argument("--long-results", type=Path, default=LONG_RESULTS)
     args = ap.parse_args(argv)
     data = json.loads(args.results.read_text())
     if "training" not in data and "inference" not in data:
@@ -139,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print("Inference\n\n" + inference_table(data["inference"]))
     if args.dpo_results.is_file():
         print("\nDPO\n\n" + dpo_table(json.loads(args.dpo_results.read_text())))
+    if args.long_results.is_file():
+        for model, entry in json.loads(args.long_results.read_text()).get("models", {}).items():
+            if entry.get("workloads"):
+                print(f"\nLong prompts, {model}\n\n" + long_table(model, entry))
     return 0
 
 

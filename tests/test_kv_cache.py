@@ -214,7 +214,7 @@ def test_block_hashes_depend_on_the_key_and_every_earlier_token() -> None:
     assert all(x != y for x, y in zip(changed, a, strict=True))  # a chain: later blocks differ too
     table = [blocks.allocate() for _ in range(3)]
     assert None not in table
-    blocks.register(table, a)  # type: ignore[arg-type]
+    blocks.register(table, a, writer=1)  # type: ignore[arg-type]
     assert blocks.match(blocks.block_hashes("b@1#z", tokens), 3) == []
     assert blocks.match(a, 2) == table[:2]
 
@@ -223,7 +223,8 @@ def test_allocation_release_eviction_and_budget() -> None:
     blocks = KvBlocks(2, 2, 4, num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
     t = [blocks.allocate(), blocks.allocate(0), blocks.allocate(1)]
     assert t == [0, 1, 2]  # contiguous runs when the next block is free
-    blocks.register(t[:2], blocks.block_hashes("k", [1, 2, 3, 4]))
+    blocks.register(t[:2], blocks.block_hashes("k", [1, 2, 3, 4]), writer=1)  # type: ignore[arg-type]
+    blocks.written(t, 4)  # type: ignore[arg-type]
     blocks.release(t)  # blocks 0 and 1 stay cached (evictable), 2 is free again
     assert blocks.used == 0 and blocks.available == 4
     assert blocks.match(blocks.block_hashes("k", [1, 2, 3, 4, 5]), 2) == [0, 1]
@@ -234,6 +235,43 @@ def test_allocation_release_eviction_and_budget() -> None:
     assert blocks.allocate() is None  # the budget is spent
     assert blocks.stats.evictions == 2
     assert blocks.match(blocks.block_hashes("k", [1, 2, 3, 4]), 2) == []  # evicted: forgotten
+
+
+def test_blocks_being_computed_are_shared_and_orphans_are_told() -> None:
+    blocks = KvBlocks(1, 1, 4, num_blocks=8, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
+    hashes = blocks.block_hashes("k", [1, 2, 3, 4, 5])
+    owner = [blocks.allocate(), blocks.allocate(0), blocks.allocate(1)]
+    blocks.register(owner[:2], hashes, writer=7)  # type: ignore[arg-type]
+    shared = blocks.match(hashes, 2)
+    assert shared == owner[:2] and blocks.pending(shared) == "wait"
+    blocks.written(owner, 2)  # type: ignore[arg-type]  # the first block is computed
+    assert blocks.pending(shared[:1]) is None and blocks.pending(shared) == "wait"
+    blocks.release(owner, owner=7)  # type: ignore[arg-type]  # the writer leaves before the second
+    assert blocks.pending(shared) == "orphaned"
+    assert blocks.match(hashes, 2) == shared[:1]  # an orphan is never matched again
+    blocks.release(shared)
+    blocks.release(shared[:1])
+    assert blocks.used == 0
+
+
+def test_requests_arriving_together_share_a_prefix_being_computed(
+    make_engine: Callable[..., Engine],
+    adapter_dirs: dict[str, Path],
+    long_prompts: list[list[int]],
+    refs: References,
+) -> None:
+    """Four requests per adapter with one 150-token system prompt, all submitted at once: the first
+    of each adapter computes the prefix and the others wait for its blocks instead of recomputing
+    them; tokens still equal PeftModel's."""
+    engine = make_engine(num_slots=4, max_rank=16, max_prefill_tokens=64, start=False)
+    shared = long_prompts[3]
+    loaded = {n: weights(engine, adapter_dirs, n) for n in ("a", "b")}
+    plan = [(n, shared + long_prompts[1][i : i + 3 + i]) for n in ("a", "b") for i in range(4)]
+    handles = [engine.submit(GenerationRequest(p, adapter=loaded[n], params=greedy())) for n, p in plan]
+    engine.start()
+    for (name, prompt), handle in zip(plan, handles, strict=True):
+        assert handle.result(TIMEOUT).token_ids == refs.tokens(name, prompt)
+    assert engine.stats()["kv_cache"]["prefix_hit_tokens"] == 2 * 3 * 144  # 9 full blocks, 3 waiters each
 
 
 def test_a_small_budget_completes_everything_by_waiting_and_preempting(

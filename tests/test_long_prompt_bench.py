@@ -23,6 +23,7 @@ from bench.long_prompt_bench import (
     make_workload,
     timing_figures,
 )
+from bench.report import long_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +128,8 @@ def test_long_prompt_bench_quick_without_vllm(tmp_path: Path) -> None:
             "-m",
             "bench.long_prompt_bench",
             "--quick",
+            "--adapters",
+            "2",  # 4 requests per adapter: the shared-prefix ones can reuse their system prompt
             "--vllm-python",
             str(tmp_path / "no-venv" / "python"),
             "--results",
@@ -157,3 +160,13 @@ def test_long_prompt_bench_quick_without_vllm(tmp_path: Path) -> None:
         assert entry["lorafleet_over_vllm"] == {} and "outputs_identical" not in entry
     for key in ("machine", "targets_h1024_8_adapters"):
         assert data[key]
+    shared = quick["workloads"]["shared_prefix"]
+    assert set(shared["runs"]) == {"lorafleet", "lorafleet_no_prefix"}  # the ablation, same tokens
+    assert shared["runs"]["lorafleet"]["prefix_hit_tokens"] > 0
+    assert shared["runs"]["lorafleet_no_prefix"]["prefix_hit_tokens"] == 0
+    assert shared["prefix_reuse_speedup"]["ttft_p50"] > 0
+    assert set(quick["workloads"]["short"]["runs"]) == {"lorafleet", "lorafleet_padded"}
+    lorafleet = quick["workloads"]["mixed"]["runs"]["lorafleet"]
+    assert 0 < lorafleet["kv_peak_used_mb"] <= lorafleet["kv_budget_mb"]
+    table = long_table("quick", quick)  # what `python -m bench.report` prints for the README
+    assert "| shared_prefix | lorafleet_no_prefix |" in table and "prefix reuse: TTFT p50" in table

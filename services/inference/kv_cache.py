@@ -229,6 +229,9 @@ class KvBlocks:
         self._hash_of: dict[int, bytes] = {}  # registered block -> its hash
         self._block_of: dict[bytes, int] = {}  # hash -> registered block
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unreferenced; LRU first
+        # Registered blocks whose keys and values are still being computed, and by whom: a request
+        # sharing a prefix with one being prefilled takes its blocks at once and waits for them.
+        self._writer: dict[int, int] = {}
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -284,13 +287,18 @@ class KvBlocks:
         self._refs[block] = 1
         return block
 
-    def release(self, table: Sequence[int]) -> None:
+    def release(self, table: Sequence[int], owner: int | None = None) -> None:
         """Drop one reference to each block; unreferenced blocks become free, or stay cached (and
-        evictable) when the prefix cache holds them."""
+        evictable) when the prefix cache holds them. Blocks ``owner`` was to write and did not are
+        forgotten by the prefix cache (the rows waiting on them see them as orphaned)."""
         for b in table:
             self._refs[b] -= 1
+            if owner is not None and self._writer.get(b) == owner:
+                self._unregister(b)
+                self._writer[b] = -1  # orphaned: never written
             if self._refs[b] > 0:
                 continue
+            self._writer.pop(b, None)
             if b in self._hash_of:
                 self._evictable[b] = None
                 self._evictable.move_to_end(b)
@@ -332,8 +340,9 @@ class KvBlocks:
             self._refs[b] += 1
         return found
 
-    def register(self, table: Sequence[int], hashes: Sequence[bytes]) -> None:
-        """Make the full blocks ``table[i]`` findable under ``hashes[i]`` (first writer wins)."""
+    def register(self, table: Sequence[int], hashes: Sequence[bytes], writer: int) -> None:
+        """Make the full blocks ``table[i]`` findable under ``hashes[i]`` (first writer wins) while
+        ``writer`` computes them; :meth:`written` marks them done."""
         if not self.prefix_caching:
             return
         for block, digest in zip(table, hashes, strict=False):
@@ -341,6 +350,25 @@ class KvBlocks:
                 continue
             self._hash_of[block] = digest
             self._block_of[digest] = block
+            self._writer[block] = writer
+
+    def written(self, table: Sequence[int], tokens: int) -> None:
+        """The first ``tokens`` positions of ``table`` hold their keys and values now."""
+        for b in table[: tokens // self.block_size]:
+            if self._writer.get(b, -1) != -1:
+                del self._writer[b]
+
+    def pending(self, table: Sequence[int]) -> str | None:
+        """None when every block of ``table`` is written; ``"wait"`` while some are being computed;
+        ``"orphaned"`` when one will never be (its writer left first)."""
+        state = None
+        for b in table:
+            writer = self._writer.get(b)
+            if writer == -1:
+                return "orphaned"
+            if writer is not None:
+                state = "wait"
+        return state
 
     def count_lookup(self, tokens: int, hit: int) -> None:
         self.stats.queries += tokens

@@ -97,6 +97,10 @@ class PagedBatch:
         hit = len(matched) * blocks.block_size
         if reuse:
             blocks.count_lookup(len(tokens), hit)
+        # The prompt's other full blocks become findable now, while this row computes them: a
+        # request with the same prefix admitted meanwhile waits for them instead of recomputing.
+        prompt_hashes = blocks.block_hashes(seq.key, [-1] * seq.virtual + seq.prompt)
+        blocks.register(table[len(matched) : len(prompt_hashes)], prompt_hashes[len(matched) :], id(seq))
         seq.table = table
         seq.length = hit
         seq.fed = max(0, hit - seq.virtual)
@@ -104,7 +108,7 @@ class PagedBatch:
         return True
 
     def unreserve(self, seq: Seq) -> None:
-        self.blocks.release(seq.table)
+        self.blocks.release(seq.table, id(seq))
         seq.table, seq.length, seq.fed = [], 0, 0
 
     def usage(self) -> tuple[int, int]:
@@ -119,12 +123,12 @@ class PagedBatch:
         engine = self.engine
         engine._running = [s for s in engine._running if id(s) not in gone]
         for seq in leaving:
-            self.blocks.release(seq.table)
+            self.blocks.release(seq.table, id(seq))
             seq.table = []
 
     def reset(self) -> None:
         for seq in self.engine._running:
-            self.blocks.release(seq.table)
+            self.blocks.release(seq.table, id(seq))
             seq.table = []
 
     # -- one iteration ---------------------------------------------------------------------------
@@ -162,11 +166,17 @@ class PagedBatch:
                 chunks.append(_Chunk(seq, 1, decode=True))
         chunks = [c for c in chunks if c.seq in engine._running]  # less any row preempted since
         budget = engine.max_prefill_tokens
-        for seq in engine._running:
+        for seq in list(engine._running):
             if not seq.prefilling or seq.length < seq.virtual:
                 continue
             if budget <= 0:
                 break
+            shared = self.blocks.pending(seq.table[: seq.length // self.blocks.block_size])
+            if shared == "wait":  # its prefix is being computed by another row this moment
+                continue
+            if shared == "orphaned":  # that row left before computing it: start afresh
+                self._preempt(seq)
+                continue
             n = min(len(seq.feed) - seq.fed, budget)
             chunks.append(_Chunk(seq, n, decode=False))
             budget -= n
@@ -228,6 +238,7 @@ class PagedBatch:
                 layer, seq.table, start, adapter.keys[layer][:, start:], adapter.values[layer][:, start:]
             )
         seq.length = seq.virtual
+        self.blocks.written(seq.table, seq.length)
 
     # -- the forward -------------------------------------------------------------------------------
 
@@ -308,8 +319,7 @@ class PagedBatch:
             seq.length += c.n
             if not c.decode:
                 seq.fed += c.n
-                if not seq.prefilling:
-                    self._register_prefix(seq)
+                self.blocks.written(seq.table, seq.length)
             if c.decode or not seq.prefilling:
                 due.append(seq)
                 due_rows.append(k + count - 1)
@@ -345,13 +355,6 @@ class PagedBatch:
         if start + n >= len(prompt):
             seq.prompt_logprobs = tuple(seq.partial_logprobs)
             seq.partial_logprobs = []
-
-    def _register_prefix(self, seq: Seq) -> None:
-        """Make the row's full prompt blocks reusable by later requests with the same key."""
-        blocks = self.blocks
-        prompt_tokens = [-1] * seq.virtual + seq.prompt
-        hashes = blocks.block_hashes(seq.key, prompt_tokens)
-        blocks.register(seq.table[: len(hashes)], hashes)
 
     def _fail_rows(self, seqs: list[Seq], error: Exception) -> None:
         engine = self.engine
