@@ -9,7 +9,7 @@ A sequence owns a *block table* (its block ids in order); its token ``i`` lives 
 returning blocks: no other row's cache is copied.
 
 Allocation prefers the block right after a row's last one, so a row's blocks are usually one
-contiguous run of slots and attention reads them as a view, not a gather (``row_kv``).
+contiguous run of slots and attention reads them as a view, not a gather (``Segment.runs``).
 
 Prefix reuse. A *full* block of a prompt is registered under a hash chain: the hash of its
 tokens, the previous block's hash, and the request's cache key (the adapter's ref, which names its
@@ -77,12 +77,33 @@ def use_paged_attention(model: torch.nn.Module) -> None:
 class Segment:
     """One row's part of a paged forward: query tokens ``q0:q1`` of the packed batch, at positions
     ``start .. start + (q1 - q0) - 1`` of the row; ``table`` is the row's block table (covering
-    at least ``start + q1 - q0`` tokens)."""
+    at least ``start + q1 - q0`` tokens). ``runs`` (slot ranges holding the row's keys in order)
+    and ``mask`` (causal with the chunk's offset; None for one query) are worked out once per
+    forward by :meth:`prepare`, not per layer."""
 
     q0: int
     q1: int
     start: int
     table: list[int]
+    runs: list[tuple[int, int]] = field(default_factory=list)
+    mask: torch.Tensor | None = None
+
+    def prepare(self, block_size: int, device: torch.device) -> None:
+        total = self.start + self.q1 - self.q0
+        runs: list[tuple[int, int]] = []
+        for b in self.table[: -(-total // block_size)]:
+            if runs and runs[-1][1] == b * block_size:
+                runs[-1] = (runs[-1][0], (b + 1) * block_size)
+            else:
+                runs.append((b * block_size, (b + 1) * block_size))
+        excess = sum(e - s for s, e in runs) - total  # the last block's unused slots
+        runs[-1] = (runs[-1][0], runs[-1][1] - excess)
+        self.runs = runs
+        n = self.q1 - self.q0
+        if n > 1:
+            cols = torch.arange(total, device=device)
+            rows = torch.arange(self.start, total, device=device)
+            self.mask = cols[None, :] <= rows[:, None]
 
 
 @dataclass
@@ -93,6 +114,10 @@ class ForwardPlan:
     slot_mapping: torch.Tensor
     segments: list[Segment]
     calls: int = 0  # attention calls made (checked by the engine's probe)
+
+    def __post_init__(self) -> None:
+        for seg in self.segments:
+            seg.prepare(self.cache.block_size, self.cache.device)
 
 
 class PagedCacheView(Cache):
@@ -151,23 +176,22 @@ def paged_attention(
     q = query[:, :, 0].transpose(0, 1)  # [heads, tokens, head_dim]
     out = torch.empty_like(q)
     blocks = plan.cache
+    all_keys, all_values = blocks.keys[layer], blocks.values[layer]
+    gqa = all_keys.shape[0] != q.shape[0]
     for seg in plan.segments:
-        n = seg.q1 - seg.q0
-        total = seg.start + n
-        keys, values = blocks.row_kv(layer, seg.table, total)  # [kv_heads, total, head_dim]
-        qs = q[:, seg.q0 : seg.q1].unsqueeze(0)
-        mask = None
-        if n > 1:  # a prefill chunk: causal, offset by the tokens cached before it
-            cols = torch.arange(total, device=q.device)
-            rows = torch.arange(seg.start, total, device=q.device)
-            mask = cols[None, :] <= rows[:, None]
+        if len(seg.runs) == 1:  # the row's blocks are contiguous: a view, no copy
+            a, b = seg.runs[0]
+            keys, values = all_keys[:, a:b], all_values[:, a:b]
+        else:
+            keys = torch.cat([all_keys[:, a:b] for a, b in seg.runs], dim=1)
+            values = torch.cat([all_values[:, a:b] for a, b in seg.runs], dim=1)
         o = F.scaled_dot_product_attention(
-            qs,
-            keys.unsqueeze(0).to(qs.dtype),
-            values.unsqueeze(0).to(qs.dtype),
-            attn_mask=mask,
+            q[None, :, seg.q0 : seg.q1],
+            keys[None].to(q.dtype),
+            values[None].to(q.dtype),
+            attn_mask=seg.mask,
             scale=scaling,
-            enable_gqa=keys.shape[0] != qs.shape[1],
+            enable_gqa=gqa,
         )
         out[:, seg.q0 : seg.q1] = o[0]
     return out.transpose(0, 1).unsqueeze(1), None
@@ -375,25 +399,6 @@ class KvBlocks:
         self.stats.hits += hit
 
     # -- reading -------------------------------------------------------------------------------
-
-    def row_kv(self, layer: int, table: Sequence[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``tokens`` keys and values of a row (``[kv_heads, tokens, head_dim]``): a view
-        when its blocks are one contiguous run, else the runs concatenated."""
-        bs = self.block_size
-        need = self.blocks_for(tokens)
-        keys, values = self.keys[layer], self.values[layer]
-        runs: list[tuple[int, int]] = []
-        for b in table[:need]:
-            if runs and runs[-1][1] == b:
-                runs[-1] = (runs[-1][0], b + 1)
-            else:
-                runs.append((b, b + 1))
-        if len(runs) == 1:
-            start = runs[0][0] * bs
-            return keys[:, start : start + tokens], values[:, start : start + tokens]
-        k = torch.cat([keys[:, a * bs : b * bs] for a, b in runs], dim=1)[:, :tokens]
-        v = torch.cat([values[:, a * bs : b * bs] for a, b in runs], dim=1)[:, :tokens]
-        return k, v
 
     def write(
         self, layer: int, table: Sequence[int], start: int, keys: torch.Tensor, values: torch.Tensor
