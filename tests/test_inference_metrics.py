@@ -71,6 +71,16 @@ def scrape(srv: InferenceServer) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     return out
 
 
+def idle_scrape(srv: InferenceServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape once the engine has reported its last iteration (a request's answer can come back a
+    moment before the iteration that retired it reports the freed blocks)."""
+    used = ("lorafleet_inference_kv_cache_blocks", (("model", "tiny"), ("state", "used")))
+    deadline = time.monotonic() + 30
+    while (got := scrape(srv))[used] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return got
+
+
 def test_exposition_counts_the_traffic_and_passes_promtool(server: Any) -> None:
     srv, _ = server
     text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read()
@@ -159,6 +169,8 @@ class ForwardGate:
         self._forward = engine._forward
         self._allowed = threading.Semaphore(0)
         self._open = threading.Event()
+        self._lock = threading.Lock()
+        self._passed = 0
         self.blocked = threading.Event()
         engine._forward = self
 
@@ -166,15 +178,21 @@ class ForwardGate:
         if not self._open.is_set():
             self.blocked.set()
             self._allowed.acquire()
-            self.blocked.clear()
+            with self._lock:
+                self.blocked.clear()
+                self._passed += 1
         return self._forward(*args, **kwargs)
 
     def let_through(self, forwards: int) -> None:
         for _ in range(forwards):
             assert self.blocked.wait(30), "the engine never reached a forward"
+            with self._lock:
+                passed = self._passed
             self._allowed.release()
+            # Counted, not watched on ``blocked``: the next forward may set it again at once.
             deadline = time.monotonic() + 30
-            while self.blocked.is_set() and time.monotonic() < deadline:  # until it is past the gate
+            while self._passed == passed:
+                assert time.monotonic() < deadline, "the engine never went past the gate"
                 time.sleep(0.005)
 
     def open(self) -> None:
@@ -316,7 +334,7 @@ def test_a_shared_prefix_on_one_adapter_hits_the_prefix_cache(
         assert host.engine is not None
         assert second[(p + "hits_total", tiny)] == host.engine.stats()["kv_cache"]["prefix_hit_tokens"]
         stub.Generate(pb.GenerateRequest(adapter="m1", prompt=SYSTEM + "And a cough?", sampling=greedy(4)))
-        third = scrape(srv)
+        third = idle_scrape(srv)
         assert third[(p + "hits_total", tiny)] == second[(p + "hits_total", tiny)]  # another adapter
         assert third[(p + "queries_total", tiny)] > second[(p + "queries_total", tiny)]
         kv = host.engine.stats()["kv_cache"]
@@ -355,9 +373,62 @@ def test_a_tight_kv_budget_counts_preemptions_and_completes_everything(
         prompts = [[(7 * i + j) % 1000 + 3 for j in range(200)] for i in range(6)]
         handles = [engine.submit(GenerationRequest(p, params=params)) for p in prompts]
         assert all(len(h.result(300).token_ids) == 250 for h in handles)
-        got = scrape(srv)
+        got = idle_scrape(srv)
         preempted = engine.stats()["preemptions"]
         assert preempted > 0
         assert got[("lorafleet_inference_preemptions_total", (("model", "tiny"),))] == preempted
         used = got[("lorafleet_inference_kv_cache_blocks", (("model", "tiny"), ("state", "used")))]
         assert used == 0 and got[("vllm:kv_cache_usage_perc", ())] == 0.0
+
+
+def test_a_closed_engine_leaves_the_pod_totals(tiny_llama: Path, tmp_path: Path) -> None:
+    """A base whose engine closes (a published model unloaded to make room) reports that it holds
+    nothing: its blocks and slots leave the pod's sums, its counters keep their values."""
+    from services.inference.metrics import InferenceMetrics
+    from services.inference.plane import BaseModelHost
+    from services.inference.settings import ModelSettings
+
+    metrics = InferenceMetrics()
+    settings = settings_for(tiny_llama, tmp_path, num_slots=3)
+    hosts = [
+        BaseModelHost(ModelSettings(name, str(tiny_llama)), settings, metrics.observer(name))
+        for name in ("tiny", "full@1")
+    ]
+
+    def exposed() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        out = {}
+        for family in text_string_to_metric_families(metrics.exposition().decode()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def labels_of(name: str) -> dict[str, str]:
+        families = text_string_to_metric_families(metrics.exposition().decode())
+        [sample] = [s for f in families for s in f.samples if s.name == name]
+        return dict(sample.labels)
+
+    try:
+        for host in hosts:
+            host.load()
+            assert host.state == "ready", host.reason
+        blocks = "lorafleet_inference_kv_cache_blocks"
+        full, tiny = (("model", "full@1"), ("state", "total")), (("model", "tiny"), ("state", "total"))
+        deadline = time.monotonic() + 30
+        while not exposed()[(blocks, full)] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the warm-up's iteration reports just after its token is out
+        before = exposed()
+        assert before[(blocks, full)] == before[(blocks, tiny)] > 0
+        assert labels_of("vllm:lora_requests_info")["max_lora"] == "6"
+        queries = before[("lorafleet_inference_prefix_cache_queries_total", (("model", "full@1"),))]
+        assert queries > 0  # the warm-up's prompt
+        hosts[1].close()
+        after = exposed()
+        assert after[(blocks, full)] == 0 and after[(blocks, tiny)] == before[(blocks, tiny)]
+        assert labels_of("vllm:lora_requests_info")["max_lora"] == "3"
+        assert after[("lorafleet_inference_prefix_cache_queries_total", (("model", "full@1"),))] == queries
+        assert (
+            after[("vllm:prefix_cache_queries_total", ())] == before[("vllm:prefix_cache_queries_total", ())]
+        )
+    finally:
+        for host in hosts:
+            host.close()

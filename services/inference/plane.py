@@ -448,6 +448,20 @@ class BaseModelHost:
             self.registry.close()
         if self.engine is not None:
             self.engine.close()
+            self._report_closed(self.engine)
+
+    def _report_closed(self, engine: Engine) -> None:
+        """Tell the observer the closed engine holds nothing: no rows, slots or blocks. A published
+        model unloaded to make room would otherwise leave its last report in the pod's totals (its
+        blocks and slots in ``vllm:kv_cache_usage_perc`` and ``max_lora``). The prefix-cache totals
+        stay as they were: counters do not go back."""
+        if self._observer is None:
+            return
+        kv = engine.stats()["kv_cache"]
+        self._observer.on_queue(0, 0)
+        self._observer.on_adapters((), (), ())
+        self._observer.on_kv_cache(0, 0, kv.get("prefix_query_tokens", 0), kv.get("prefix_hit_tokens", 0))
+        self._observer.on_capacity(0, 0)
 
 
 def model_memory(model: Any, dtype: str) -> tuple[int, int]:
