@@ -27,10 +27,12 @@ def replicas() -> Iterator[list[str]]:
     hooks.on_capacity(4, 2)
     hooks.on_queue(1, 3)
     hooks.on_adapters(("a@1#0f0f", "b@2#abab"), ("c@1#cdcd",), ("a@1#0f0f", "b@2#abab"))
+    hooks.on_kv_cache(48, 64, 300, 120)  # KV blocks used of the budget; prefix tokens looked up, hit
     quiet = idle.observer("tiny")
     quiet.on_capacity(8, 4)
     quiet.on_queue(0, 0)
     quiet.on_adapters((), (), ("d@3#1234",))
+    quiet.on_kv_cache(0, 128, 0, 0)
     ports = [m.serve(0) for m in (busy, idle)]
     yield [f"http://127.0.0.1:{port}/metrics" for port in ports]
     busy.close()
@@ -40,7 +42,7 @@ def replicas() -> Iterator[list[str]]:
 def test_scrape_reads_what_the_picker_reads(replicas: list[str]) -> None:
     busy, idle = (scrape_replica(url) for url in replicas)
     assert (busy.error, busy.max_lora, busy.running, busy.waiting) == ("", 2, 3, 1)
-    assert busy.kv_cache_usage == pytest.approx(3 / 4)
+    assert busy.kv_cache_usage == pytest.approx(48 / 64)
     assert (busy.running_adapters, busy.waiting_adapters, busy.slot_adapters) == (
         ["a", "b"],
         ["c"],
