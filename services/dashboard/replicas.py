@@ -20,7 +20,7 @@ class Replica:
     waiting: float = 0.0
     running: float = 0.0
     kv_cache_usage: float = 0.0
-    """Running rows / batch rows, in [0, 1]."""
+    """KV cache blocks in use / blocks in the budget (``vllm:kv_cache_usage_perc``), in [0, 1]."""
     max_lora: int = 0
     running_adapters: list[str] = field(default_factory=list)
     waiting_adapters: list[str] = field(default_factory=list)
