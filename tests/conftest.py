@@ -3,6 +3,7 @@ tiny llama, and the engine / LoRA-batch tests' real PEFT adapters, prompts and P
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lorafleet.datagen import corpus_text, generate_datasets
 from lorafleet.templates import TEMPLATE_SPECIAL_TOKENS
+from services.inference.engine import Engine
 from tests.inference_utils import ADAPTERS, TEXTS, References, load_base, save_lora_adapter
 
 CHATML_TEMPLATE = (
@@ -75,6 +77,21 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Engine and LoRA-batch tests: adapters, prompts and reference generations, made once per module
+
+
+@pytest.fixture
+def make_engine(tiny_llama: Path) -> Iterator[Callable[..., Engine]]:
+    """Engines over fresh base copies (the engine hooks its model in place); closed at teardown."""
+    engines: list[Engine] = []
+
+    def make(quantization: str = "none", **kwargs: Any) -> Engine:
+        engine = Engine(load_base(tiny_llama, quantization=quantization), **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
 
 
 @pytest.fixture(scope="module")

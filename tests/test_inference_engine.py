@@ -16,7 +16,7 @@ with the decode loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +77,6 @@ class StepHook(EngineObserver):
                 action()
             except BaseException as e:  # surfaced by the test, not swallowed by the engine's logger
                 self.errors.append(e)
-
-
-@pytest.fixture
-def make_engine(tiny_llama: Path) -> Iterator[Callable[..., Engine]]:
-    """Engines over fresh base copies (the engine hooks its model in place); closed at teardown."""
-    engines: list[Engine] = []
-
-    def make(quantization: str = "none", **kwargs: Any) -> Engine:
-        engine = Engine(load_base(tiny_llama, quantization=quantization), **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 def greedy(max_new: int = MAX_NEW, **kwargs: Any) -> SamplingParams:

@@ -9,7 +9,7 @@ prompt alone (``tests.inference_utils.References``), as in ``test_inference_engi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +35,6 @@ def long_prompts(prompts: list[list[int]]) -> list[list[int]]:
     for i, n in enumerate(LENGTHS):
         out.append([pool[(i * 7 + j * 3) % len(pool)] for j in range(n)])
     return out
-
-
-@pytest.fixture
-def make_engine(tiny_llama: Path) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(quantization: str = "none", **kwargs: Any) -> Engine:
-        engine = Engine(load_base(tiny_llama, quantization=quantization), **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 def weights(

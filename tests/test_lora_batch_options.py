@@ -11,7 +11,7 @@ rows that must stay unchanged. Fixtures (``tiny_llama``, ``prompts``, ``eos_id``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,20 +121,6 @@ def test_mixed_batch_logits_match_peft(
     # Unhooked, the model is the plain base again (the replacement hooks are gone too).
     with torch.inference_mode():
         assert torch.equal(base(input_ids=ids[:1]).logits[0], theirs[None])  # type: ignore[index]
-
-
-@pytest.fixture
-def make_engine(tiny_llama: Path) -> Iterator[Callable[..., Engine]]:
-    engines: list[Engine] = []
-
-    def make(quantization: str, **kwargs: Any) -> Engine:
-        engine = Engine(load_base(tiny_llama, quantization=quantization), **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.close()
 
 
 @pytest.mark.parametrize("quantization", QUANTS)
