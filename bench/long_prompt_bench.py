@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -366,6 +367,7 @@ def run_lorafleet(
             cpu = tree_cpu_s(os.getpid(), exclude) - cpu0
     finally:
         server.close()
+        gc.collect()  # the engine's and model's memory leave before the next pass measures its own
     figures = timing_figures(requests, wall, cpu)
     figures.update(
         peak_rss_mb=memory.peak_rss_mb, peak_pss_mb=memory.peak_pss_mb, baseline_rss_mb=baseline_rss

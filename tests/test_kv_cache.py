@@ -205,6 +205,21 @@ def test_block_hashes_depend_on_the_key_and_every_earlier_token() -> None:
     assert blocks.match(a, 2) == table[:2]
 
 
+def test_prefill_budget_is_shared_shortest_first_without_starving_the_oldest() -> None:
+    from services.inference.paged_batch import _share_prefill
+
+    class Row:
+        def __init__(self, remaining: int) -> None:
+            self.feed, self.fed = [0] * remaining, 0
+
+    oldest, long, short, tiny = Row(900), Row(600), Row(40), Row(5)
+    rows: list[Any] = [oldest, long, short, tiny]
+    assert [n for _, n in _share_prefill(rows, 512)] == [128, 339, 40, 5]  # 128 = a quarter
+    assert [n for _, n in _share_prefill([oldest, tiny], 512)] == [507, 5]  # the rest goes back
+    assert [n for _, n in _share_prefill([tiny, oldest], 512)] == [5, 507]
+    assert _share_prefill([], 512) == []
+
+
 def test_allocation_release_eviction_and_budget() -> None:
     blocks = KvBlocks(2, 2, 4, num_blocks=4, block_size=2, dtype=torch.float32, device=torch.device("cpu"))
     t = [blocks.allocate(), blocks.allocate(0), blocks.allocate(1)]

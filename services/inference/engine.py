@@ -336,6 +336,8 @@ class Engine:
             self._score_jobs.popleft().fail(EngineClosedError("the engine was closed"))
         self.slots.remove()
         self._restore_attention()
+        if isinstance(self._batch, PagedBatch) and not (self._thread and self._thread.is_alive()):
+            self._batch.blocks.free_storage()  # the budget's memory goes now, not when GC finds it
 
     def __enter__(self) -> Engine:
         return self

@@ -257,6 +257,10 @@ class KvBlocks:
         # sharing a prefix with one being prefilled takes its blocks at once and waits for them.
         self._writer: dict[int, int] = {}
 
+    def free_storage(self) -> None:
+        """Drop the key/value tensors (the engine is closed; nothing reads them again)."""
+        self.keys, self.values = [], []
+
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Key plus value bytes of one cached token over every layer."""

@@ -4,8 +4,8 @@ per engine iteration.
 Each iteration runs ONE model forward over the packed new tokens of every row:
 
 * one token per decoding row (its last generated token);
-* a chunk of prompt tokens per prefilling row, in admission order, within ``max_prefill_tokens``
-  per iteration. A long prompt is prefilled over several iterations while the running rows keep
+* a chunk of prompt tokens per prefilling row within ``max_prefill_tokens`` per iteration: the
+  oldest row always gets a share, the others go shortest remaining first (``_share_prefill``). A long prompt is prefilled over several iterations while the running rows keep
   decoding, so a 900-token prompt arriving delays each running stream by one chunk, not by the
   whole prompt. No computation is spent on padding: tokens are packed, and each row's attention
   reads its own keys only (``kv_cache.paged_attention``).
@@ -55,6 +55,31 @@ class _Chunk:
     @property
     def finishes_prefill(self) -> bool:
         return not self.decode and self.seq.fed + self.n == len(self.seq.feed)
+
+
+def _share_prefill(ready: list[Seq], budget: int) -> list[tuple[Seq, int]]:
+    """This iteration's prompt tokens per prefilling row (``ready`` in admission order).
+
+    The oldest row always gets a quarter of the budget, so no prompt starves; the rest goes to the
+    others shortest remaining first, so short prompts (and requests whose prefix was cached) get
+    their first token without queueing behind long ones; what is left goes back to the oldest.
+    """
+    if not ready:
+        return []
+
+    def remaining(seq: Seq) -> int:
+        return len(seq.feed) - seq.fed
+
+    first = ready[0]
+    take = {id(first): min(remaining(first), max(1, budget // 4))}
+    left = budget - take[id(first)]
+    for seq in sorted(ready[1:], key=remaining):
+        if left <= 0:
+            break
+        take[id(seq)] = min(remaining(seq), left)
+        left -= take[id(seq)]
+    take[id(first)] += min(remaining(first) - take[id(first)], max(left, 0))
+    return [(seq, take[id(seq)]) for seq in ready if take.get(id(seq), 0) > 0]
 
 
 class PagedBatch:
@@ -165,21 +190,19 @@ class PagedBatch:
             if self._room_for_one(seq):
                 chunks.append(_Chunk(seq, 1, decode=True))
         chunks = [c for c in chunks if c.seq in engine._running]  # less any row preempted since
-        budget = engine.max_prefill_tokens
+        ready: list[Seq] = []
         for seq in list(engine._running):
             if not seq.prefilling or seq.length < seq.virtual:
                 continue
-            if budget <= 0:
-                break
             shared = self.blocks.pending(seq.table[: seq.length // self.blocks.block_size])
             if shared == "wait":  # its prefix is being computed by another row this moment
                 continue
             if shared == "orphaned":  # that row left before computing it: start afresh
                 self._preempt(seq)
                 continue
-            n = min(len(seq.feed) - seq.fed, budget)
+            ready.append(seq)
+        for seq, n in _share_prefill(ready, engine.max_prefill_tokens):
             chunks.append(_Chunk(seq, n, decode=False))
-            budget -= n
         return chunks
 
     def _room_for_one(self, seq: Seq) -> bool:
