@@ -58,11 +58,8 @@ from services.inference.errors import (
 from services.inference.kv_cache import (
     ATTENTION,
     ForwardPlan,
-    KvBlocks,
-    PagedCacheView,
-    Segment,
-    use_paged_attention,
 )
+from services.inference.kv_layout import choose_layout
 from services.inference.lora_batch import AdapterWeights, LoraSlots, Mode
 from services.inference.padded_batch import PaddedBatch
 from services.inference.paged_batch import PagedBatch
@@ -544,98 +541,10 @@ class Engine:
     def _choose_layout(
         self, kind: str, kv_cache_mb: float | None, block_size: int, prefix_caching: bool
     ) -> PagedBatch | PaddedBatch:
-        if kind == "padded":
-            return PaddedBatch(self)
-        layout = self.kv_layout
-        reason = None
-        if layout is None:
-            reason = "the model config does not describe its KV cache"
-        else:
-            reason = _paged_unsupported(self._model_config)
-        blocks = None
-        if reason is None and layout is not None:
-            blocks = self._make_blocks(layout, kv_cache_mb, block_size, prefix_caching)
-            reason = self._probe_paged(blocks)
-        if reason is None and blocks is not None:
-            return PagedBatch(self, blocks)
-        if kind == "paged":
-            raise ValueError(f"kv_cache=paged is not possible for this model: {reason}")
-        logger.warning("serving with the padded KV layout (no block budget, no prefix reuse): %s", reason)
-        self._restore_attention()
-        return PaddedBatch(self)
-
-    def _make_blocks(
-        self, layout: KvLayout, kv_cache_mb: float | None, block_size: int, prefix_caching: bool
-    ) -> KvBlocks:
-        if block_size < 1:
-            raise ValueError(f"kv_block_size must be >= 1, got {block_size}")
-        model: Any = self.model
-        weight = getattr(model.get_input_embeddings(), "weight", None)
-        dtype = (
-            weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
-        )
-        per_token = KvBlocks.bytes_per_token(layout.layers, layout.kv_heads, layout.head_dim, dtype)
-        min_blocks = -(-self.max_context // block_size)
-        if kv_cache_mb is None:
-            num_blocks = min_blocks * self.max_batch_size
-        else:
-            if not kv_cache_mb > 0:
-                raise ValueError(f"kv_cache_mb must be > 0, got {kv_cache_mb}")
-            num_blocks = int(kv_cache_mb * 2**20 // (per_token * block_size))
-            if num_blocks < min_blocks:
-                need = min_blocks * block_size * per_token / 2**20
-                raise ValueError(
-                    f"kv_cache_mb={kv_cache_mb} holds {num_blocks * block_size} tokens; one sequence of "
-                    f"max_context={self.max_context} tokens needs at least {need:.1f} MiB"
-                )
-        return KvBlocks(
-            layout.layers,
-            layout.kv_heads,
-            layout.head_dim,
-            num_blocks,
-            block_size,
-            dtype,
-            self.device,
-            prefix_caching=prefix_caching,
-        )
-
-    def _probe_paged(self, blocks: KvBlocks) -> str | None:
-        """None when a paged forward of a short prompt gives the model's own logits (every layer
-        through ``kv_cache.paged_attention``); else why not."""
-        use_paged_attention(self.model)
-        tokens = [min(i + 1, self.vocab_size - 1) for i in range(3)]
-        table: list[int] = []
-        try:
-            block = blocks.allocate()
-            assert block is not None
-            table.append(block)
-            plan = ForwardPlan(
-                blocks, blocks.slots(table, 0, len(tokens)), [Segment(0, len(tokens), 0, table)]
-            )
-            ids = torch.tensor(tokens, device=self.device)
-            with torch.inference_mode():
-                self.slots.set_rows(None)
-                expected = self.model(input_ids=ids[None], use_cache=False).logits[0, -1].float()
-                got = self._forward(
-                    ids[:, None],
-                    None,
-                    torch.arange(len(tokens), device=self.device)[:, None],
-                    PagedCacheView(plan),
-                    paged=plan,
-                    row_slots=torch.full((len(tokens),), -1),
-                    keep=torch.tensor([len(tokens) - 1]),
-                )[0].float()
-            self.slots.set_rows(None)
-        except Exception as e:  # any model the paged forward cannot drive
-            return f"the paged forward failed ({type(e).__name__}: {e})"
-        finally:
-            blocks.release(table)
-        if plan.calls != blocks.layers:
-            return f"{plan.calls} of {blocks.layers} layers used transformers' attention interface"
-        tol = 1e-3 if blocks.dtype == torch.float32 else 5e-2
-        if not torch.allclose(got, expected, rtol=tol, atol=tol * max(1.0, float(expected.abs().max()))):
-            return "the paged forward's logits differ from the model's own forward"
-        return None
+        layout = choose_layout(self, kind, kv_cache_mb, block_size, prefix_caching)
+        if not isinstance(layout, PagedBatch):
+            self._restore_attention()
+        return layout
 
     def _restore_attention(self) -> None:
         if self._attn_before is None:
@@ -862,18 +771,3 @@ class Engine:
 
 
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
-
-
-def _paged_unsupported(config: Any) -> str | None:
-    """Why the paged layout cannot compute this config's model exactly, or None."""
-    if config is None:
-        return "the model has no transformers config"
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
-        return "sliding-window attention layers"
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(text, name, None):
-            return f"{name} is set"
-    if getattr(text, "logit_scale", None) not in (None, 1.0):
-        return "logit_scale is set"
-    return None
