@@ -205,6 +205,32 @@ def test_block_hashes_depend_on_the_key_and_every_earlier_token() -> None:
     assert blocks.match(a, 2) == table[:2]
 
 
+def test_grouped_decode_attention_equals_one_call_per_row() -> None:
+    """Decoding rows with few keys share one masked attention call; it must equal the per-row
+    calls (and a prefill chunk in the same forward still goes alone)."""
+    from services.inference.kv_cache import ForwardPlan, Segment, paged_attention
+
+    torch.manual_seed(0)
+    blocks = KvBlocks(1, 2, 8, num_blocks=64, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    blocks.keys[0].normal_()
+    blocks.values[0].normal_()
+    tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(6)]  # 6 rows of up to 12 tokens
+    lengths = [9, 12, 7, 10, 11]
+    segments = [Segment(i, i + 1, n - 1, tables[i]) for i, n in enumerate(lengths)]
+    segments.append(Segment(5, 9, 4, [40, 41]))  # a 4-token prefill chunk after 4 cached tokens
+    plan = ForwardPlan(blocks, torch.arange(9), segments)
+    assert plan.decode_group is not None and [s.q0 for s in plan.alone] == [5]
+    module = torch.nn.Module()
+    module.layer_idx = 0  # type: ignore[assignment]
+    query = torch.randn(9, 4, 1, 8)  # 4 query heads over 2 key/value heads (GQA)
+    grouped, _ = paged_attention(module, query, query, query, None, scaling=0.3, paged=plan)
+    plan.decode_group, plan.alone = None, segments
+    alone, _ = paged_attention(module, query, query, query, None, scaling=0.3, paged=plan)
+    torch.testing.assert_close(grouped, alone)
+    long_rows = [Segment(i, i + 1, 900 * (i % 2), [0] * 60) for i in range(5)]
+    assert ForwardPlan(blocks, torch.arange(5), long_rows).decode_group is None  # mostly padding
+
+
 def test_prefill_budget_is_shared_shortest_first_without_starving_the_oldest() -> None:
     from services.inference.paged_batch import _share_prefill
 

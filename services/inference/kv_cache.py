@@ -114,10 +114,64 @@ class ForwardPlan:
     slot_mapping: torch.Tensor
     segments: list[Segment]
     calls: int = 0  # attention calls made (checked by the engine's probe)
+    # Decoding rows of similar lengths attended in one call (see ``_group_decode``), and the rest.
+    decode_group: _DecodeGroup | None = None
+    alone: list[Segment] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for seg in self.segments:
             seg.prepare(self.cache.block_size, self.cache.device)
+        self.decode_group, self.alone = _group_decode(self.segments, self.cache)
+
+
+@dataclass
+class _DecodeGroup:
+    """Decoding rows attended together: ``slots`` ``[rows * width]`` (a row's keys, then repeats of
+    its first slot up to ``width``), ``mask`` ``[rows, 1, 1, width]``, ``queries`` their positions."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor
+    queries: torch.Tensor
+    width: int
+
+
+DECODE_GROUP_MIN_ROWS = 4
+DECODE_GROUP_MAX_WASTE = 0.5
+DECODE_GROUP_MAX_ROW_BYTES = 128 * 1024
+"""Decoding rows share one attention call when at least ``DECODE_GROUP_MIN_ROWS`` decode, each
+row's keys per layer are at most ``DECODE_GROUP_MAX_ROW_BYTES`` and padding to the longest would be
+at most ``DECODE_GROUP_MAX_WASTE`` of the keys read; else each row reads its own keys (a view of
+its blocks) alone. One call per row costs a fixed overhead that dominates when rows hold few keys
+(short contexts of small models); the grouped call copies every row's keys and reads padding,
+which dominates for long or wide ones."""
+
+
+def _group_decode(segments: list[Segment], cache: KvBlocks) -> tuple[_DecodeGroup | None, list[Segment]]:
+    decode = [seg for seg in segments if seg.q1 - seg.q0 == 1]
+    if len(decode) < DECODE_GROUP_MIN_ROWS:
+        return None, segments
+    lengths = [seg.start + 1 for seg in decode]
+    width = max(lengths)
+    row_bytes = width * cache.kv_heads * cache.head_dim * torch.empty((), dtype=cache.dtype).element_size()
+    if row_bytes > DECODE_GROUP_MAX_ROW_BYTES or len(decode) * width * (1 - DECODE_GROUP_MAX_WASTE) > sum(
+        lengths
+    ):
+        return None, segments
+    slots = torch.empty(len(decode), width, dtype=torch.long)
+    mask = torch.zeros(len(decode), width, dtype=torch.bool)
+    for i, (seg, n) in enumerate(zip(decode, lengths, strict=True)):
+        row = torch.cat([torch.arange(a, b) for a, b in seg.runs])
+        slots[i, :n] = row
+        slots[i, n:] = row[0]
+        mask[i, :n] = True
+    device = cache.device
+    group = _DecodeGroup(
+        slots.view(-1).to(device),
+        mask[:, None, None, :].to(device),
+        torch.tensor([seg.q0 for seg in decode], device=device),
+        width,
+    )
+    return group, [seg for seg in segments if seg.q1 - seg.q0 != 1]
 
 
 class PagedCacheView(Cache):
@@ -178,7 +232,22 @@ def paged_attention(
     blocks = plan.cache
     all_keys, all_values = blocks.keys[layer], blocks.values[layer]
     gqa = all_keys.shape[0] != q.shape[0]
-    for seg in plan.segments:
+    group = plan.decode_group
+    if group is not None:  # decoding rows of similar lengths: one call, padding masked
+        rows = group.queries.numel()
+        kv_heads, head_dim = all_keys.shape[0], all_keys.shape[2]
+        keys = all_keys.index_select(1, group.slots).view(kv_heads, rows, group.width, head_dim)
+        values = all_values.index_select(1, group.slots).view(kv_heads, rows, group.width, head_dim)
+        o = F.scaled_dot_product_attention(
+            q.index_select(1, group.queries).transpose(0, 1).unsqueeze(2),  # [rows, heads, 1, dim]
+            keys.transpose(0, 1).to(q.dtype),
+            values.transpose(0, 1).to(q.dtype),
+            attn_mask=group.mask,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        out.index_copy_(1, group.queries, o[:, :, 0].transpose(0, 1))
+    for seg in plan.alone:
         if len(seg.runs) == 1:  # the row's blocks are contiguous: a view, no copy
             a, b = seg.runs[0]
             keys, values = all_keys[:, a:b], all_values[:, a:b]
