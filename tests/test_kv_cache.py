@@ -334,6 +334,8 @@ def test_a_small_budget_completes_everything_by_waiting_and_preempting(
     assert out[1] == out[0]
     assert tight.stats()["preemptions"] > 0
     assert rec.kv and all(used <= total for used, total in rec.kv)
+    assert max(used for used, _ in rec.kv) >= rec.kv[0][1] - 1  # the budget was in fact filled
+    assert min(total for _, total in rec.kv) == 512 // 16  # one max_context sequence of blocks
 
 
 def test_a_budget_below_one_sequence_is_refused(tiny_llama: Path) -> None:

@@ -94,23 +94,21 @@ class PagedBatch:
 
     # -- admission and accounting ----------------------------------------------------------------
 
-    def _cache_tokens(self, seq: Seq) -> list[int]:
-        """What the row's cache holds, as hashable tokens: -1 for each virtual token, then the feed."""
-        return [-1] * seq.virtual + seq.feed
-
     def fits(self, seq: Seq, admitted: list[Seq]) -> bool:
         """Reserve the blocks of ``seq``'s prompt (reusing cached prefix blocks); False, reserving
         nothing, when the budget cannot hold it now."""
         if not seq.feed:
             seq.feed = list(seq.prompt)
         blocks = self.blocks
-        tokens = self._cache_tokens(seq)
+        tokens = len(seq.feed) + seq.virtual
+        if seq.prompt_hashes is None:  # once per request: fits runs again while it waits
+            seq.prompt_hashes = blocks.block_hashes(seq.key, [-1] * seq.virtual + seq.prompt)
+        hashes = seq.prompt_hashes  # only prompt blocks are ever registered
         # Prompt logprobs need every prompt position's logits: such a request computes its prompt.
         reuse = seq.prompt_logprobs_k is None
-        hashes = blocks.block_hashes(seq.key, tokens) if reuse else []
         # At least one token is always computed: its logits give the next token.
-        matched = blocks.match(hashes, (len(tokens) - 1) // blocks.block_size) if reuse else []
-        need = blocks.blocks_for(len(tokens)) - len(matched)
+        matched = blocks.match(hashes, (tokens - 1) // blocks.block_size) if reuse else []
+        need = blocks.blocks_for(tokens) - len(matched)
         if need > blocks.available:
             blocks.release(matched)
             return False
@@ -121,11 +119,10 @@ class PagedBatch:
             table.append(block)
         hit = len(matched) * blocks.block_size
         if reuse:
-            blocks.count_lookup(len(tokens), hit)
+            blocks.count_lookup(tokens, hit)
         # The prompt's other full blocks become findable now, while this row computes them: a
         # request with the same prefix admitted meanwhile waits for them instead of recomputing.
-        prompt_hashes = blocks.block_hashes(seq.key, [-1] * seq.virtual + seq.prompt)
-        blocks.register(table[len(matched) : len(prompt_hashes)], prompt_hashes[len(matched) :], id(seq))
+        blocks.register(table[len(matched) : len(hashes)], hashes[len(matched) :], id(seq))
         seq.table = table
         seq.length = hit
         seq.fed = max(0, hit - seq.virtual)

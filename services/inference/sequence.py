@@ -40,6 +40,7 @@ class Seq:
         self.feed: list[int] = []
         self.fed = 0  # tokens of ``feed`` in the cache
         self.partial_logprobs: list[TokenLogprob] = []
+        self.prompt_hashes: list[bytes] | None = None  # the prompt's full blocks' prefix-cache keys
 
     @property
     def all_ids(self) -> list[int]:
