@@ -48,19 +48,14 @@ Writes ``bench/results_long.json`` (per model key; other models' entries are kep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
-import select
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +66,13 @@ from bench.inference_bench import (
     EngineServer,
     Request,
     _cpu_model,
-    _pct,
     build_assets,
     make_requests,
     run_clients,
 )
+from bench.procstats import MemorySampler, tree_cpu_s, tree_memory_mb
+from bench.timing import TimedRequest, timing_figures
+from bench.vllm_peer import VLLM_GPU_MEMORY_UTILIZATION, VLLM_MAX_LORA_RANK, VllmPeer, vllm_python
 
 RESULTS = ROOT / "bench" / "results_long.json"
 WORKLOADS = ("short", "mixed", "shared_prefix")
@@ -104,15 +101,6 @@ TARGETS_H1024 = {
     "short": "no worse than today's figures",
     "shared_prefix": "TTFT p50 at least 2x better than with prefix reuse off",
 }
-VLLM_MAX_LORA_RANK = 16
-VLLM_GPU_MEMORY_UTILIZATION = 0.1
-
-
-@dataclass
-class TimedRequest(Request):
-    """A request with the arrival time of every generated token."""
-
-    token_times: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,125 +161,7 @@ def make_workload(
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def inter_token_gaps(requests: list[TimedRequest]) -> list[float]:
-    """Gaps between successive tokens of each request, pooled over all requests."""
-    return [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
-
-
-def timing_figures(requests: list[TimedRequest], wall: float, cpu: float) -> dict[str, Any]:
-    """Throughput and latency percentiles of one pass, from its per-request timings."""
-    for r in requests:
-        if not r.tokens or len(r.token_times) != len(r.tokens):
-            raise RuntimeError(f"request with {len(r.tokens)} tokens has {len(r.token_times)} token times")
-    ttft = [r.token_times[0] - r.submitted for r in requests]
-    latency = [r.token_times[-1] - r.submitted for r in requests]
-    gaps = inter_token_gaps(requests)
-    tokens = sum(len(r.tokens) for r in requests)
-    return {
-        "requests": len(requests),
-        "prompt_tokens": sum(len(r.prompt) for r in requests),
-        "generated_tokens": tokens,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "tokens_per_s": tokens / wall,
-        "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,
-        "ttft_p50_s": _pct(ttft, 50),
-        "ttft_p99_s": _pct(ttft, 99),
-        "itl_p50_s": _pct(gaps, 50) if gaps else None,
-        "itl_p99_s": _pct(gaps, 99) if gaps else None,
-        "itl_max_s": max(gaps) if gaps else None,
-        "latency_p50_s": _pct(latency, 50),
-        "latency_p99_s": _pct(latency, 99),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Process trees: memory and CPU
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def process_tree(pid: int, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """``pid`` and all its descendants, without the subtrees rooted at ``exclude``."""
-    kids, out = _children(), [pid]
-    for p in out:
-        out.extend(k for k in kids.get(p, []) if k not in exclude)
-    return out
-
-
-def tree_cpu_s(pid: int, exclude: frozenset[int] = frozenset()) -> float:
-    """User + system CPU seconds of ``pid``'s tree (live processes)."""
-    ticks = 0
-    for p in process_tree(pid, exclude):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def tree_memory_mb(pid: int, exclude: frozenset[int] = frozenset()) -> tuple[float, float]:
-    """(RSS sum, PSS sum) in MiB over ``pid``'s tree."""
-    rss = pss = 0
-    for p in process_tree(pid, exclude):
-        try:
-            text = Path(f"/proc/{p}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith("Rss:"):
-                rss += int(line.split()[1])
-            elif line.startswith("Pss:"):
-                pss += int(line.split()[1])
-    return rss / 1024, pss / 1024
-
-
-class MemorySampler:
-    """Samples a process tree's memory every ``interval`` seconds in a thread; keeps the peaks."""
-
-    def __init__(self, pid: int, exclude: frozenset[int] = frozenset(), interval: float = 0.25) -> None:
-        self.pid, self.exclude, self.interval = pid, exclude, interval
-        self.peak_rss_mb = self.peak_pss_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        rss, pss = tree_memory_mb(self.pid, self.exclude)
-        self.peak_rss_mb, self.peak_pss_mb = max(self.peak_rss_mb, rss), max(self.peak_pss_mb, pss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> MemorySampler:
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
-# ---------------------------------------------------------------------------------------------
-# Configurations
+# Configurations (vLLM's: ``bench/vllm_peer.py``)
 
 
 class TimedEngineServer(EngineServer):
@@ -383,133 +253,6 @@ def run_lorafleet(
             preemptions=stats["preemptions"],
         )
     return figures
-
-
-class VllmPeer:
-    """``bench/vllm_driver.py`` in the vLLM venv, kept for all passes on one model."""
-
-    def __init__(self, python: Path, model_dir: Path, adapters: list[Path], work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        setup = work / "vllm_setup.json"
-        setup.write_text(
-            json.dumps(
-                {
-                    "model": str(model_dir.resolve()),
-                    "adapters": [[f"a{i:02d}", str(p.resolve())] for i, p in enumerate(adapters)],
-                    "max_lora_rank": VLLM_MAX_LORA_RANK,
-                    "max_model_len": _max_positions(model_dir),
-                    "gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION,
-                }
-            )
-        )
-        self.log = work / "vllm_driver.log"
-        read_fd, write_fd = os.pipe()
-        cmd = [str(python), str(ROOT / "bench" / "vllm_driver.py"), "--setup", str(setup)]
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [*cmd, "--reply-fd", str(write_fd)],
-                stdin=subprocess.PIPE,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,),
-                text=True,
-                cwd=work,
-            )
-        os.close(write_fd)
-        self.replies = os.fdopen(read_fd)
-        self.paused = False
-        with MemorySampler(self.proc.pid) as memory:
-            self.ready = self._reply(timeout=900)
-        self.startup_peak_rss_mb, self.startup_peak_pss_mb = memory.peak_rss_mb, memory.peak_pss_mb
-
-    def _reply(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if select.select([self.replies], [], [], 1.0)[0]:
-                line = self.replies.readline()
-                if line:
-                    return dict(json.loads(line))
-            if self.proc.poll() is not None:
-                break
-        tail = self.log.read_text()[-3000:] if self.log.is_file() else ""
-        raise RuntimeError(f"vLLM driver gave no answer (exit {self.proc.poll()}); log {self.log}:\n{tail}")
-
-    def _signal(self, sig: int) -> None:
-        for pid in process_tree(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    def pause(self) -> None:
-        """Stop vLLM's processes (SIGSTOP) so their idle polling takes no CPU from lorafleet."""
-        if not self.paused:
-            self._signal(signal.SIGSTOP)
-            self.paused = True
-
-    def resume(self) -> None:
-        if self.paused:
-            self._signal(signal.SIGCONT)
-            self.paused = False
-
-    def run(self, requests: list[TimedRequest], warm: list[TimedRequest], clients: int) -> dict[str, Any]:
-        self.resume()
-        assert self.proc.stdin is not None
-        with MemorySampler(self.proc.pid) as memory:
-            for batch in (warm, requests):
-                cpu0 = tree_cpu_s(self.proc.pid)
-                command = {
-                    "run": [
-                        {"prompt": r.prompt, "adapter": r.adapter, "max_new_tokens": r.max_new_tokens}
-                        for r in batch
-                    ],
-                    "clients": clients,
-                    "reset_prefix_cache": batch is warm,
-                }
-                self.proc.stdin.write(json.dumps(command) + "\n")
-                self.proc.stdin.flush()
-                answer = self._reply(timeout=3600)
-                cpu = tree_cpu_s(self.proc.pid) - cpu0
-                for r, got in zip(batch, answer["requests"], strict=True):
-                    r.tokens, r.token_times, r.submitted = got["tokens"], got["token_times"], got["submitted"]
-                    r.first_token = r.token_times[0] if r.token_times else 0.0
-                    r.done = r.token_times[-1] if r.token_times else 0.0
-        figures = timing_figures(requests, answer["wall_s"], cpu)
-        figures.update(peak_rss_mb=memory.peak_rss_mb, peak_pss_mb=memory.peak_pss_mb)
-        return figures
-
-    def close(self) -> None:
-        self.resume()
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-                self.proc.stdin.close()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.replies.close()
-
-
-def vllm_python(args: Any) -> tuple[Path | None, str | None]:
-    """The vLLM venv's python (made on first use), or None and the reason it is missing."""
-    if args.vllm_python is not None:
-        return (
-            (args.vllm_python, None)
-            if args.vllm_python.is_file()
-            else (None, f"{args.vllm_python} not found")
-        )
-    script = ROOT / "scripts" / "vllm_venv.sh"
-    try:
-        proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=3600)
-    except subprocess.TimeoutExpired:
-        return None, "scripts/vllm_venv.sh took more than an hour"
-    if proc.returncode != 0:
-        return None, f"scripts/vllm_venv.sh failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
-    return Path(proc.stdout.strip().splitlines()[-1]), None
-
-
-def _max_positions(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
 
 
 def _model_dir(key: str, args: Any) -> Path:

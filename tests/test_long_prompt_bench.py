@@ -17,13 +17,11 @@ from bench.long_prompt_bench import (
     MIXED_LENGTHS,
     SYSTEM_PROMPT_TOKENS,
     USER_TURN_TOKENS,
-    TimedRequest,
     compare,
-    inter_token_gaps,
     make_workload,
-    timing_figures,
 )
 from bench.report import long_table
+from bench.timing import TimedRequest, inter_token_gaps, timing_figures
 
 ROOT = Path(__file__).resolve().parent.parent
 
